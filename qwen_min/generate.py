@@ -1,0 +1,134 @@
+"""Batched, KV-cached text generation: greedy or sampled, per-row stopping, constrained decoding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from qwen_min.model import KVCache, Qwen2
+
+
+@dataclass
+class Generation:
+    """What ``generate`` returns.
+
+    tokens   [B', N]  the new tokens (B' = B * num_samples; rows of one prompt are adjacent);
+                      after a row stops, its remaining places hold ``pad_token_id``
+    lengths  [B']     tokens generated per row, the stopping token included
+    logprobs [B', N]  (only if asked) log-probability of each chosen token under the model's
+                      distribution at temperature 1 over the allowed vocabulary (all of it, or
+                      ``allowed_token_ids``); 0 in padded places
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    logprobs: Tensor | None = None
+
+
+def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Choose one token per row from logits [B, V] (fp32): argmax at temperature 0, else sample.
+
+    top_k keeps the k largest logits; top_p keeps the smallest set of tokens whose probabilities
+    sum to at least top_p (the most likely token is always kept).
+    """
+    if temperature == 0.0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: Qwen2,
+    input_ids: Tensor,
+    max_new_tokens: int,
+    *,
+    attention_mask: Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    stop: Callable[[Tensor], Tensor] | None = None,
+    allowed_token_ids: Sequence[int] | Tensor | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    num_samples: int = 1,
+    return_logprobs: bool = False,
+) -> Generation:
+    """Continue each prompt of input_ids [B, T] by up to ``max_new_tokens`` tokens.
+
+    Prompts of different lengths are left-padded, with attention_mask [B, T] marking real tokens.
+    A row stops after producing an ``eos_token_id``, or when ``stop(tokens_so_far [B', t])`` returns
+    True for it (e.g. "50 semicolons produced"); generation ends when every row has stopped.
+    ``allowed_token_ids`` restricts decoding to those tokens and then only computes their logits.
+    ``num_samples`` > 1 draws that many continuations per prompt from one shared prefill.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if num_samples > 1 and temperature == 0.0:
+        raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
+    B, T = input_ids.shape
+    device = input_ids.device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
+                       device=device, dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+
+    # The output layer, restricted to the allowed tokens when decoding is constrained.
+    weight, bias = model.lm_head.weight, model.lm_head.bias
+    allowed = None
+    if allowed_token_ids is not None:
+        allowed = torch.as_tensor(allowed_token_ids, device=device, dtype=torch.long)
+        weight = weight[allowed]
+        bias = bias[allowed] if bias is not None else None
+
+    def next_logits(ids: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:
+        h = model.hidden(ids, attention_mask=mask, cache=cache)[:, -1]      # [B', D]
+        return F.linear(h, weight, bias).float()                            # [B', V or |allowed|]
+
+    cache = KVCache(model.config, B, T + max_new_tokens, dtype=model.embed_tokens.weight.dtype, device=device)
+    mask = None
+    if attention_mask is not None and not bool(attention_mask.all()):
+        mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
+        mask[:, :T] = attention_mask
+    logits = next_logits(input_ids, None if mask is None else mask[:, :T], cache)
+    if num_samples > 1:  # one prefill, then every sample continues from a copy of its prompt's cache
+        cache = cache.repeat_interleave(num_samples)
+        logits = logits.repeat_interleave(num_samples, dim=0)
+        mask = None if mask is None else mask.repeat_interleave(num_samples, dim=0)
+    rows = B * num_samples
+
+    tokens = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
+    logprobs = torch.zeros(rows, max_new_tokens, device=device) if return_logprobs else None
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    lengths = torch.zeros(rows, dtype=torch.long, device=device)
+    for t in range(max_new_tokens):
+        choice = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = allowed[choice] if allowed is not None else choice
+        token = torch.where(done, pad, token)
+        tokens[:, t] = token
+        if logprobs is not None:
+            lp = logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
+            logprobs[:, t] = torch.where(done, 0.0, lp)
+        lengths += (~done).long()
+        done |= torch.isin(token, eos)
+        if stop is not None:
+            done |= stop(tokens[:, : t + 1])
+        if bool(done.all()) or t + 1 == max_new_tokens:
+            break
+        logits = next_logits(token[:, None], None if mask is None else mask[:, : T + t + 1], cache)
+    n = int(lengths.max())
+    return Generation(tokens[:, :n], lengths, logprobs[:, :n] if logprobs is not None else None)

@@ -1,0 +1,245 @@
+"""Checkpoints: find them (local folder or Hugging Face Hub), read safetensors, write them back.
+
+Reading is frugal: the model is built on the meta device, its storage allocated once, and every
+tensor is read from the file straight into its parameter (through a small staging buffer only when
+the dtype changes). No second full copy of the weights ever exists, and the file is read with plain
+reads rather than mmap so its pages do not count towards the process's resident memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qwen_min.config import QwenConfig
+from qwen_min.model import Qwen2
+
+# Only these files are fetched from the Hub: no PyTorch .bin, no ONNX, no README images.
+HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+                "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, parsed or matched against the model."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding a checkpoint
+
+
+def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local folder as is, or a Hub repo id downloaded (or found in the cache) via huggingface_hub.
+
+    The Hub path honours HF_HOME / HF_HUB_CACHE (where the cache lives), HF_HUB_OFFLINE=1 (never
+    touch the network, use the cache) and ``revision`` (a branch, tag or commit hash to pin).
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: not a checkpoint folder, and not a Hub repo id of the form 'owner/name'")
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"{name} (revision {revision or 'main'}): not found on the Hub: {e}") from None
+    except (LocalEntryNotFoundError, OSError) as e:
+        from huggingface_hub import constants
+
+        raise CheckpointError(
+            f"{name} (revision {revision or 'main'}) is not in the local Hub cache ({constants.HF_HUB_CACHE}) "
+            f"and the Hub could not be reached (HF_HUB_OFFLINE={'1' if constants.HF_HUB_OFFLINE else '0'}). "
+            f"On a machine with network run `hf download {name}` (with HF_HOME pointing at the cache "
+            f"you will use here), or pass a local checkpoint folder instead. ({type(e).__name__})"
+        ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The explicit name map
+
+
+def name_map(config: QwenConfig) -> dict[str, str]:
+    """Checkpoint tensor name -> our parameter name, for every tensor a checkpoint must hold."""
+    names = {"model.embed_tokens.weight": "embed_tokens.weight", "model.norm.weight": "norm.weight"}
+    for i in range(config.num_hidden_layers):
+        ours = f"layers.{i}."
+        for p in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                  "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+                  "self_attn.k_proj.weight", "self_attn.k_proj.bias",
+                  "self_attn.v_proj.weight", "self_attn.v_proj.bias",
+                  "self_attn.o_proj.weight",
+                  "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"):
+            names[f"model.{ours}{p}"] = ours + p
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors, read by hand: 8-byte little-endian header length, JSON header, raw little-endian data
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], int]:
+    """{name: (dtype, shape, begin, end)} with absolute file offsets, every entry checked against the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    header.pop("__metadata__", None)
+    entries = {}
+    for name, info in header.items():
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (8 + n + int(o) for o in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: tensor {name}: malformed header entry {info!r} ({e})") from None
+        numel = 1
+        for s in shape:
+            numel *= s
+        if end - begin != numel * dtype.itemsize:
+            raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {shape} {info['dtype']}")
+        if end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
+        entries[name] = (dtype, shape, begin, end)
+    return entries, size
+
+
+def _read_into(f, begin: int, end: int, dtype: torch.dtype, dest: torch.Tensor) -> None:
+    """Read bytes [begin, end) of f as ``dtype`` into ``dest`` (same shape), converting if needed."""
+    f.seek(begin)
+    direct = dest.dtype == dtype and dest.device.type == "cpu" and dest.is_contiguous()
+    # Either the parameter's own bytes, or a staging buffer for this one tensor.
+    staging = dest.view(-1).view(torch.uint8) if direct else torch.empty(end - begin, dtype=torch.uint8)
+    if end > begin and f.readinto(memoryview(staging.numpy()).cast("B")) != end - begin:
+        raise CheckpointError(f"{f.name}: unexpected end of file reading bytes {begin}..{end}")
+    if not direct:
+        dest.copy_(staging.view(dtype).view(dest.shape))
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise CheckpointError(f"{directory}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_weights(model: Qwen2, directory: Path) -> None:
+    """Fill every parameter of ``model`` from the safetensors file(s) in ``directory``.
+
+    All names and shapes are checked before any data is read: a missing tensor, an unexpected one,
+    or one of the wrong shape is an error naming the tensor (and both shapes).
+    """
+    config = model.config
+    expected = name_map(config)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    found: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+    for file in _weight_files(directory):
+        entries, _ = read_safetensors_header(file)
+        for name, (dtype, shape, begin, end) in entries.items():
+            found[name] = (file, dtype, shape, begin, end)
+
+    missing = [n for n in expected if n not in found]
+    if missing:
+        raise CheckpointError(f"{directory}: missing tensor(s) {', '.join(missing[:10])}"
+                              + (f" and {len(missing) - 10} more" if len(missing) > 10 else ""))
+    # A tied checkpoint may still carry a copy of lm_head.weight; it must at least have the right shape.
+    ignorable = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    unexpected = [n for n in found if n not in expected and n not in ignorable]
+    if unexpected:
+        raise CheckpointError(f"{directory}: unexpected tensor(s) {', '.join(unexpected[:10])} "
+                              f"(not part of a Qwen2 model with this config.json)")
+    for hf_name, ours in list(expected.items()) + [(n, "lm_head.weight") for n in ignorable if n in found]:
+        want = tuple(params[ours].shape)
+        if found[hf_name][2] != want:
+            raise CheckpointError(f"{found[hf_name][0]}: tensor {hf_name} has shape {found[hf_name][2]}, "
+                                  f"the config.json implies {want}")
+
+    by_file: dict[Path, list[str]] = {}
+    for hf_name in expected:
+        by_file.setdefault(found[hf_name][0], []).append(hf_name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with open(file, "rb", buffering=0) as f:
+                for hf_name in sorted(names, key=lambda n: found[n][3]):  # read the file front to back
+                    _, dtype, _, begin, end = found[hf_name]
+                    _read_into(f, begin, end, dtype, params[expected[hf_name]].data)
+
+
+def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> Qwen2:
+    """Load a Qwen2 checkpoint (Hub repo id or local folder) as a ``Qwen2`` in eval mode."""
+    directory = resolve(name_or_path, revision=revision)
+    config = QwenConfig.from_json(directory / "config.json")
+    with torch.device("meta"):
+        model = Qwen2(config)
+    model = model.to(dtype).to_empty(device=device or "cpu")  # storage allocated once, uninitialised
+    if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset_parameters()
+    load_weights(model, directory)
+    model.name_or_path = str(name_or_path)
+    return model.eval()
+
+
+def save_pretrained(model: Qwen2, directory: str | os.PathLike) -> Path:
+    """Write config.json + model.safetensors in the Hub layout (transformers loads it too).
+
+    The model must be a plain Qwen2 (merge any LoRA first: ``lora.merge_lora`` then
+    ``lora.remove_lora``); an lm_head bias has no place in the Qwen2 format and is refused.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    hf_to_ours = name_map(model.config)
+    extra = set(params) - set(hf_to_ours.values()) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    if extra:
+        raise CheckpointError(f"cannot save parameters with no Qwen2 checkpoint name: {sorted(extra)[:5]} "
+                              "(merge and remove LoRA first)")
+    tensors = {hf: params[ours].detach().contiguous() for hf, ours in hf_to_ours.items()}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    return directory
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding counts once)."""
+    return sum(p.numel() for p in model.parameters())

