@@ -117,8 +117,8 @@ def generate(
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     for t in range(max_new_tokens):
         choice = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        token = allowed[choice] if allowed is not None else choice
-        token = torch.where(done, pad, token)
+        chosen = allowed[choice] if allowed is not None else choice
+        token = torch.where(done, pad, chosen)
         tokens[:, t] = token
         if logprobs is not None:
             lp = logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
@@ -129,6 +129,8 @@ def generate(
             done |= stop(tokens[:, : t + 1])
         if bool(done.all()) or t + 1 == max_new_tokens:
             break
-        logits = next_logits(token[:, None], None if mask is None else mask[:, : T + t + 1], cache)
+        # Stopped rows keep running (a batch moves together) on their own valid choice; their
+        # outputs are discarded. Feeding `pad` could be an id outside the vocabulary.
+        logits = next_logits(chosen[:, None], None if mask is None else mask[:, : T + t + 1], cache)
     n = int(lengths.max())
     return Generation(tokens[:, :n], lengths, logprobs[:, :n] if logprobs is not None else None)
