@@ -1,0 +1,300 @@
+"""Adapters on disk, in PEFT's layout, and merged checkpoints in the Hub layout.
+
+An adapter folder holds what ``PeftModel.save_pretrained`` writes for a LoRA on a causal LM:
+
+  adapter_config.json        {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 4,
+                              "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"], "bias": "none",
+                              "fan_in_fan_out": false, "base_model_name_or_path": ..., ...}
+  adapter_model.safetensors  base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight  [r, in]
+                             base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight  [out, r] ...
+
+The key is PeftModelForCausalLM's path to the tensor: ``base_model`` (the LoraModel) ``.model``
+(Qwen2ForCausalLM) ``.model.layers...`` (the decoder), with the adapter name ``default`` removed.
+So ``PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(base), folder)`` loads ours, and
+``load_adapter`` loads theirs.
+
+A trained lm_head bias has no place in a PEFT LoRA (PEFT could only save the whole lm_head through
+``modules_to_save``, untying and copying a vocab x hidden matrix), so it is written next to the
+adapter as ``lm_head_bias.safetensors`` with one fp32 tensor, ``lm_head.bias`` [vocab]. PEFT ignores
+the file; a PEFT user attaches it in three lines (the same logits as ours, in fp32):
+
+    from safetensors.torch import load_file
+    model = PeftModel.from_pretrained(Qwen2ForCausalLM.from_pretrained(base), folder)
+    bias = load_file(f"{folder}/lm_head_bias.safetensors")["lm_head.bias"]
+    model.get_output_embeddings().bias = torch.nn.Parameter(bias.to(model.dtype), requires_grad=False)
+
+A bias-only adapter (rank 0) is saved with ``"r": 0`` and no targets: PEFT refuses that config, as
+there is no LoRA in it; load the bias as above onto the plain transformers model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from lora.inject import LINEAR_TARGETS, apply_lora, lm_head_bias, lora_layers
+from lora.layer import LoRALinear
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+BIAS_FILE = "lm_head_bias.safetensors"
+BIAS_KEY = "lm_head.bias"
+PREFIX = "base_model.model.model."  # PeftModelForCausalLM -> LoraModel -> Qwen2ForCausalLM -> Qwen2Model
+
+# adapter_config.json fields that change the maths (or what is trained) and that we do not implement;
+# each must be absent or hold one of these "off" values.
+UNSUPPORTED_OFF: dict[str, tuple[Any, ...]] = {
+    "use_dora": (False, None), "use_rslora": (False, None), "fan_in_fan_out": (False, None),
+    "bias": ("none", None), "lora_bias": (False, None), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+    "layers_to_transform": (None, []), "modules_to_save": (None, []), "exclude_modules": (None, []),
+    "target_parameters": (None, []), "trainable_token_indices": (None, {}, []), "layer_replication": (None, []),
+    "use_qalora": (False, None), "use_bdlora": (False, None), "alora_invocation_tokens": (None, []),
+}
+
+
+class AdapterError(ValueError):
+    """An adapter folder that cannot be read, or that does not fit the model."""
+
+
+def _peft_key(name: str, which: str) -> str:
+    """layers.0.self_attn.q_proj, lora_A -> base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"""
+    return f"{PREFIX}{name}.{which}.weight"
+
+
+def _adapter_settings(model: nn.Module) -> tuple[int, float, float, list[str]] | None:
+    """(rank, alpha, dropout, sorted target names) of the LoRA in the model, or None without LoRALinear."""
+    layers = lora_layers(model)
+    if not layers:
+        return None
+    settings = {(m.rank, m.alpha, getattr(m.lora_dropout, "p", 0.0)) for m in layers.values()}
+    if len(settings) > 1:
+        raise AdapterError(f"the model's LoRA layers differ in (rank, alpha, dropout): {sorted(settings)}; "
+                           "one adapter config cannot describe them")
+    rank, alpha, dropout = settings.pop()
+    return rank, alpha, dropout, sorted({n.rpartition(".")[2] for n in layers})
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA (and lm_head bias, if trained) in PEFT's layout; returns the folder.
+
+    base_model_name_or_path defaults to the name the model was loaded from (``model.name_or_path``).
+    """
+    settings = _adapter_settings(model)
+    bias = lm_head_bias(model)
+    if settings is None and bias is None:
+        raise AdapterError("nothing to save: the model has no LoRA layers and no lm_head bias (apply_lora first)")
+    rank, alpha, dropout, targets = settings or (0, 0.0, 0.0, [])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        tensors[_peft_key(name, "lora_A")] = layer.lora_A.weight.detach().cpu().contiguous()
+        tensors[_peft_key(name, "lora_B")] = layer.lora_B.weight.detach().cpu().contiguous()
+    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    if bias is not None:
+        save_file({BIAS_KEY: bias.detach().cpu().contiguous()}, str(directory / BIAS_FILE), metadata={"format": "pt"})
+    else:
+        (directory / BIAS_FILE).unlink(missing_ok=True)  # a stale bias from an earlier save would be loaded
+
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path or getattr(model, "name_or_path", None),
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AdapterError(f"{path}: no such file (not an adapter folder)") from None
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters are supported")
+    for field, off in UNSUPPORTED_OFF.items():
+        if field in config and config[field] not in off:
+            raise AdapterError(f"{path}: {field}={config[field]!r} is not supported (plain LoRA only)")
+    for field in ("r", "lora_alpha", "target_modules"):
+        if field not in config:
+            raise AdapterError(f"{path}: missing field {field!r}")
+    if not isinstance(config["r"], int) or isinstance(config["r"], bool) or config["r"] < 0:
+        raise AdapterError(f"{path}: r must be a non-negative integer, got {config['r']!r}")
+    return config
+
+
+def _peft_targets(target_modules: str | list[str] | None, hf_name: str) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole module name ("all-linear": every
+    linear but the output layer); a list matches a name exactly or as a dotted suffix."""
+    if target_modules is None:
+        return False
+    if isinstance(target_modules, str):
+        if target_modules.lower() == "all-linear":
+            return hf_name.rpartition(".")[2] in LINEAR_TARGETS
+        return re.fullmatch(target_modules, hf_name) is not None
+    return hf_name in target_modules or any(hf_name.endswith(f".{t}") for t in target_modules)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load a LoRA adapter (ours or PEFT's) into the model; returns the adapted module names.
+
+    A model without LoRA gets it applied with the adapter's settings (rank, alpha, dropout, targets,
+    lm_head bias), every other parameter frozen. A model that already has LoRA must match those
+    settings exactly; it then just receives the values. On a meta-device model only the structure is
+    applied (useful for counting FLOPs). Nothing in the model changes unless every check passes.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    rank, alpha, dropout = config["r"], float(config["lora_alpha"]), float(config.get("lora_dropout") or 0.0)
+    weights_path, bias_path = directory / WEIGHTS_FILE, directory / BIAS_FILE
+    has_bias = bias_path.exists()
+
+    # ---- which of the model's linears the config targets; the weight file must hold exactly those
+    existing = lora_layers(model)
+    linears: dict[str, nn.Linear] = {}  # every adaptable linear, by our module name
+    for name, m in model.named_modules():
+        if name.rpartition(".")[2] in LINEAR_TARGETS and isinstance(m, (nn.Linear, LoRALinear)):
+            linears[name] = m.base_layer if isinstance(m, LoRALinear) else m
+    targeted = sorted(n for n in linears if _peft_targets(config["target_modules"], "model." + n))
+    if rank == 0 and targeted:
+        raise AdapterError(f"{directory / CONFIG_FILE}: r is 0 but target_modules {config['target_modules']!r} "
+                           "names layers of the model")
+    if not weights_path.exists():
+        if targeted:
+            raise AdapterError(f"{weights_path}: no such file")
+        shapes = {}
+    else:
+        with safe_open(str(weights_path), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    expected = {_peft_key(n, w): n for n in targeted for w in ("lora_A", "lora_B")}
+    unexpected = sorted(set(shapes) - set(expected))
+    if unexpected:
+        raise AdapterError(f"{weights_path}: tensor(s) {', '.join(unexpected[:6])} match no LoRA layer this model "
+                           f"gets from target_modules {config['target_modules']!r}")
+    if missing := sorted(set(expected) - set(shapes)):
+        raise AdapterError(f"{weights_path}: missing tensor(s) {', '.join(missing[:6])} "
+                           f"for target_modules {config['target_modules']!r}")
+    targets = sorted({n.rpartition(".")[2] for n in targeted})
+    if partial := sorted(n for n in linears if n.rpartition(".")[2] in targets and n not in targeted):
+        raise AdapterError(f"{directory / CONFIG_FILE}: target_modules {config['target_modules']!r} adapts "
+                           f"{', '.join(targets)} in some layers only (not {', '.join(partial[:4])}); "
+                           "LoRA here covers every layer")
+    for name in targeted:
+        lin = linears[name]
+        for which, want in (("lora_A", (rank, lin.in_features)), ("lora_B", (lin.out_features, rank))):
+            got = shapes[_peft_key(name, which)]
+            if got != want:
+                raise AdapterError(f"{weights_path}: {_peft_key(name, which)} has shape {got}; the model's {name} "
+                                   f"({lin.in_features} -> {lin.out_features}) with r={rank} needs {want}")
+    if has_bias:
+        with safe_open(str(bias_path), "pt") as f:
+            if list(f.keys()) != [BIAS_KEY]:
+                raise AdapterError(f"{bias_path}: expected exactly one tensor {BIAS_KEY!r}, found {list(f.keys())}")
+            got, want = tuple(f.get_slice(BIAS_KEY).get_shape()), (model.lm_head.out_features,)
+            if got != want:
+                raise AdapterError(f"{bias_path}: {BIAS_KEY} has shape {got}; the model's vocabulary needs {want}")
+
+    # ---- a model that already has LoRA must have the same kind
+    settings = _adapter_settings(model)
+    model_bias = lm_head_bias(model) is not None
+    if settings is not None or model_bias:
+        m_rank, m_alpha, _, m_targets = settings or (0, 0.0, 0.0, [])
+        mismatches = []
+        if m_rank != rank:
+            mismatches.append(f"rank {m_rank} vs r={rank}")
+        if m_targets != targets:
+            mismatches.append(f"targets {m_targets} vs {targets}")
+        if rank > 0 and m_rank > 0 and m_alpha != alpha:
+            mismatches.append(f"alpha {m_alpha:g} vs lora_alpha={alpha:g}")
+        if model_bias != has_bias:
+            mismatches.append("lm_head bias " + ("present vs absent" if model_bias else "absent vs present"))
+        if mismatches:
+            raise AdapterError(f"{directory}: the model's LoRA does not match the adapter (model vs adapter): "
+                               + "; ".join(mismatches) + " (load into a model without LoRA to apply the adapter's)")
+        if merged := [n for n, m in existing.items() if m.merged]:
+            raise AdapterError(f"the model's LoRA is merged ({merged[0]}, ...): unmerge_lora(model) before loading")
+    else:
+        apply_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, train_lm_head_bias=has_bias)
+
+    # ---- the values (skipped on the meta device, where there is no storage to fill)
+    layers = lora_layers(model)
+    on_meta = any(p.is_meta for p in model.parameters())
+    if not on_meta:
+        with torch.no_grad():
+            if layers:
+                with safe_open(str(weights_path), "pt") as f:
+                    for name, layer in layers.items():
+                        layer.lora_A.weight.copy_(f.get_tensor(_peft_key(name, "lora_A")))
+                        layer.lora_B.weight.copy_(f.get_tensor(_peft_key(name, "lora_B")))
+            if has_bias:
+                with safe_open(str(bias_path), "pt") as f:
+                    lm_head_bias(model).copy_(f.get_tensor(BIAS_KEY))
+    return list(layers)
+
+
+def export_merged(model: nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the model with its adapters folded in as a plain Qwen2 checkpoint in the Hub layout
+    (config.json + model.safetensors), which ``qwen_min.from_pretrained`` and transformers load.
+
+    The model itself is left as it was: each merged weight, W + scaling * B @ A (fp32 sum, rounded
+    once to W's dtype), is a new tensor, put in the LoRA wrapper's place only while the file is
+    written. Qwen2 checkpoints have no lm_head bias, so a model that trains one is refused; ship it
+    as an adapter (``save_adapter``) instead. Tokenizer files are not copied.
+    """
+    from qwen_min.load import save_pretrained
+
+    if lm_head_bias(model) is not None:
+        raise AdapterError("cannot export a merged Qwen2 checkpoint with a trained lm_head bias: the Qwen2 "
+                           "format has no lm_head bias; save it as an adapter with lora.save_adapter instead")
+    layers = lora_layers(model)
+    plain: dict[str, nn.Linear] = {}
+    for name, layer in layers.items():
+        base = layer.base_layer
+        with torch.device("meta"):
+            lin = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+        weight = base.weight.detach()
+        if not layer.merged:
+            weight = (weight.to(torch.float32) + layer.delta_weight().detach().to(torch.float32)).to(weight.dtype)
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        lin.bias = base.bias
+        plain[name] = lin
+    try:
+        for name, lin in plain.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, lin)
+        return save_pretrained(model, directory)
+    finally:
+        for name, layer in layers.items():
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer)
