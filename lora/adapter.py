@@ -187,6 +187,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         if name.rpartition(".")[2] in LINEAR_TARGETS and isinstance(m, (nn.Linear, LoRALinear)):
             linears[name] = m.base_layer if isinstance(m, LoRALinear) else m
     targeted = sorted(n for n in linears if _peft_targets(config["target_modules"], "model." + n))
+    targets = sorted({n.rpartition(".")[2] for n in targeted})
+    if partial := sorted(n for n in linears if n.rpartition(".")[2] in targets and n not in targeted):
+        raise AdapterError(f"{directory / CONFIG_FILE}: target_modules {config['target_modules']!r} adapts "
+                           f"{', '.join(targets)} in some layers only (not {', '.join(partial[:4])}); "
+                           "LoRA here covers every layer")
     if rank == 0 and targeted:
         raise AdapterError(f"{directory / CONFIG_FILE}: r is 0 but target_modules {config['target_modules']!r} "
                            "names layers of the model")
@@ -205,11 +210,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     if missing := sorted(set(expected) - set(shapes)):
         raise AdapterError(f"{weights_path}: missing tensor(s) {', '.join(missing[:6])} "
                            f"for target_modules {config['target_modules']!r}")
-    targets = sorted({n.rpartition(".")[2] for n in targeted})
-    if partial := sorted(n for n in linears if n.rpartition(".")[2] in targets and n not in targeted):
-        raise AdapterError(f"{directory / CONFIG_FILE}: target_modules {config['target_modules']!r} adapts "
-                           f"{', '.join(targets)} in some layers only (not {', '.join(partial[:4])}); "
-                           "LoRA here covers every layer")
     for name in targeted:
         lin = linears[name]
         for which, want in (("lora_A", (rank, lin.in_features)), ("lora_B", (lin.out_features, rank))):
@@ -245,7 +245,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
         if merged := [n for n, m in existing.items() if m.merged]:
             raise AdapterError(f"the model's LoRA is merged ({merged[0]}, ...): unmerge_lora(model) before loading")
     else:
-        apply_lora(model, rank=rank, alpha=alpha, targets=targets, dropout=dropout, train_lm_head_bias=has_bias)
+        apply_lora(model, rank=rank, alpha=alpha if rank > 0 else None, targets=targets, dropout=dropout,
+                   train_lm_head_bias=has_bias)
 
     # ---- the values (skipped on the meta device, where there is no storage to fill)
     layers = lora_layers(model)

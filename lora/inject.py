@@ -67,6 +67,8 @@ def apply_lora(model: nn.Module, rank: int = 4, alpha: float | None = None,
         raise ValueError(f"LoRA rank must be a non-negative integer (0 = no adapters), got {rank!r}")
     if alpha is not None and not (isinstance(alpha, (int, float)) and alpha > 0):
         raise ValueError(f"LoRA alpha must be a positive number, got {alpha!r}")
+    if not (isinstance(dropout, (int, float)) and 0.0 <= dropout < 1.0):
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     targets = _check_targets(targets)
     if rank > 0 and not targets:
         raise ValueError(f"rank {rank} with no targets: name at least one of {', '.join(LINEAR_TARGETS)}, "
@@ -139,7 +141,7 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
 
     merge=True (PEFT's merge_and_unload) keeps what the adapters learnt, folded into the weights;
     an lm_head bias is kept too, as it cannot be folded into a weight. merge=False (PEFT's unload)
-    throws the adapters and the bias away and restores the base model. All parameters stay frozen.
+    throws the adapters and the bias away and restores the base model. Every parameter is left frozen.
     """
     layers = lora_layers(model)
     for name, layer in layers.items():
@@ -155,4 +157,5 @@ def remove_lora(model: nn.Module, merge: bool = True) -> list[str]:
             head = nn.Linear(old.in_features, old.out_features, bias=False)
         head.weight = old.weight
         model.lm_head = head
+    model.requires_grad_(False)
     return list(layers)
