@@ -97,7 +97,8 @@ def generate(
 
     def next_logits(ids: Tensor, mask: Tensor | None, cache: KVCache) -> Tensor:
         h = model.hidden(ids, attention_mask=mask, cache=cache)[:, -1]      # [B', D]
-        return F.linear(h, weight, bias).float()                            # [B', V or |allowed|]
+        logits = F.linear(h, weight).float()                                # [B', V or |allowed|]
+        return logits if bias is None else logits + bias.float()
 
     cache = KVCache(model.config, B, T + max_new_tokens, dtype=model.embed_tokens.weight.dtype, device=device)
     mask = None

@@ -37,7 +37,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         db = torch.zeros(bias.shape, dtype=acc, device=h.device) if need_b else None
         for i in range(0, h.shape[0], chunk):
             hc, yc = h[i:i + chunk], y[i:i + chunk]
-            logits = F.linear(hc, weight, bias).to(acc)                         # [c, V]
+            logits = F.linear(hc, weight).to(acc)                               # [c, V]
+            if bias is not None:  # added in the accumulation dtype: an fp32 bias is never rounded to bf16
+                logits += bias.to(acc)
             # One softmax pass gives both the loss (-log p_y) and the gradient (p - onehot(y)).
             # Where p_y is so small that -log p_y would lose digits, fall back to logsumexp - x_y.
             grad = logits.softmax(-1)                                            # [c, V]

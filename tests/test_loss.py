@@ -63,3 +63,21 @@ def test_extreme_logits_stay_exact():
     loss = chunked_cross_entropy(hidden, head, torch.tensor([[2]]))
     ref = F.cross_entropy(head(hidden)[0].double(), torch.tensor([2]))
     assert abs(loss.item() - ref.item()) < 1e-4 and loss.item() > 199
+
+
+def test_fp32_bias_on_bf16_head():
+    # The LoRA lm_head bias is fp32 on a bf16 weight: the loss adds it in fp32, like an fp32 reference.
+    torch.manual_seed(2)
+    weight = (torch.randn(40, 8) * 0.3).bfloat16()
+    head = nn.Linear(8, 40, bias=False, dtype=torch.bfloat16)
+    head.weight = nn.Parameter(weight, requires_grad=False)
+    head.bias = nn.Parameter(torch.randn(40) * 1e-3)
+    hidden = torch.randn(1, 6, 8).bfloat16()
+    labels = torch.randint(0, 40, (1, 6))
+    loss = chunked_cross_entropy(hidden, head, labels)
+    loss.backward()
+    ref_bias = head.bias.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy((hidden[0] @ weight.t()).float() + ref_bias, labels[0])
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 1e-5
+    assert torch.allclose(head.bias.grad, ref_bias.grad, atol=1e-6)
