@@ -170,9 +170,10 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Load a LoRA adapter (ours or PEFT's) into the model; returns the adapted module names.
 
     A model without LoRA gets it applied with the adapter's settings (rank, alpha, dropout, targets,
-    lm_head bias), every other parameter frozen. A model that already has LoRA must match those
-    settings exactly; it then just receives the values. On a meta-device model only the structure is
-    applied (useful for counting FLOPs). Nothing in the model changes unless every check passes.
+    lm_head bias), every other parameter frozen. A model that already has LoRA must have the same
+    rank, alpha, targets and bias (its dropout is kept); it then just receives the values. On a
+    meta-device model only the structure is applied (useful for counting FLOPs). Nothing in the
+    model changes unless every check passes.
     """
     directory = Path(directory)
     config = _read_config(directory)
