@@ -349,6 +349,27 @@ def test_only_lora_gets_grads_and_base_is_bit_identical_after_a_step(tiny_ckpt, 
     assert model.lm_head.weight is model.embed_tokens.weight
 
 
+def test_chunked_loss_sees_lora_and_bias(tiny_ckpt):
+    """qwen_min's fused loss reads lm_head.weight / lm_head.bias directly: with LoRA and the bias it
+    gives the loss and bias gradient of plain cross-entropy on our logits."""
+    model = _ours(tiny_ckpt)
+    lora.apply_lora(model, rank=4, train_lm_head_bias=True)
+    _randomize(model)
+    ids = _ids((2, 16))
+    labels = ids.roll(-1, 1)
+    fused = qwen_min.chunked_cross_entropy(model.hidden(ids), model.lm_head, labels, chunk_size=7)
+    fused.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    logits = model(ids)
+    plain = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    plain.backward()
+    assert abs(fused.item() - plain.item()) <= 1e-5
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert _maxdiff(grads[n], p.grad) <= 1e-5 * p.grad.abs().max().item() + 1e-9, n
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fresh_lora_leaves_logits_bit_identical(tiny_ckpt, dtype, bias):
