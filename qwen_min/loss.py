@@ -27,9 +27,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """sum over tokens of CE(h @ W^T + b, y), with gradients computed chunk by chunk in forward."""
 
     @staticmethod
-    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, chunk: int) -> Tensor:
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
+    def forward(ctx, h: Tensor, weight: Tensor, bias: Tensor | None, y: Tensor, chunk: int,
+                grad_enabled: bool) -> Tensor:
+        # needs_input_grad ignores torch.no_grad(), so the caller says whether gradients are wanted.
+        need_h, need_w = grad_enabled and ctx.needs_input_grad[0], grad_enabled and ctx.needs_input_grad[1]
+        need_b = grad_enabled and bias is not None and ctx.needs_input_grad[2]
         acc = torch.promote_types(h.dtype, torch.float32)  # fp32 for bf16/fp16/fp32 inputs, fp64 stays fp64
         total = torch.zeros((), dtype=acc, device=h.device)
         dh = torch.empty_like(h) if need_h else None
@@ -69,7 +71,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh = None if dh is None else (dh * grad_out).to(dh.dtype)
         dw = None if dw is None else (dw * grad_out).to(w_dtype)
         db = None if db is None else (db * grad_out).to(b_dtype)
-        return dh, dw, db, None, None
+        return dh, dw, db, None, None, None
 
 
 def chunked_cross_entropy(hidden: Tensor, lm_head: nn.Linear, labels: Tensor, *, chunk_size: int = 1024,
@@ -85,7 +87,8 @@ def chunked_cross_entropy(hidden: Tensor, lm_head: nn.Linear, labels: Tensor, *,
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     keep = y != -100
-    total = _LinearCrossEntropy.apply(h[keep], lm_head.weight, lm_head.bias, y[keep], chunk_size)
+    total = _LinearCrossEntropy.apply(h[keep], lm_head.weight, lm_head.bias, y[keep], chunk_size,
+                                      torch.is_grad_enabled())
     if reduction == "sum":
         return total
     return total / keep.sum().clamp(min=1)
