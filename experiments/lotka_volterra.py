@@ -47,20 +47,41 @@ def rm_derivatives(prey, predator, params: Mapping[str, Any]):
     return r * prey * (1 - prey / K) - predation, e * predation - m * predator
 
 
+def _torch_like(values: list[Any]) -> Any:
+    """The first torch tensor among ``values`` (None if there is none), found without importing torch."""
+    for v in values:
+        if type(v).__module__.startswith("torch") and hasattr(v, "requires_grad"):
+            return v
+    return None
+
+
 def integrate(prey0, predator0, params: Mapping[str, Any], t, substeps: int = 200):
     """RK4 from (prey0, predator0) at t[0] to every time in t; returns [..., len(t), 2].
 
-    numpy in, numpy out; torch in, torch out (differentiable). ``substeps`` fixed steps between
-    consecutive sample times.
+    ``substeps`` fixed RK4 steps between consecutive sample times (the default gives the accuracy
+    stated in the module docstring; fewer are fine for fitting). numpy in, numpy out; if any input
+    (initial state, a parameter or t) is a torch tensor, all are taken as tensors and the result is a
+    differentiable tensor, so a forecast baseline can fit the parameters by gradient descent.
     """
-    is_torch = type(prey0).__module__.startswith("torch")
-    if is_torch:
+    if substeps < 1:
+        raise ValueError(f"substeps must be at least 1, got {substeps}")
+    if len(t) < 1:
+        raise ValueError("t must hold at least the initial time")
+    like = _torch_like([prey0, predator0, t, *params.values()])
+    if like is not None:
         import torch
 
-        stack = torch.stack
+        dtype = like.dtype if like.is_floating_point() else torch.float64
+        as_tensor = lambda v: torch.as_tensor(v, dtype=dtype, device=like.device)  # noqa: E731
+        prey0, predator0, t = as_tensor(prey0), as_tensor(predator0), as_tensor(t)
+        params = {k: as_tensor(v) for k, v in params.items()}
+        stack, broadcast_shapes, broadcast_to = torch.stack, torch.broadcast_shapes, torch.broadcast_to
     else:
-        stack = np.stack
-    x, y = prey0, predator0
+        prey0, predator0, t = (np.asarray(v, dtype=np.float64) for v in (prey0, predator0, t))
+        stack, broadcast_shapes, broadcast_to = np.stack, np.broadcast_shapes, np.broadcast_to
+    # the state takes the shape of everything broadcast together (e.g. one initial state, many parameter sets)
+    shape = broadcast_shapes(prey0.shape, predator0.shape, *(np.shape(v) for v in params.values()))
+    x, y = broadcast_to(prey0, shape), broadcast_to(predator0, shape)
     out = [stack([x, y], -1)]
     for i in range(len(t) - 1):
         dt = (t[i + 1] - t[i]) / substeps
