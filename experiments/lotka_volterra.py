@@ -10,11 +10,19 @@ Dynamics (Rosenzweig-MacArthur: logistic prey, Holling type II predation):
     dy/dt = e a x y / (1 + a h x) - m y
 
 Integration: classical 4th-order Runge-Kutta with a fixed step, ``substeps`` steps between
-consecutive sample times (default 200, dt = 200/99/200 ~ 0.0101). Measured against scipy's DOP853
-(rtol 1e-13, atol 1e-14) on the first 200 systems of seed 0: largest pointwise relative error
-8.0e-8 (the same with 400 substeps, so that is the reference's own limit on values near 1e-10), and
-6.5e-9 relative to each series' largest value. tests/test_lotka_volterra.py checks 1e-6. The 1000
-default systems take about 2 s.
+consecutive sample times (default 200, dt = (200/99)/200 ~ 0.0101), vectorised over systems.
+Measured error of the default (seed 0, first 200 systems, all 100 samples, both variables):
+against scipy's DOP853 (rtol 1e-13, atol 1e-15) the largest pointwise relative error is 2.8e-8
+(median over systems 1.8e-12), and 3.2e-9 relative to each series' largest value; against the same
+RK4 with 2000 substeps (10x finer) the figures are the same, 2.8e-8 and 3.2e-9, so they are the
+error of the default and not of the references. The worst case is a predator decaying towards
+1e-10, where a tiny absolute error is a large relative one. tests/test_lotka_volterra.py checks
+1e-6 against DOP853 (rtol 1e-12). Generating the 1000 default systems takes about 1.6 s on one
+CPU core.
+
+Time-step choice is fixed rather than adaptive so the same code runs on numpy arrays and on torch
+tensors (with autograd), which the ODE-fitting forecast baseline needs, and so the output is bit
+for bit reproducible.
 """
 
 from __future__ import annotations
@@ -115,27 +123,52 @@ def generate_dataset(n_systems: int = 1000, *, seed: int = 0, time: np.ndarray =
 
 def save_h5(path: str | os.PathLike, trajectories: np.ndarray, time: np.ndarray,
             params: np.ndarray | None = None, **attrs: Any) -> Path:
-    """Write the study's format atomically (temp file, then rename): no reader sees half a file."""
+    """Write the study's format atomically (temp file in the same folder, then rename), so that a
+    reader, or a second process generating the same default file, never sees half a file."""
     path = Path(path)
+    trajectories, time = np.asarray(trajectories, dtype=np.float64), np.asarray(time, dtype=np.float64)
+    if trajectories.ndim != 3 or trajectories.shape[2] != 2 or time.shape != trajectories.shape[1:2]:
+        raise ValueError(f"save_h5: trajectories {trajectories.shape} and time {time.shape} are not "
+                         "(systems, T, 2) and (T,)")
+    if params is not None:
+        params = np.asarray(params, dtype=np.float64)
+        if params.shape != (trajectories.shape[0], len(PARAM_NAMES)):
+            raise ValueError(f"save_h5: params {params.shape} is not (systems, {len(PARAM_NAMES)})")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("trajectories", data=np.asarray(trajectories, dtype=np.float64))
-        f.create_dataset("time", data=np.asarray(time, dtype=np.float64))
-        if params is not None:
-            d = f.create_dataset("params", data=np.asarray(params, dtype=np.float64))
-            d.attrs["columns"] = ",".join(PARAM_NAMES)
-        for k, v in attrs.items():
-            f.attrs[k] = v
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("trajectories", data=trajectories)
+            f.create_dataset("time", data=time)
+            if params is not None:
+                d = f.create_dataset("params", data=params)
+                d.attrs["columns"] = ",".join(PARAM_NAMES)
+            for k, v in attrs.items():
+                f.attrs[k] = v
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def load_params(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The per-system parameters a generated file stores, by name ({} for a file without them, such
+    as the original coursework data)."""
+    with h5py.File(path, "r") as f:
+        if "params" not in f:
+            return {}
+        columns = str(f["params"].attrs["columns"]).split(",")
+        values = f["params"][()]
+    return {k: values[:, i] for i, k in enumerate(columns)}
 
 
 def load_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(trajectories (N, T, 2) float64, time (T,) float64), validated; errors name the file and problem."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
     try:
         f = h5py.File(path, "r")
     except OSError as e:
@@ -147,7 +180,10 @@ def load_h5(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         traj, time = f["trajectories"], f["time"]
         if traj.dtype.kind not in "fiu" or time.dtype.kind not in "fiu":
             raise DataError(f"{path}: 'trajectories' ({traj.dtype}) and 'time' ({time.dtype}) must be numeric")
-        traj, time = np.asarray(traj[()], dtype=np.float64), np.asarray(time[()], dtype=np.float64)
+        try:
+            traj, time = np.asarray(traj[()], dtype=np.float64), np.asarray(time[()], dtype=np.float64)
+        except (OSError, ValueError, TypeError) as e:   # a damaged file can open yet fail to read
+            raise DataError(f"{path}: could not read 'trajectories'/'time' ({e})") from None
     if traj.ndim != 3 or traj.shape[2] != 2:
         raise DataError(f"{path}: 'trajectories' has shape {traj.shape}; expected (systems, time steps, 2)")
     if time.ndim != 1:
