@@ -1,0 +1,137 @@
+"""Forecasting with the language model: prompts in, LLMTIME text out, numbers back.
+
+The prompt is the encoding of the first C time steps ending with ';'. The model continues it, KV-
+cached, until every row has written H more ';' (or a token limit). Decoding is by default
+constrained to the LLMTIME alphabet (digits, ',', '.', ';'), which makes every token a character of
+a number or a separator, and lets the output layer compute 13 logits instead of 151,936.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import flops
+import qwen_min
+from experiments import llmtime
+from qwen_min import Qwen2, Tokenizer
+
+ALPHABET = list("0123456789,.;")
+
+
+def alphabet_ids(tokenizer: Tokenizer) -> list[int]:
+    """The token ids of the LLMTIME characters (each is one token in the Qwen vocabulary)."""
+    ids = [tokenizer.encode(c) for c in ALPHABET]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError(f"the tokenizer splits an LLMTIME character into several tokens: {ids}")
+    return [i[0] for i in ids]
+
+
+def semicolons_per_token(tokenizer: Tokenizer, vocab_size: int) -> torch.Tensor:
+    """[V] how many ';' each token's text holds (unconstrained decoding may emit ';' inside longer tokens)."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for i in range(min(vocab_size, tokenizer.vocab_size)):
+        text = tokenizer.decode([i])
+        if ";" in text:
+            counts[i] = text.count(";")
+    return counts
+
+
+def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids [B, T], attention_mask [B, T], padded on the left so every row ends together."""
+    T = max(len(x) for x in batch)
+    ids = torch.full((len(batch), T), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(batch), T, dtype=torch.long)
+    for i, x in enumerate(batch):
+        ids[i, T - len(x):] = torch.tensor(x)
+        mask[i, T - len(x):] = 1
+    return ids, mask
+
+
+@dataclass
+class ForecastRun:
+    values: np.ndarray            # (N, S, H, 2) in original units; NaN where a step was malformed or missing
+    malformed: np.ndarray         # (N, S) malformed-or-missing steps per forecast
+    texts: list[list[str]]        # the generated text, per system and sample
+    flops: float = 0.0            # what the forward passes cost by the counter, for the ledger
+    matmul_2mnp: float = 0.0      # its matmul part, 2mnp convention (to check against FlopCounterMode)
+    tokens_generated: int = 0
+    calls: list[dict] = field(default_factory=list)  # (batch, prompt_len, steps, samples) of every generate call
+
+
+def generation_flops(model: Qwen2, *, batch: int, prompt_len: int, steps: int, num_samples: int,
+                     vocab: int | None, sampled: bool, padded: bool) -> tuple[float, float]:
+    """(total, matmul part in the 2mnp convention) of one ``generate`` call as it ran, by the counter:
+    a prefill of batch x prompt_len, then steps - 1 single-token forwards of batch x num_samples rows,
+    the t-th attending to prompt_len + t cached positions; the output layer over ``vocab`` rows (the
+    allowed tokens) and, when sampling, the softmax over them. ``padded``: an attention mask with
+    padding was applied (left-padded prompts of different lengths)."""
+    reports = [flops.count(model, batch=batch, seq_len=prompt_len, mode="prefill", vocab=vocab,
+                           sampling=sampled, padded=padded)]
+    rows = batch * num_samples
+    reports += [flops.count(model, batch=rows, seq_len=1, past_len=prompt_len + t - 1, mode="decode",
+                            vocab=vocab, sampling=sampled, padded=padded) for t in range(1, steps)]
+    return sum(r.total for r in reports), sum(r.matmul_2mnp for r in reports)
+
+
+@torch.no_grad()
+def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: int,
+             encoding: llmtime.EncodingConfig, *, batch_size: int = 16, num_samples: int = 1,
+             temperature: float = 0.0, top_p: float = 1.0, constrained: bool = True, seed: int = 0,
+             device: torch.device | str = "cpu", progress=None) -> ForecastRun:
+    """Forecast ``horizon`` steps after each prompt; greedy when temperature is 0, else num_samples draws."""
+    allowed = alphabet_ids(tokenizer) if constrained else None
+    semi = torch.zeros(model.config.vocab_size, dtype=torch.long)
+    semi_id = tokenizer.encode(";")[0]
+    if constrained:
+        semi[semi_id] = 1
+    else:
+        semi = semicolons_per_token(tokenizer, model.config.vocab_size)
+    semi = semi.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    N = len(prompts)
+    S = num_samples
+    values = np.full((N, S, horizon, 2), np.nan)
+    malformed = np.zeros((N, S), dtype=np.int64)
+    texts: list[list[str]] = [[] for _ in range(N)]
+    run = ForecastRun(values, malformed, texts)
+    encoded = [tokenizer.encode(p) for p in prompts]
+    for start in range(0, N, batch_size):
+        chunk = encoded[start:start + batch_size]
+        ids, mask = left_pad(chunk, tokenizer.pad_id)
+        # A budget of tokens: the longest step seen in the prompts, with room for one more digit, per step.
+        step_chars = max(len(s) for p in prompts[start:start + batch_size] for s in p.rstrip(";").split(";")) + 2
+        out = qwen_min.generate(
+            model, ids.to(device), horizon * (step_chars + 1), attention_mask=mask.to(device),
+            temperature=temperature, top_p=top_p, generator=generator if temperature > 0 else None,
+            stop=lambda toks: semi[toks].sum(-1) >= horizon, allowed_token_ids=allowed,
+            eos_token_id=tokenizer.eos_ids, pad_token_id=tokenizer.pad_id, num_samples=S)
+        steps = out.tokens.shape[1]
+        call = {"batch": len(chunk), "prompt_len": ids.shape[1], "steps": steps, "num_samples": S,
+                "vocab": len(allowed) if allowed else None, "sampled": temperature > 0,
+                "padded": bool((mask == 0).any())}
+        run.calls.append(call)
+        total, mm = generation_flops(model, **call)
+        run.flops += total
+        run.matmul_2mnp += mm
+        run.tokens_generated += int(out.lengths.sum())
+        for r in range(out.tokens.shape[0]):
+            i, s = start + r // S, r % S
+            text = tokenizer.decode(out.tokens[r, : int(out.lengths[r])].tolist(), skip_special_tokens=True)
+            texts[i].append(text)
+            values[i, s], malformed[i, s] = decode_forecast(text, horizon, encoding)
+        if progress is not None:
+            progress.update(len(chunk))
+    return run
+
+
+def decode_forecast(text: str, horizon: int, encoding: llmtime.EncodingConfig) -> tuple[np.ndarray, int]:
+    """The first ``horizon`` ';'-separated steps of generated text in original units, (H, 2), and how
+    many of them are malformed or missing (NaN rows)."""
+    steps = text.split(";")[:horizon]
+    arr, _ = llmtime.decode(";".join(steps), alpha=encoding.alpha, n_vars=2)
+    out = np.full((horizon, 2), np.nan)
+    out[: min(horizon, len(arr))] = arr[:horizon]
+    return out, int(np.isnan(out).any(axis=1).sum())
