@@ -1,7 +1,8 @@
 """Splits by system, token windows for training, and forecast prompts.
 
-Systems (not time steps) are split, so no trajectory is seen in two splits. Training windows are
-cut from each system's encoded series in tokens: ``context_length`` tokens, every ``stride``
+Systems (not time steps) are split, so no trajectory is seen in two splits; the indices are saved
+with each run (save_splits/load_splits). Training windows are cut from each system's encoded series
+(text, or token ids) in tokens: ``context_length`` tokens, every ``stride``
 tokens, and a last window flush with the end so every token is covered. A series shorter than a
 window is right-padded; with causal attention a real token never attends to the padding after it,
 and padded positions are never scored.
@@ -9,7 +10,11 @@ and padded positions are never scored.
 
 from __future__ import annotations
 
+import json
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,16 +22,39 @@ import torch
 from experiments import llmtime
 
 
-def split_systems(n: int, *, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
+def split_systems(n: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), *,
                   seed: int = 0) -> dict[str, np.ndarray]:
-    """Disjoint, sorted system indices {"train", "val", "test"}, a seeded permutation cut by fractions."""
+    """Disjoint, sorted system indices {"train", "val", "test"}, a seeded permutation cut by fractions.
+
+    Whole systems are split (never time steps of one system), so nothing about a test trajectory
+    is seen in training. Cut points are rounded cumulative fractions, so the sizes always add to n.
+    """
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-9:
         raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+    if n < 0:
+        raise ValueError(f"n must be non-negative, got {n}")
     order = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = round(n * fractions[1]), round(n * fractions[2])
-    n_train = n - n_val - n_test
-    return {"train": np.sort(order[:n_train]), "val": np.sort(order[n_train:n_train + n_val]),
-            "test": np.sort(order[n_train + n_val:])}
+    a = round(n * fractions[0])
+    b = max(a, round(n * (fractions[0] + fractions[1])))
+    return {"train": np.sort(order[:a]), "val": np.sort(order[a:b]), "test": np.sort(order[b:])}
+
+
+def save_splits(path: str | os.PathLike, splits: dict[str, np.ndarray]) -> Path:
+    """splits.json: the system indices of each split, so a run's test systems can be found again."""
+    path = Path(path)
+    path.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in splits.items()}) + "\n")
+    return path
+
+
+def load_splits(path: str | os.PathLike, n_systems: int | None = None) -> dict[str, np.ndarray]:
+    """Read splits.json back, checking the splits are disjoint and (given n_systems) in range."""
+    splits = {k: np.asarray(v, dtype=np.int64) for k, v in json.loads(Path(path).read_text()).items()}
+    every = np.concatenate([v for v in splits.values()]) if splits else np.zeros(0, dtype=np.int64)
+    if len(np.unique(every)) != len(every):
+        raise ValueError(f"{path}: a system appears in two splits")
+    if n_systems is not None and len(every) and (every.min() < 0 or every.max() >= n_systems):
+        raise ValueError(f"{path}: indices outside the {n_systems} systems of the data")
+    return splits
 
 
 @dataclass
@@ -46,17 +74,37 @@ def window_starts(n_tokens: int, context_length: int, stride: int) -> list[int]:
     return starts
 
 
-def training_windows(texts: list[str], tokenizer, *, context_length: int, stride: int | None = None,
-                     pad_id: int | None = None) -> Windows:
-    """Token windows of every text (``tokenizer`` is a ``qwen_min.Tokenizer``)."""
+def training_windows(texts: Sequence[str] | Sequence[Sequence[int]], tokenizer=None, *, context_length: int,
+                     stride: int | None = None, pad_id: int | None = None) -> Windows:
+    """Token windows of every series, given as texts (tokenized with ``tokenizer``, a
+    ``qwen_min.Tokenizer``) or as token id lists (then no tokenizer is needed, but ``pad_id`` is).
+
+    labels are already shifted: labels[:, t] = input_ids[:, t + 1] where both are real tokens, and
+    -100 at the last position and wherever position t + 1 is padding, so the loss never scores the
+    pad token. Padding is on the right and marked 0 in attention_mask.
+
+    Because a window's last position has no target, windows must overlap by at least one token for
+    every next token of a series to be a target: the default stride is context_length - 1 (each
+    transition scored exactly once); stride = context_length leaves the first token of each later
+    window unscored as a target (1 in context_length).
+    """
     if context_length < 2:
         raise ValueError(f"context_length must be at least 2, got {context_length}")
-    stride = stride or context_length
-    if stride < 1:
-        raise ValueError(f"stride must be positive, got {stride}")
-    pad = tokenizer.pad_id if pad_id is None else pad_id
+    stride = stride or context_length - 1
+    if not 1 <= stride <= context_length:
+        raise ValueError(f"stride must be in [1, context_length={context_length}] so no token is skipped, "
+                         f"got {stride}")
+    series = list(texts)
+    if any(isinstance(x, str) for x in series):
+        if tokenizer is None:
+            raise ValueError("training_windows: texts need a tokenizer")
+        series = tokenizer.encode_batch([str(x) for x in series]) if series else []
+    pad = pad_id if pad_id is not None else getattr(tokenizer, "pad_id", None)
+    if pad is None:
+        raise ValueError("training_windows: give pad_id or a tokenizer that has one")
     rows, masks = [], []
-    for ids in tokenizer.encode_batch(texts) if texts else []:
+    for ids in series:
+        ids = [int(i) for i in ids]
         for s in window_starts(len(ids), context_length, stride):
             chunk = ids[s:s + context_length]
             if len(chunk) < 2:
@@ -80,15 +128,24 @@ class ForecastExample:
     system: int
     prompt: str           # the first C steps, ending with ';'
     target: np.ndarray    # (H, 2) the next H steps, original units
+    target_text: str      # their encoding, ending with ';': prompt + target_text encodes the first C + H steps
 
 
-def forecast_examples(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtime.EncodingConfig, *,
+def forecast_examples(trajectories: np.ndarray, systems: Sequence[int], encoding: llmtime.EncodingConfig, *,
                       context_steps: int, horizon: int) -> list[ForecastExample]:
-    """Prompt = encode(first C steps) + ';' (it ends on a separator, never inside a number)."""
+    """Prompt = encode(first C steps) + ';', so it ends on a separator and never inside a number;
+    the target is the next H steps, as numbers and as the text a perfect model would continue with."""
     T = trajectories.shape[1]
     if context_steps < 1 or horizon < 1 or context_steps + horizon > T:
         raise ValueError(f"context_steps {context_steps} + horizon {horizon} must fit in the {T} time steps")
-    return [ForecastExample(int(i), llmtime.encode(trajectories[i, :context_steps], alpha=encoding.alpha,
-                                                   decimals=encoding.decimals) + ";",
-                            trajectories[i, context_steps:context_steps + horizon].copy())
-            for i in systems]
+    def enc(values: np.ndarray) -> str:
+        return llmtime.encode(values, alpha=encoding.alpha, decimals=encoding.decimals) + ";"
+
+    out = []
+    for i in systems:
+        if not 0 <= int(i) < len(trajectories):
+            raise ValueError(f"system {i} is outside the {len(trajectories)} systems")
+        x = trajectories[int(i)]
+        target = x[context_steps:context_steps + horizon].copy()
+        out.append(ForecastExample(int(i), enc(x[:context_steps]), target, enc(target)))
+    return out
