@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.data import forecast_examples, split_systems, training_windows, window_starts
+from experiments.data import (
+    forecast_examples,
+    load_splits,
+    save_splits,
+    split_systems,
+    training_windows,
+    window_starts,
+)
 from experiments.llmtime import EncodingConfig, decode, encode, fit_alpha
 from experiments.lotka_volterra import generate_dataset
 
@@ -21,6 +28,22 @@ def test_splits_are_disjoint_complete_and_seeded():
     assert not np.array_equal(s["train"], split_systems(1000, seed=4)["train"])
     with pytest.raises(ValueError, match="summing to 1"):
         split_systems(10, fractions=(0.5, 0.5, 0.5))
+    for n in range(0, 12):   # any n and fractions: sizes add up, nothing shared
+        for fr in [(0.7, 0.15, 0.15), (0.0, 0.5, 0.5), (1 / 3, 1 / 3, 1 / 3), (1.0, 0.0, 0.0)]:
+            parts = split_systems(n, fr, seed=n)
+            assert sorted(np.concatenate(list(parts.values())).tolist()) == list(range(n))
+
+
+def test_splits_saved_and_checked(tmp_path):
+    s = split_systems(50, seed=1)
+    path = save_splits(tmp_path / "splits.json", s)
+    back = load_splits(path, n_systems=50)
+    assert all(np.array_equal(s[k], back[k]) for k in ("train", "val", "test"))
+    (tmp_path / "bad.json").write_text('{"train": [0, 1, 2], "val": [2], "test": [3]}')
+    with pytest.raises(ValueError, match="two splits"):
+        load_splits(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="outside"):
+        load_splits(path, n_systems=10)
 
 
 def test_alpha_depends_on_training_systems_only():
@@ -31,6 +54,9 @@ def test_alpha_depends_on_training_systems_only():
     changed[s["val"]] *= 7.0
     changed[s["test"]] = 0.0
     assert fit_alpha(changed[s["train"]]) == alpha
+    # ... while a change to the training systems does move it, so the check above is not vacuous
+    changed[s["train"][:20]] *= 3.0
+    assert fit_alpha(changed[s["train"]]) != alpha
 
 
 def test_window_starts_cover_everything():
@@ -61,6 +87,37 @@ def test_windows_shift_labels_and_never_score_padding(tokenizer_dir):
     assert row and w.input_ids[row[0], :len(short)].tolist() == short
 
 
+def test_windows_from_token_ids_cover_every_token_once_scored():
+    # distinct ids, so a token's id tells its position: the check needs no knowledge of window_starts
+    n, L = 45, 8
+    ids = list(range(1000, 1000 + n))
+    for stride in (1, 3, L - 1, None, L):
+        w = training_windows([ids], context_length=L, stride=stride, pad_id=-1)
+        assert (w.attention_mask == 1).all()   # 45 tokens > 8: no window needs padding
+        scored = set()
+        for row, lab in zip(w.input_ids.tolist(), w.labels.tolist(), strict=True):
+            assert row == list(range(row[0], row[0] + L))          # a contiguous piece of the series
+            assert lab == row[1:] + [-100]
+            scored |= set(lab[:-1])
+        if stride != L:   # overlapping windows: every next token is a target
+            assert scored == set(ids[1:])
+        else:             # back to back: the first token of each later window is input only
+            assert scored == set(ids[1:]) - {1000 + k for k in range(L, n - L + 1, L)}
+    short = training_windows([[5, 6, 7]], context_length=6, pad_id=0)
+    assert short.input_ids.tolist() == [[5, 6, 7, 0, 0, 0]]
+    assert short.labels.tolist() == [[6, 7, -100, -100, -100, -100]]
+    assert short.attention_mask.tolist() == [[1, 1, 1, 0, 0, 0]]
+    # a pad id that is also a real token: it is scored where it is real, never where it pads
+    same = training_windows([[5, 0, 7]], context_length=5, pad_id=0)
+    assert same.labels.tolist() == [[0, 7, -100, -100, -100]]
+    with pytest.raises(ValueError, match="stride"):
+        training_windows([ids], context_length=L, stride=L + 1, pad_id=0)
+    with pytest.raises(ValueError, match="pad_id"):
+        training_windows([ids], context_length=L)
+    with pytest.raises(ValueError, match="tokenizer"):
+        training_windows(["0.1,0.2"], context_length=L, pad_id=0)
+
+
 def test_forecast_prompts_end_on_a_separator_and_targets_align():
     traj, _, _ = generate_dataset(4, seed=1)
     enc = EncodingConfig(alpha=fit_alpha(traj))
@@ -71,5 +128,18 @@ def test_forecast_prompts_end_on_a_separator_and_targets_align():
         back, _ = decode(e.prompt, alpha=enc.alpha)
         assert back.shape == (50, 2)
         assert np.array_equal(e.target, traj[e.system, 50:70])
+        whole = encode(traj[e.system, :70], alpha=enc.alpha, decimals=enc.decimals) + ";"
+        assert e.prompt + e.target_text == whole and e.target_text.count(";") == 20
     with pytest.raises(ValueError, match="must fit"):
         forecast_examples(traj, np.array([0]), enc, context_steps=90, horizon=20)
+
+
+def test_prompt_and_target_tokens_join_exactly(tokenizer_dir):
+    # the prompt ends on ';' so its tokens followed by the target's are the tokens of the whole text
+    from qwen_min import Tokenizer
+
+    tok = Tokenizer(tokenizer_dir)
+    traj, _, _ = generate_dataset(3, seed=4)
+    enc = EncodingConfig(alpha=fit_alpha(traj))
+    for e in forecast_examples(traj, np.arange(3), enc, context_steps=40, horizon=30):
+        assert tok.encode(e.prompt) + tok.encode(e.target_text) == tok.encode(e.prompt + e.target_text)
