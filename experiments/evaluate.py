@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     windows = data_lib.training_windows(texts, tokenizer, context_length=args.context_length,
-                                        stride=args.context_length)
+                                        stride=args.context_length - 1)
 
     shape = common.meta_model(common.model_config(args))
     if args.adapter:

@@ -151,7 +151,7 @@ def prepare(args: argparse.Namespace, out: Path | None):
     train = data_lib.training_windows(prep.texts("train", args.max_systems), tokenizer,
                                       context_length=args.context_length, stride=stride)
     val = data_lib.training_windows(prep.texts("val", args.val_systems), tokenizer, context_length=args.context_length,
-                                    stride=args.context_length)
+                                    stride=args.context_length - 1)
     return prep, tokenizer, train, val
 
 
