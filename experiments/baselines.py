@@ -195,16 +195,22 @@ def fit_ode(prompt_values: np.ndarray, prompt_times: np.ndarray, *, restarts: in
 
 
 def ode_fit(prompt_values: np.ndarray, prompt_times: np.ndarray, future_times: np.ndarray, *,
-            restarts: int = ODE_RESTARTS, steps: int = ODE_STEPS, lr: float = ODE_LR,
-            substeps: int = ODE_SUBSTEPS, seed: int = 0) -> np.ndarray:
+            restarts: int | None = None, steps: int | None = None, lr: float | None = None,
+            substeps: int | None = None, seed: int = 0) -> np.ndarray:
     """Fit the Rosenzweig-MacArthur model to each prompt (``fit_ode``) and integrate it forward.
 
     The forecast integrates from the fitted initial state across prompt and future times with the
     same RK4 step as the fit, so the forecast continues exactly the trajectory that was fitted. A
     system whose fit or forecast is non-finite (or negative, or over 1e6 x the prompt's largest
     value) falls back to persistence; how many did is in ``ode_fit_diagnostics()`` and in a warning.
+    Settings left at None take the module's ODE_* values at call time.
     """
     values, t_prompt, t_future = _check(prompt_values, prompt_times, future_times)
+    # None: the module's settings, read now, so a test can lower baselines.ODE_STEPS for a quick run
+    restarts = ODE_RESTARTS if restarts is None else restarts
+    steps = ODE_STEPS if steps is None else steps
+    lr = ODE_LR if lr is None else lr
+    substeps = ODE_SUBSTEPS if substeps is None else substeps
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # tiny tensors: the cost is per-operation overhead, which threads only add to
