@@ -131,22 +131,24 @@ class Prepared:
         return idx if max_systems is None else idx[:max_systems]
 
 
-def prepare_data(args: argparse.Namespace, out: Path | None = None) -> Prepared:
+def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Path | None = None) -> Prepared:
     """Load (or generate) the data, split it by system, fit alpha on train; save all three in ``out``.
 
-    When ``out`` already holds splits.json and encoding.json (a resumed run, or evaluating a trained
-    run's folder), they are reused so the same systems and the same scaling are used again.
+    When ``reuse`` (default: ``out``) already holds splits.json and encoding.json — a resumed run,
+    or the folder of the trained run whose adapter is evaluated — they are used again, so the same
+    systems and the same scaling are used again.
     """
     path = args.data or str(lotka_volterra.default_dataset())
     trajectories, time = lotka_volterra.load_h5(path)
-    saved_splits = out / "splits.json" if out else None
+    reuse = reuse or out
+    saved_splits = reuse / "splits.json" if reuse else None
     if saved_splits and saved_splits.is_file():
         splits = {k: np.asarray(v, dtype=np.int64) for k, v in json.loads(saved_splits.read_text()).items()}
         if max(int(v.max()) for v in splits.values() if len(v)) >= len(trajectories):
             raise ValueError(f"{saved_splits} indexes systems beyond the {len(trajectories)} in {path}")
     else:
         splits = data_lib.split_systems(len(trajectories), fractions=tuple(args.splits), seed=args.seed)
-    saved_enc = out / "encoding.json" if out else None
+    saved_enc = reuse / "encoding.json" if reuse else None
     if saved_enc and saved_enc.is_file():
         encoding = llmtime.EncodingConfig(**json.loads(saved_enc.read_text()))
     else:
@@ -159,13 +161,10 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None) -> Prepared:
     return Prepared(trajectories, time, splits, encoding, path)
 
 
-def encoding_from_adapter(adapter: str | None) -> llmtime.EncodingConfig | None:
-    """A trained run saves its encoding next to the adapter folder; evaluation must reuse it."""
-    if adapter is None:
-        return None
-    for folder in (Path(adapter), Path(adapter).parent):
-        if (folder / "encoding.json").is_file():
-            return llmtime.EncodingConfig(**json.loads((folder / "encoding.json").read_text()))
+def adapter_run_dir(adapter: str | None) -> Path | None:
+    """The training run folder an adapter was saved in (it holds splits.json and encoding.json)."""
+    if adapter and (Path(adapter).parent / "splits.json").is_file():
+        return Path(adapter).parent
     return None
 
 

@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = common.start_run(args, "evaluate")
     common.seed_everything(args.seed)
     device = common.pick_device(args.device)
-    run_dir = Path(args.adapter).parent if args.adapter else out
-    prep = common.prepare_data(args, run_dir)  # reuses the trained run's splits.json / encoding.json
+    # the trained run's splits.json / encoding.json, so the model sees the numbers it was trained on
+    prep = common.prepare_data(args, out, reuse=common.adapter_run_dir(args.adapter))
     texts = prep.texts(args.split, args.max_systems)
 
     import qwen_min

@@ -30,7 +30,8 @@ def _floats(a: np.ndarray) -> list[float | None]:
 
 
 def _mean_se(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, standard error, count) over ``axis`` ignoring NaN; NaN where undefined."""
+    """(mean, standard error, count) over ``axis`` ignoring non-finite values; NaN where undefined."""
+    x = np.where(np.isfinite(x), x, np.nan)  # an inf forecast counts as invalid, like a malformed one
     n = np.isfinite(x).sum(axis=axis)
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -74,7 +74,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return dh, dw, db, None, None, None
 
 
-def chunked_cross_entropy(hidden: Tensor, lm_head: nn.Linear, labels: Tensor, *, chunk_size: int = 1024,
+def chunked_cross_entropy(hidden: Tensor, lm_head: nn.Linear, labels: Tensor, *, chunk_size: int = 256,
                           reduction: str = "mean") -> Tensor:
     """Cross-entropy of lm_head(hidden) against labels [B, T] (-100 = not scored), hidden [B, T, D].
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +50,52 @@ def test_alphabet_is_thirteen_single_tokens(tiny):
     _, tok = tiny
     ids = llm_forecast.alphabet_ids(tok)
     assert len(set(ids)) == 13 and [tok.decode([i]) for i in ids] == list("0123456789,.;")
+
+
+def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, monkeypatch):
+    import h5py
+
+    from experiments import baselines, common, forecast, train
+    from experiments.lotka_volterra import generate_dataset, save_h5
+    from flops import Ledger
+
+    monkeypatch.setattr(baselines, "ODE_STEPS", 20)  # the fit's quality is tested in test_baselines.py
+    traj, time_, params = generate_dataset(30, seed=4)
+    data = save_h5(tmp_path / "lv.h5", traj, time_, params)
+    base = ["--model", str(tiny_ckpt), "--data", str(data), "--ledger", str(tmp_path / "ledger.jsonl"),
+            "--dtype", "fp32", "--device", "cpu"]
+    train.main(base + ["--out", str(tmp_path / "run"), "--max-systems", "2", "--context-length", "128",
+                       "--batch-size", "2", "--lr", "0.3", "--max-steps", "6", "--eval-every", "0",
+                       "--val-systems", "2", "--train-lm-head-bias"])
+    out = tmp_path / "fc"
+    rep = forecast.main(base + ["--out", str(out), "--adapter", str(tmp_path / "run" / "adapter"),
+                                "--max-systems", "3", "--context-steps", "20", "--horizon", "4", "--samples", "2"])
+    models = {"untrained", "trained", "untrained_median", "trained_median", "persistence", "linear_ar", "ode_fit"}
+    assert set(rep["summary"]) == models
+    for m in models:
+        assert rep["summary"][m]["systems"] == 3 and rep["summary"][m]["horizon"] == 4
+    assert "trained_vs_untrained" in rep["paired"]
+    # the test systems of the trained run's own split
+    assert rep["systems"] == json.loads((tmp_path / "run" / "splits.json").read_text())["test"][:3]
+    with h5py.File(out / "forecasts.h5") as f:
+        assert f["truth"].shape == (3, 4, 2) and f["trained/forecast"].shape == (3, 4, 2)
+        assert f["trained/samples"].shape == (3, 2, 4, 2)
+        assert np.array_equal(f["truth"][()], traj[rep["systems"], 20:24])
+    for png in ("examples.png", "error_vs_horizon.png"):
+        assert (out / png).stat().st_size > 1000
+    # ledger: one entry per model and mode, each equal to the counter's figure for the calls that ran
+    entries = [e for e in Ledger(tmp_path / "ledger.jsonl").entries() if e.kind == "forecast"]
+    assert len(entries) == 4
+    import lora
+
+    config = qwen_min.QwenConfig.from_json(tiny_ckpt / "config.json")
+    plain, adapted = common.meta_model(config), common.meta_model(config)
+    lora.apply_lora(adapted, rank=4, train_lm_head_bias=True)   # the trained run's adapter
+    assert sorted((e.config["model"], e.config["mode"]) for e in entries) == [
+        ("trained", "greedy"), ("trained", "samples"), ("untrained", "greedy"), ("untrained", "samples")]
+    for e in entries:
+        shape = adapted if e.config["model"] == "trained" else plain
+        expected = sum(llm_forecast.generation_flops(shape, **call)[0] for call in e.config["calls"])
+        assert e.flops == pytest.approx(expected, rel=1e-12)
+        assert e.tokens > 0
+
