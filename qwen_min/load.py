@@ -14,7 +14,6 @@ import struct
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from qwen_min.config import QwenConfig
 from qwen_min.model import Qwen2
@@ -238,8 +237,3 @@ def save_pretrained(model: Qwen2, directory: str | os.PathLike) -> Path:
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding counts once)."""
-    return sum(p.numel() for p in model.parameters())
