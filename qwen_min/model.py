@@ -131,9 +131,17 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                              # [B, Hkv, S, hd]
+        if T == 1:
+            # Decoding one token: the G = H / Hkv query heads that share a KV head become G
+            # queries of that head, q [B, Hkv, G, hd]. The same arithmetic as enable_gqa, but
+            # one attention over G queries instead of G over one query each, which torch's CPU
+            # kernel runs about 8x faster (a quarter of a decode step otherwise). mask is
+            # [B, 1, 1, S] or None and broadcasts over the G queries.
+            y = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, self.n_heads * self.head_dim))
         # mask None means "plain causal over these T tokens" (no cache prefix, no padding): the
         # fused kernels then never build a T x T mask. Each query head group shares one KV head.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
