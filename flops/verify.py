@@ -29,7 +29,8 @@ Ops inside ``RotaryEmbedding`` (computing cos/sin) are free by the rules and rep
 Anything else is collected in ``unknown`` — a test keeps that empty, so no executed op goes unpriced.
 
 Known, exact difference from the analytic count: torch's math SDPA scales q and k by hd^-1/4 each
-(B*H*T*hd + B*H*S*hd multiplications, k after the GQA repeat) where the analytic counter scales the
+(B*H*T*hd + B*H*S*hd multiplications, k after the GQA repeat; B*Hkv*S*hd for k when one token is
+decoded, where the query heads are folded onto their KV head) where the analytic counter scales the
 scores (B*H*T*S).
 
 ``flop_counter_mode_total`` runs the same pass under ``torch.utils.flop_counter.FlopCounterMode``,

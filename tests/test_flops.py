@@ -37,10 +37,13 @@ def random_model(cfg: dict, seed: int = 0) -> Qwen2:
 
 
 def attention_scaling_gap(config: QwenConfig, B: int, T: int, S: int) -> int:
-    """torch's math SDPA multiplies q [B,H,T,hd] and the GQA-repeated k [B,H,S,hd] by hd^-1/4; the
-    analytic count multiplies the scores [B,H,T,S] by 1/sqrt(hd). Dispatch - analytic, per layer:"""
+    """torch's math SDPA multiplies q [B,H,T,hd] and k by hd^-1/4, where k is GQA-repeated to
+    [B,H,S,hd] for T > 1 and, when one token is decoded, stays [B,Hkv,S,hd] (the query heads are
+    folded onto the KV heads); the analytic count multiplies the scores [B,H,T,S] by 1/sqrt(hd).
+    Dispatch - analytic, per layer:"""
     H, hd = config.num_attention_heads, config.head_dim
-    return B * H * (T * hd + S * hd - T * S)
+    k_heads = config.num_key_value_heads if T == 1 else H
+    return B * (H * T * hd + k_heads * S * hd - H * T * S)
 
 
 def check_against_dispatch(model: Qwen2, B: int, T: int, include_loss: bool) -> float:
