@@ -106,3 +106,34 @@ def test_sample_next_filters():
     draws = {sample_next(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(200)}
     assert draws == {2, 3}
     assert sample_next(logits).item() == 3
+
+
+def test_prepacked_weights_are_bit_identical_and_undone(tiny_ckpt):
+    import lora
+    from qwen_min.generate import can_prepack, prepack, prepacked_layers
+    from qwen_min.model import KVCache
+
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    lora.apply_lora(model, rank=2)
+    torch.nn.init.normal_(model.layers[0].self_attn.q_proj.lora_B.weight)  # adapters that do something
+    if not can_prepack(model.lm_head.weight):
+        pytest.skip("this CPU has no oneDNN bf16 support: generate uses plain F.linear here")
+    ids, mask = _left_padded([9, 5, 9], seed=5)
+    step = torch.randint(0, 151643, (3, 1), generator=torch.Generator().manual_seed(6))
+    full_mask = torch.cat([mask, torch.ones_like(step)], 1)
+
+    def decode_step(packed: bool) -> torch.Tensor:
+        cache = KVCache(model.config, 3, 10, dtype=torch.bfloat16)
+        with torch.no_grad():
+            model.hidden(ids, attention_mask=mask, cache=cache)
+            if not packed:
+                return model.lm_head(model.hidden(step, attention_mask=full_mask, cache=cache))
+            with prepacked_layers(model, rows=3):
+                h = model.hidden(step, attention_mask=full_mask, cache=cache)
+            return prepack(model.lm_head.weight, rows=3)(h)
+
+    plain, packed = decode_step(False), decode_step(True)
+    assert torch.equal(plain, packed)
+    assert not any("forward" in vars(m) for m in model.modules())  # the swap is undone
+    q = model.layers[0].self_attn.q_proj
+    assert q.lora_A.weight.dtype == torch.float32 and q.base_layer.weight.dtype == torch.bfloat16
