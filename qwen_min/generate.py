@@ -32,14 +32,16 @@ class Generation:
 
 def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> Tensor:
-    """Choose one token per row from logits [B, V] (fp32): argmax at temperature 0, else sample.
+    """Choose one token per row from logits [B, V]: argmax at temperature 0, else sample (in fp32).
 
     top_k keeps the k largest logits; top_p keeps the smallest set of tokens whose probabilities
     sum to at least top_p (the most likely token is always kept).
     """
     if temperature == 0.0:
-        return logits.argmax(-1)
-    logits = logits / temperature
+        # The first maximal index, as argmax, and the same in any float dtype (bf16 -> fp32 is
+        # exact); max().indices is the faster kernel for bf16 on CPU (7 ms vs 18 ms at 64 x 151936).
+        return logits.max(-1).indices
+    logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -141,8 +143,11 @@ def generate(
 
     def next_logits(ids: Tensor, mask: Tensor | None, cache: KVCache, head: Callable[..., Tensor]) -> Tensor:
         h = model.hidden(ids, attention_mask=mask, cache=cache)[:, -1]      # [B', D]
-        logits = head(h).float()                                            # [B', V or |allowed|]
-        return logits if bias is None else logits + bias.float()
+        logits = head(h)                                                    # [B', V or |allowed|]
+        # Kept in the model's dtype unless a bias must be added in fp32: greedy decoding takes
+        # the argmax as is. (On CPU a fresh [64, 151936] fp32 copy per step costs more page
+        # faults than the output layer's arithmetic.)
+        return logits if bias is None else logits.float() + bias.float()
 
     cache = KVCache(model.config, B, T + max_new_tokens, dtype=model.embed_tokens.weight.dtype, device=device)
     mask = None
@@ -170,7 +175,7 @@ def generate(
             token = torch.where(done, pad, chosen)
             tokens[:, t] = token
             if logprobs is not None:
-                lp = logits.log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
+                lp = logits.float().log_softmax(-1).gather(-1, choice[:, None]).squeeze(-1)
                 logprobs[:, t] = torch.where(done, 0.0, lp)
             lengths += (~done).long()
             done |= torch.isin(token, eos)
