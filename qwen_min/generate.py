@@ -122,6 +122,8 @@ def generate(
     True for it (e.g. "50 semicolons produced"); generation ends when every row has stopped.
     ``allowed_token_ids`` restricts decoding to those tokens and then only computes their logits.
     ``num_samples`` > 1 draws that many continuations per prompt from one shared prefill.
+    With bf16 weights on a CPU, the decoding steps use oneDNN-prepacked copies of the weights
+    (``prepack``): bit-identical results, one extra copy of the weights in memory while it runs.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -166,8 +168,11 @@ def generate(
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
     # The prompt went through with the plain weights (many rows: the reorder is amortised);
-    # the decoding steps, a few rows each, use prepacked ones, output layer included.
-    head = prepack(weight, rows) if max_new_tokens > 1 else None
+    # the decoding steps, a few rows each, use prepacked ones. The output layer instead writes
+    # into one reused buffer: a fresh [rows, 151936] tensor per step costs more in page faults
+    # on CPU than prepacking saves. (Each step's logits are used up before the next step.)
+    out = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=device)
+    head = lambda h: torch.mm(h, weight.t(), out=out)  # noqa: E731
     with prepacked_layers(model, rows) if max_new_tokens > 1 else nullcontext():
         for t in range(max_new_tokens):
             choice = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
