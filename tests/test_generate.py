@@ -40,6 +40,19 @@ def test_greedy_batched_left_padded_equals_transformers(ckpt, request):
     assert torch.equal(out.tokens, ref)
 
 
+def test_greedy_bf16_equals_transformers(tiny_ckpt):
+    """bf16 exercises the CPU decode path (folded GQA attention, prepacked weights, argmax on bf16)."""
+    from transformers import Qwen2ForCausalLM
+
+    ours = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
+    theirs = Qwen2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).eval()
+    ids, mask = _left_padded([12, 30, 21, 30], seed=7)
+    out = qwen_min.generate(ours, ids, 40, attention_mask=mask)
+    ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                          eos_token_id=None, pad_token_id=151643)[:, ids.shape[1]:]
+    assert torch.equal(out.tokens, ref)
+
+
 def test_logprobs_and_tokens_equal_full_recompute(model):
     ids, mask = _left_padded([6, 9], seed=3)
     out = qwen_min.generate(model, ids, 12, attention_mask=mask, return_logprobs=True)
