@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--max-systems", type=int, default=None, help="use only the first N training systems")
     t.add_argument("--val-systems", type=int, default=None, help="use only the first N validation systems")
     t.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward for the training steps: ~1.2x faster steps on "
+                        "2-core CPUs (Qwen2.5-0.5B, 4 x 512, bf16) after ~70 s of compiling; fused kernels "
+                        "round differently, so losses match the eager run to ~1e-5, not bit for bit")
     return p.parse_args(argv)
 
 
@@ -275,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
                                                             mode="forward", scored_tokens=n).total)
 
     model.train()
+    # Compiled, the elementwise chains (norms, rotary, SwiGLU, LoRA) fuse into fewer passes; the
+    # matmuls are the same. Validation stays eager (no_grad would be a second compilation).
+    hidden = torch.compile(model.hidden) if args.compile else model.hidden
     local = args.batch_size // world
     bar = tqdm(total=args.max_steps, initial=state["step"], disable=not main_rank, desc="train", unit="step")
     t_seg = t_rate = time.time()
@@ -292,7 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids, labels = train.input_ids[rows].to(device), train.labels[rows].to(device)
         # Each rank's loss is its share of the *global* mean: its sum / every rank's scored tokens.
         n_scored = int((train.labels[batch] != -100).sum())
-        loss_sum = qwen_min.chunked_cross_entropy(model.hidden(ids), model.lm_head, labels, reduction="sum")
+        loss_sum = qwen_min.chunked_cross_entropy(hidden(ids), model.lm_head, labels, reduction="sum")
         (loss_sum / n_scored).backward()
         if world > 1:  # summed gradients = the gradient of the combined batch's mean
             for p in params:

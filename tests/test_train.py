@@ -157,3 +157,15 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, data_file):
     assert (tmp_path / "e1" / "eval_metrics.json").is_file()
     e = [x for x in Ledger(tmp_path / "ledger.jsonl").entries() if x.name == "e1"]
     assert len(e) == 1 and e[0].flops == tuned["flops"] > 0
+
+
+def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, data_file):
+    common = ["--max-systems", 2, "--context-length", 128, "--batch-size", 2, "--lr", 0.05, "--max-steps", 4,
+              "--eval-every", 4, "--val-systems", 2, "--eval-windows", 4]
+    eager, compiled = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    train.main(_argv(tiny_ckpt, data_file, eager, *common))
+    train.main(_argv(tiny_ckpt, data_file, compiled, *common, "--compile"))
+    a, b = _losses(eager), _losses(compiled)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert a[4] < a[1]  # it learns
+    assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
