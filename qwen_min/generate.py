@@ -87,7 +87,8 @@ def prepacked_layers(model: Qwen2, rows: int) -> Iterator[None]:
     swapped: list[nn.Linear] = []
     try:
         for module in model.layers.modules():
-            if type(module) is nn.Linear and can_prepack(module.weight):
+            # (a module already swapped belongs to an enclosing call, which will undo it)
+            if type(module) is nn.Linear and "forward" not in vars(module) and can_prepack(module.weight):
                 linear = prepack(module.weight, rows)
                 module.forward = lambda x, linear=linear, bias=module.bias: linear(x, bias)
                 swapped.append(module)

@@ -148,5 +148,10 @@ def test_prepacked_weights_are_bit_identical_and_undone(tiny_ckpt):
     plain, packed = decode_step(False), decode_step(True)
     assert torch.equal(plain, packed)
     assert not any("forward" in vars(m) for m in model.modules())  # the swap is undone
+    with prepacked_layers(model, rows=3):  # nested (a stop callback that generates, say)
+        with prepacked_layers(model, rows=3):
+            pass
+        assert "forward" in vars(model.layers[0].mlp.gate_proj)  # the inner exit left the outer's
+    assert not any("forward" in vars(m) for m in model.modules())
     q = model.layers[0].self_attn.q_proj
     assert q.lora_A.weight.dtype == torch.float32 and q.base_layer.weight.dtype == torch.bfloat16
