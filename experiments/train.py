@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward for the training steps: ~1.2x faster steps on "
                         "2-core CPUs (Qwen2.5-0.5B, 4 x 512, bf16) after ~70 s of compiling; fused kernels "
-                        "round differently, so losses match the eager run to ~1e-5, not bit for bit")
+                        "round differently, so losses are close to the eager run's, not bit for bit equal")
     return p.parse_args(argv)
 
 
