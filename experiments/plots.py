@@ -60,6 +60,12 @@ def plot_examples(path: str | os.PathLike, time: np.ndarray, series: np.ndarray,
     plt.close(fig)
 
 
+def spans_decades(values: list[float | None], factor: float = 100.0) -> bool:
+    """True if the positive, finite values differ by more than ``factor`` (then plot them on a log axis)."""
+    v = [x for x in values if x is not None and np.isfinite(x) and x > 0]
+    return bool(v) and max(v) > factor * min(v)
+
+
 def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, Any]], metric: str = "mae") -> None:
     """``metric`` (default MAE) against horizon step for every model in ``summary`` (name ->
     ``metrics.horizon_metrics`` result), prey and predator in two panels, +-1 standard error shaded."""
@@ -67,6 +73,8 @@ def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, 
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
     for v, name in enumerate(VARIABLES):
         ax = axes[0, v]
+        if spans_decades([x for r in summary.values() for x in r["per_horizon"][name][metric]]):
+            ax.set_yscale("log", nonpositive="clip")  # else an untrained model's errors flatten the rest
         for label, result in summary.items():
             block = result["per_horizon"][name]
             mean = np.array([np.nan if x is None else x for x in block[metric]], dtype=float)

@@ -112,3 +112,11 @@ def test_plots_write_nonempty_pngs(tmp_path):
     for name in ("ex.png", "err.png"):
         data = (tmp_path / name).read_bytes()
         assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_plot_axis_goes_logarithmic_when_errors_span_decades(tmp_path):
+    from experiments import plots
+
+    assert plots.spans_decades([0.005, 0.01, None, 3.0])  # an ODE fit beside an untrained model
+    assert not plots.spans_decades([0.2, 0.5, 1.9, None, float("nan"), 0.0])
+    assert not plots.spans_decades([None])
