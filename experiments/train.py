@@ -353,7 +353,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     val_loss, val_tokens = common.windows_loss(model, val.input_ids, val.labels, args.batch_size, device)
     final_eval = world * eval_cost(len(val.input_ids), val_tokens)
-    summary = {"name": args.name, "rank": args.rank, "lr": args.lr, "context_length": args.context_length,
+    summary = {"name": args.name, "data": prep.data_path, "rank": args.rank, "lr": args.lr,
+               "context_length": args.context_length,
                "steps": state["step"], "best_step": state["best_step"], "best_val_subset_loss": state["best_val"],
                "val_loss": val_loss, "val_tokens": val_tokens, "stopped_early": stopped_early,
                "trainable_parameters": lora.trainable_parameters(model), "step_flops_planned": step_flops,

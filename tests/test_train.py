@@ -54,6 +54,7 @@ def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, data_f
               "checkpoint/state.json", "checkpoint/state.safetensors"):
         assert (out / f).is_file(), f
     assert (out / "metrics.csv").read_text().count("\n") == 30 + 1 + 1  # header, 30 steps, final val
+    assert summary["data"] == str(data_file)  # which data file the run read, also when it was the default
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     entries = Ledger(out.parent / "ledger.jsonl").entries()
