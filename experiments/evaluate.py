@@ -22,8 +22,8 @@ import json
 
 import flops
 import lora
-from experiments import common
-from experiments import data as data_lib
+from experiments.lib import common
+from experiments.lib import data as data_lib
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

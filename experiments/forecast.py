@@ -32,7 +32,8 @@ from tqdm import tqdm
 
 import flops
 import lora
-from experiments import baselines, common, llm_forecast, llmtime, metrics, plots
+from experiments.lib import baselines, common, llmtime, metrics, plots
+from experiments.lib import forecasting as llm_forecast
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

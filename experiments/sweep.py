@@ -24,7 +24,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flops
-from experiments import common, train
+from experiments import train
+from experiments.lib import common
 
 LRS = (1e-5, 5e-5, 1e-4)
 RANKS = (2, 4, 8)

@@ -40,8 +40,8 @@ from tqdm import tqdm
 import flops
 import lora
 import qwen_min
-from experiments import common
-from experiments import data as data_lib
+from experiments.lib import common
+from experiments.lib import data as data_lib
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments import baselines
-from experiments.lotka_volterra import sample_parameters
+from experiments.lib import baselines
+from experiments.lib.lotka_volterra import sample_parameters
 
 
 def test_registry_shapes():

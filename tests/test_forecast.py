@@ -11,8 +11,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 import qwen_min
-from experiments import llm_forecast, llmtime
-from experiments.lotka_volterra import generate_dataset
+from experiments.lib import forecasting as llm_forecast
+from experiments.lib import llmtime
+from experiments.lib.lotka_volterra import generate_dataset
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +56,9 @@ def test_alphabet_is_thirteen_single_tokens(tiny):
 def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, monkeypatch):
     import h5py
 
-    from experiments import baselines, common, forecast, train
-    from experiments.lotka_volterra import generate_dataset, save_h5
+    from experiments import forecast, train
+    from experiments.lib import baselines, common
+    from experiments.lib.lotka_volterra import generate_dataset, save_h5
     from flops import Ledger
 
     monkeypatch.setattr(baselines, "ODE_STEPS", 20)  # the fit's quality is tested in test_baselines.py

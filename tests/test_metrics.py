@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments import metrics
+from experiments.lib import metrics
 
 
 def test_horizon_metrics_equal_hand_computed_values():
@@ -97,7 +97,7 @@ def test_median_and_band_ignore_nan():
 
 def test_plots_write_nonempty_pngs(tmp_path):
     pytest.importorskip("matplotlib")
-    from experiments import plots
+    from experiments.lib import plots
 
     rng = np.random.default_rng(0)
     time = np.linspace(0, 10, 12)
@@ -115,7 +115,7 @@ def test_plots_write_nonempty_pngs(tmp_path):
 
 
 def test_error_plot_axis_goes_logarithmic_when_errors_span_decades(tmp_path):
-    from experiments import plots
+    from experiments.lib import plots
 
     assert plots.spans_decades([0.005, 0.01, None, 3.0])  # an ODE fit beside an untrained model
     assert not plots.spans_decades([0.2, 0.5, 1.9, None, float("nan"), 0.0])

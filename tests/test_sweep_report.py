@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments import report, sweep
-from experiments.lotka_volterra import generate_dataset, save_h5
+from experiments.lib.lotka_volterra import generate_dataset, save_h5
 from flops import Ledger
 
 

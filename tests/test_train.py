@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from experiments import evaluate, train
-from experiments.lotka_volterra import generate_dataset, save_h5
+from experiments.lib.lotka_volterra import generate_dataset, save_h5
 from flops import Ledger
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 import qwen_min
-from experiments import data as data_lib
-from experiments import llmtime, lotka_volterra
+from experiments.lib import data as data_lib
+from experiments.lib import llmtime, lotka_volterra
 from qwen_min import Qwen2, QwenConfig, Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments import llmtime
+from experiments.lib import llmtime
 
 
 def split_systems(n: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), *,

@@ -15,7 +15,7 @@ import torch
 
 import flops
 import qwen_min
-from experiments import llmtime
+from experiments.lib import llmtime
 from qwen_min import Qwen2, Tokenizer
 
 ALPHABET = list("0123456789,.;")

@@ -40,7 +40,7 @@ PARAM_RANGES = {"r": (0.10, 0.35), "K": (3.0, 15.0), "a": (0.2, 0.5), "h": (0.15
                 "m": (0.1, 0.3)}
 INITIAL_RANGE = (0.8, 1.2)
 DEFAULT_TIME = np.linspace(0.0, 200.0, 100)
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "lotka_volterra_generated.h5"
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / "lotka_volterra_generated.h5"
 
 
 class DataError(ValueError):
