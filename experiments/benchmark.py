@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import flops
     import qwen_min
-    from experiments.lib.common import pick_device
+    from experiments.lib.runs import pick_device
 
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
