@@ -17,8 +17,7 @@ against scipy's DOP853 (rtol 1e-13, atol 1e-15) the largest pointwise relative e
 RK4 with 2000 substeps (10x finer) the figures are the same, 2.8e-8 and 3.2e-9, so they are the
 error of the default and not of the references. The worst case is a predator decaying towards
 1e-10, where a tiny absolute error is a large relative one. tests/test_lotka_volterra.py checks
-1e-6 against DOP853 (rtol 1e-12). Generating the 1000 default systems takes about 1.6 s on one
-CPU core.
+1e-6 against DOP853 (rtol 1e-12).
 
 Time-step choice is fixed rather than adaptive so the same code runs on numpy arrays and on torch
 tensors (with autograd), which the ODE-fitting forecast baseline needs, and so the output is bit
