@@ -62,7 +62,8 @@ def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1) -> 
 
 class ScoredCosts:
     """FLOPs of one training step, or one evaluation, at the number of tokens actually scored (the
-    output layer runs only for those; a plan assumes every position is). Counted once per count."""
+    output layer runs only for those; a plan assumes every position is). Each distinct number of
+    scored tokens is put to the counter once and remembered: the loop asks at every step."""
 
     def __init__(self, shape: Qwen2, batch_size: int, context_length: int) -> None:
         self.shape, self.batch_size, self.context_length = shape, batch_size, context_length
