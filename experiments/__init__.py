@@ -1,5 +1,4 @@
-"""The study around the model code: the predator-prey data (lotka_volterra), the LLMTIME text
-encoding (llmtime), leak-free splits, token windows and forecast prompts (data), and the scripts
-that train, evaluate and forecast with them. A package so that scripts and tests import the same
-code: ``from experiments import data, llmtime, lotka_volterra``.
+"""The study around the model code: the scripts on top (train, evaluate, forecast, sweep, report,
+benchmark, make_tiny_checkpoint; each run as ``python experiments/<script>.py``), and underneath
+them the library they share, ``experiments.lib``.
 """

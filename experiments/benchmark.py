@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import flops
     import qwen_min
-    from experiments.common import pick_device
+    from experiments.lib.runs import pick_device
 
     device = pick_device(args.device)
     dtype = DTYPES[args.dtype]
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
         record("train_peak_memory", o["peak_bytes"], t["peak_bytes"], "bytes")
 
     if "forecast" in args.only or "generate" in args.only:
-        from experiments.llm_forecast import ALPHABET
+        from experiments.lib.forecasting import ALPHABET
 
         ours = load_ours(ckpt, dtype, device)
         theirs = load_theirs(ckpt, dtype, device)

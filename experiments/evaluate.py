@@ -11,6 +11,7 @@ forward passes go to the ledger. Writes --out/eval_metrics.json.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -18,55 +19,51 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import json
-
 import flops
 import lora
-from experiments import common
-from experiments import data as data_lib
+import qwen_min
+from experiments.lib import data, files, planning, runs, training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, out_default="runs/eval")
-    common.add_adapter_args(p)
+    runs.add_common_args(p, out_default="runs/eval")
+    runs.add_adapter_args(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    out = common.start_run(args, "evaluate")
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    out = runs.start_run(args, "evaluate")
+    runs.seed_everything(args.seed)
+    device = runs.pick_device(args.device)
     # the trained run's splits.json / encoding.json, so the model sees the numbers it was trained on
-    prep = common.prepare_data(args, out, reuse=common.adapter_run_dir(args.adapter))
-    texts = prep.texts(args.split, args.max_systems)
-
-    import qwen_min
-
+    run_data = runs.prepare_data(args, out, reuse=runs.adapter_run_dir(args.adapter))
+    texts = run_data.texts(args.split, args.max_systems)
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    windows = data_lib.training_windows(texts, tokenizer, context_length=args.context_length,
-                                        stride=args.context_length - 1)
+    windows = data.training_windows(texts, tokenizer, context_length=args.context_length,
+                                    stride=args.context_length - 1)
 
-    shape = common.meta_model(common.model_config(args))
+    # ---- plan, checked against the ledger before any model work
+    shape = planning.meta_model(planning.model_config(args.model, args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
     planned = flops.count(shape, batch=len(windows.input_ids), seq_len=args.context_length, mode="forward").total
     ledger = flops.Ledger(args.ledger, budget=args.budget)
     ledger.check(planned, name=args.name)
 
-    model, _ = common.load_model(args, device)
+    model, _ = runs.load_model(args, device)
     if args.adapter:
         lora.load_adapter(model, args.adapter)
     model.eval()
     t0 = time.time()
-    loss, tokens = common.windows_loss(model, windows.input_ids, windows.labels, args.batch_size, device)
+    loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, args.batch_size, device)
     ledger.append(name=args.name, kind="eval", flops=planned, tokens=len(windows.input_ids) * args.context_length,
                   steps=0, seconds=time.time() - t0,
                   config={"split": args.split, "adapter": args.adapter, "windows": len(windows.input_ids)})
     result = {"split": args.split, "adapter": args.adapter, "model": args.model, "loss": loss,
               "scored_tokens": tokens, "windows": len(windows.input_ids), "systems": len(texts), "flops": planned}
-    common.write_json(out / "eval_metrics.json", result)
+    files.write_json(out / "eval_metrics.json", result)
     print(json.dumps(result, indent=1))
     return result
 

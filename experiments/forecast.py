@@ -32,13 +32,14 @@ from tqdm import tqdm
 
 import flops
 import lora
-from experiments import baselines, common, llm_forecast, llmtime, metrics, plots
+import qwen_min
+from experiments.lib import baselines, data, files, forecasting, metrics, planning, plots, runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common.add_common_args(p, out_default="runs/forecast")
-    common.add_adapter_args(p)
+    runs.add_common_args(p, out_default="runs/forecast")
+    runs.add_adapter_args(p)
     f = p.add_argument_group("forecasting")
     f.add_argument("--context-steps", type=int, default=50, help="time steps in the prompt (C)")
     f.add_argument("--horizon", type=int, default=50, help="time steps to forecast (H)")
@@ -55,49 +56,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    out = common.start_run(args, "forecast")
-    common.seed_everything(args.seed)
-    device = common.pick_device(args.device)
+    out = runs.start_run(args, "forecast")
+    runs.seed_everything(args.seed)
+    device = runs.pick_device(args.device)
     # the trained run's splits.json / encoding.json, so the model sees the numbers it was trained on
-    prep = common.prepare_data(args, out, reuse=common.adapter_run_dir(args.adapter))
-    enc = prep.encoding
+    run_data = runs.prepare_data(args, out, reuse=runs.adapter_run_dir(args.adapter))
+    enc = run_data.encoding
     C, H = args.context_steps, args.horizon
-    if C + H > prep.trajectories.shape[1]:
-        raise SystemExit(f"--context-steps {C} + --horizon {H} exceed the {prep.trajectories.shape[1]} time steps")
-    systems = prep.systems(args.split, args.max_systems)
-    series = prep.trajectories[systems]
-    truth = series[:, C:C + H]
-    prompts = [llmtime.encode(s[:C], alpha=enc.alpha, decimals=enc.decimals) + ";" for s in series]
+    systems = run_data.systems(args.split, args.max_systems)
+    try:
+        examples = data.forecast_examples(run_data.trajectories, systems, enc, context_steps=C, horizon=H)
+    except ValueError as e:
+        raise SystemExit(f"--context-steps/--horizon: {e}") from None
+    prompts = [e.prompt for e in examples]
+    truth = np.stack([e.target for e in examples])      # (N, H, 2)
+    series = run_data.trajectories[systems]             # (N, T, 2): the prompts' numbers, and the plots'
 
     models = [] if (args.adapter and args.no_untrained) else [("untrained", None)]
     if args.adapter:
         models.append(("trained", args.adapter))
 
     # ---- plan: an upper bound, every row running to the token limit, checked before any model work
-    import qwen_min
-
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    ledger = flops.Ledger(args.ledger, budget=args.budget)
-    shape = common.meta_model(common.model_config(args))
+    shape = planning.meta_model(planning.model_config(args.model, args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
-    vocab = None if args.unconstrained else len(llm_forecast.ALPHABET)
-    prompt_tokens = max(len(tokenizer.encode(p)) for p in prompts)
-    step_chars = max(len(s) for p in prompts for s in p.rstrip(";").split(";")) + 2
-    planned = 0.0
-    for b in range(0, len(prompts), args.forecast_batch):
-        n = len(prompts[b:b + args.forecast_batch])
-        for S, sampled in [(1, False)] + ([(args.samples, True)] if args.samples else []):
-            planned += llm_forecast.generation_flops(shape, batch=n, prompt_len=prompt_tokens,
-                                                     steps=H * (step_chars + 1), num_samples=S, vocab=vocab,
-                                                     sampled=sampled, padded=True)[0]
-    planned *= len(models)
+    planned = len(models) * planning.forecast_flops(
+        shape, n_prompts=len(prompts), prompt_len=max(len(tokenizer.encode(p)) for p in prompts),
+        new_tokens=forecasting.max_new_tokens(prompts, H), batch_size=args.forecast_batch, samples=args.samples,
+        vocab=None if args.unconstrained else len(forecasting.ALPHABET))
+    ledger = flops.Ledger(args.ledger, budget=args.budget)
     ledger.check(planned, name=args.name)
     print(f"plan: at most {planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
 
     # ---- the language models
     results: dict[str, dict] = {}
-    model, _ = common.load_model(args, device)
+    model, _ = runs.load_model(args, device)
     for label, adapter in models:
         if adapter:
             lora.load_adapter(model, adapter)
@@ -106,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
         for mode, S in [("greedy", 1)] + ([("samples", args.samples)] if args.samples else []):
             t0 = time.time()
             with tqdm(total=len(prompts), desc=f"{label} {mode}", unit="system") as bar:
-                run = llm_forecast.forecast(
+                run = forecasting.forecast(
                     model, tokenizer, prompts, H, enc, batch_size=args.forecast_batch, num_samples=S,
                     temperature=0.0 if mode == "greedy" else args.temperature, top_p=args.top_p,
                     constrained=not args.unconstrained, seed=args.seed, device=device, progress=bar)
@@ -124,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "samples" in v:
             forecasts[f"{k}_median"], bands[f"{k}_median"] = metrics.median_and_band(v["samples"].values)
     if not args.no_baselines:
-        t_prompt, t_future = prep.time[:C], prep.time[C:C + H]
+        t_prompt, t_future = run_data.time[:C], run_data.time[C:C + H]
         for name, fn in baselines.BASELINES.items():
             forecasts[name] = fn(series[:, :C], t_prompt, t_future)
 
@@ -141,24 +135,31 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"systems": systems.tolist(), "split": args.split, "context_steps": C, "horizon": H,
               "encoding": {"alpha": enc.alpha, "decimals": enc.decimals, "percentile": enc.percentile},
               "summary": summary, "paired": paired}
-    common.write_json(out / "forecast_metrics.json", report)
-    with h5py.File(out / "forecasts.h5", "w") as f:
-        f["system_ids"], f["truth"], f["prompt"], f["time"] = systems, truth, series[:, :C], prep.time
-        for name, pred in forecasts.items():
-            g = f.create_group(name)
-            g["forecast"] = pred
-            if name in results and "samples" in results[name]:
-                g["samples"] = results[name]["samples"].values
-            if name in results:
-                g.attrs["texts_json"] = json.dumps(results[name]["greedy"].texts)
+    files.write_json(out / "forecast_metrics.json", report)
+    save_forecasts(out / "forecasts.h5", systems, truth, series[:, :C], run_data.time, forecasts, results)
     try:
-        plots.plot_examples(out / "examples.png", prep.time, series, C, forecasts, bands)
+        plots.plot_examples(out / "examples.png", run_data.time, series, C, forecasts, bands)
         plots.plot_error_vs_horizon(out / "error_vs_horizon.png", summary)
     except ImportError as e:
         print(f"no plots: {e}")
     print(json.dumps({k: {m: v.get(m) for m in ("mae_mean", "mse_mean", "malformed_steps") if m in v}
                       for k, v in summary.items()}, indent=1, default=str))
     return report
+
+
+def save_forecasts(path: Path, systems: np.ndarray, truth: np.ndarray, prompt: np.ndarray, time: np.ndarray,
+                   forecasts: dict[str, np.ndarray], lm_runs: dict[str, dict[str, forecasting.ForecastRun]]) -> None:
+    """forecasts.h5: the systems, their truth and prompt, and per model its forecast (the language
+    models also their samples and generated text), in original units."""
+    with h5py.File(path, "w") as f:
+        f["system_ids"], f["truth"], f["prompt"], f["time"] = systems, truth, prompt, time
+        for name, pred in forecasts.items():
+            g = f.create_group(name)
+            g["forecast"] = pred
+            if name in lm_runs and "samples" in lm_runs[name]:
+                g["samples"] = lm_runs[name]["samples"].values
+            if name in lm_runs:
+                g.attrs["texts_json"] = json.dumps(lm_runs[name]["greedy"].texts)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flops
-from experiments.common import DEFAULT_LEDGER
+from experiments.lib.runs import DEFAULT_LEDGER
 
 
 def md_table(rows: list[dict], fields: list[str]) -> str:

@@ -24,7 +24,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flops
-from experiments import common, train
+from experiments import train
+from experiments.lib import files, planning, runs, training
 
 LRS = (1e-5, 5e-5, 1e-4)
 RANKS = (2, 4, 8)
@@ -57,10 +58,10 @@ def run_argv(base: list[str], out: Path, name: str, lr: float, rank: int, contex
 
 def planned_flops(argv: list[str]) -> tuple[float, float]:
     """(cost that scales with the steps, fixed cost of the final evaluation) of one train.py run."""
-    args = train.parse_args(argv)
-    _, _, _, val = train.prepare(args, None)
-    cost, _ = train.plan(args, len(val.input_ids))
-    return cost["total"] - cost["full_eval"], cost["full_eval"]
+    args = runs.train_parser().parse_args(argv)
+    _, _, val = training.prepare_windows(args, None)
+    plan, _ = planning.train_plan(args, len(val.input_ids))
+    return plan.total - plan.full_eval, plan.full_eval
 
 
 def settings(args: argparse.Namespace) -> tuple[list, list, list]:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args, base = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    targs = train.parse_args(base)
+    targs = runs.train_parser().parse_args(base)
     ledger = flops.Ledger(targs.ledger, budget=targs.budget)
 
     def stage_runs(stage: str, settings: list[tuple[float, int, int, int]]) -> list[tuple[str, list[str]]]:
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-    common.write_json(out / "sweep_summary.json", rows)
+    files.write_json(out / "sweep_summary.json", rows)
     md = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
     md += ["| " + " | ".join(f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in fields) + " |"
            for r in rows]

@@ -87,3 +87,23 @@ def hf_tiny(tiny_ckpt):
     from transformers import Qwen2ForCausalLM
 
     return Qwen2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiment scripts: a small generated data file and the arguments every script run shares
+
+
+@pytest.fixture(scope="session")
+def lv_data_file(tmp_path_factory) -> Path:
+    """40 generated predator-prey systems (seed 5) in the study's HDF5 format."""
+    from experiments.lib.lotka_volterra import generate_dataset, save_h5
+
+    traj, time_, params = generate_dataset(40, seed=5)
+    return save_h5(tmp_path_factory.mktemp("lv_data") / "lv.h5", traj, time_, params)
+
+
+def script_argv(ckpt: Path, data: Path, out: Path, *extra) -> list[str]:
+    """A train/evaluate/forecast command line on a tiny checkpoint, fp32 on the CPU, with the FLOP
+    ledger beside the run folder (so runs under one parent share it)."""
+    return ["--model", str(ckpt), "--data", str(data), "--out", str(out), "--ledger", str(out.parent / "ledger.jsonl"),
+            "--dtype", "fp32", "--device", "cpu", *map(str, extra)]

@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from experiments.llmtime import EncodingConfig, decode, encode, fit_alpha
-from experiments.lotka_volterra import generate_dataset
+from experiments.lib.llmtime import EncodingConfig, decode, encode, fit_alpha
+from experiments.lib.lotka_volterra import generate_dataset
 
 
 def test_format():

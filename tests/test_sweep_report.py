@@ -9,31 +9,24 @@ from pathlib import Path
 import pytest
 
 from experiments import report, sweep
-from experiments.lotka_volterra import generate_dataset, save_h5
 from flops import Ledger
 
 
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    traj, time_, params = generate_dataset(30, seed=9)
-    return save_h5(tmp_path_factory.mktemp("data") / "lv.h5", traj, time_, params)
-
-
-def _argv(tiny_ckpt, data_file, root: Path, *extra) -> list[str]:
+def _argv(tiny_ckpt, lv_data_file, root: Path, *extra) -> list[str]:
     return ["--out", str(root / "sweep"), "--grid-steps", "2", "--final-steps", "3", "--lrs", "1e-3", "1e-2",
-            "--ranks", "2", "--contexts", "64", "128", "--model", str(tiny_ckpt), "--data", str(data_file),
+            "--ranks", "2", "--contexts", "64", "128", "--model", str(tiny_ckpt), "--data", str(lv_data_file),
             "--ledger", str(root / "ledger.jsonl"), "--val-systems", "2", "--max-systems", "3",
             "--eval-every", "0", "--batch-size", "2", "--dtype", "fp32", "--device", "cpu", *map(str, extra)]
 
 
-def test_sweep_refuses_what_the_budget_cannot_pay(tmp_path, tiny_ckpt, data_file):
+def test_sweep_refuses_what_the_budget_cannot_pay(tmp_path, tiny_ckpt, lv_data_file):
     with pytest.raises(SystemExit, match=r"the sweep needs .* FLOPs but only 1\.000e\+10 are left"):
-        sweep.main(_argv(tiny_ckpt, data_file, tmp_path, "--budget", 1e10, "--no-trim"))
+        sweep.main(_argv(tiny_ckpt, lv_data_file, tmp_path, "--budget", 1e10, "--no-trim"))
     assert Ledger(tmp_path / "ledger.jsonl").entries() == []
 
 
-def test_sweep_runs_resumes_and_reports(tmp_path, tiny_ckpt, data_file):
-    results = sweep.main(_argv(tiny_ckpt, data_file, tmp_path))
+def test_sweep_runs_resumes_and_reports(tmp_path, tiny_ckpt, lv_data_file):
+    results = sweep.main(_argv(tiny_ckpt, lv_data_file, tmp_path))
     names = [r["name"].split("/")[1] for r in results]
     best_grid = min(results[:2], key=lambda r: r["val_loss"])
     best_ctx = min(results[2:4], key=lambda r: r["val_loss"])["context_length"]
@@ -49,7 +42,7 @@ def test_sweep_runs_resumes_and_reports(tmp_path, tiny_ckpt, data_file):
     assert spent == pytest.approx(sum(r["flops"] for r in results), rel=1e-9)
 
     # run again: everything is done, nothing is spent twice
-    again = sweep.main(_argv(tiny_ckpt, data_file, tmp_path))
+    again = sweep.main(_argv(tiny_ckpt, lv_data_file, tmp_path))
     assert [r["name"] for r in again] == [r["name"] for r in results]
     assert Ledger(tmp_path / "ledger.jsonl").spent() == spent
 
@@ -62,11 +55,11 @@ def test_sweep_runs_resumes_and_reports(tmp_path, tiny_ckpt, data_file):
     assert json.loads((tmp_path / "sweep" / "sweep_summary.json").read_text())[0]["lr"] == 1e-3
 
 
-def test_sweep_trims_to_fit(tmp_path, tiny_ckpt, data_file):
-    full = sweep.main(_argv(tiny_ckpt, data_file, tmp_path / "plan", "--dry-run"))
+def test_sweep_trims_to_fit(tmp_path, tiny_ckpt, lv_data_file):
+    full = sweep.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "plan", "--dry-run"))
     assert full == []
     # a budget that fits about half of the plan: every run's steps are scaled down
-    needed = sweep.plan_total(_argv(tiny_ckpt, data_file, tmp_path / "plan"))
-    results = sweep.main(_argv(tiny_ckpt, data_file, tmp_path, "--budget", needed * 0.6, "--final-steps", 10))
+    needed = sweep.plan_total(_argv(tiny_ckpt, lv_data_file, tmp_path / "plan"))
+    results = sweep.main(_argv(tiny_ckpt, lv_data_file, tmp_path, "--budget", needed * 0.6, "--final-steps", 10))
     assert results[-1]["steps"] < 10
     assert Ledger(tmp_path / "ledger.jsonl", budget=needed * 0.6).remaining() >= 0

@@ -1,5 +1,5 @@
 """The training script end to end on a tiny checkpoint: it learns, resumes exactly, runs data
-parallel, and refuses what the budget cannot pay for. Also evaluate.py."""
+parallel, compiles, and refuses what the budget cannot pay for."""
 
 from __future__ import annotations
 
@@ -16,22 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments import evaluate, train
-from experiments.lotka_volterra import generate_dataset, save_h5
+from experiments import train
 from flops import Ledger
+from tests.conftest import script_argv
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory) -> Path:
-    traj, time_, params = generate_dataset(40, seed=5)
-    return save_h5(tmp_path_factory.mktemp("data") / "lv.h5", traj, time_, params)
-
-
-def _argv(ckpt, data, out, *extra) -> list[str]:
-    return ["--model", str(ckpt), "--data", str(data), "--out", str(out), "--ledger", str(out.parent / "ledger.jsonl"),
-            "--dtype", "fp32", "--device", "cpu", *map(str, extra)]
+TRAIN_PY = str(ROOT / "experiments" / "train.py")
 
 
 def _losses(run: Path, kind: str = "train") -> dict[int, float]:
@@ -39,13 +29,13 @@ def _losses(run: Path, kind: str = "train") -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["kind"] == kind}
 
 
-def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, data_file):
+def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, lv_data_file):
     out = tmp_path / "run"
     # One system of ~1000 tokens cut into exactly two 512-token windows = the batch, every step.
-    summary = train.main(_argv(tiny_ckpt, data_file, out, "--max-systems", 1, "--context-length", 512,
-                               "--stride", 512, "--batch-size", 2, "--lr", 0.3, "--max-steps", 30,
-                               "--train-lm-head-bias", "--eval-every", 0, "--checkpoint-every", 10,
-                               "--val-systems", 2))
+    summary = train.main(script_argv(tiny_ckpt, lv_data_file, out, "--max-systems", 1, "--context-length", 512,
+                                     "--stride", 512, "--batch-size", 2, "--lr", 0.3, "--max-steps", 30,
+                                     "--train-lm-head-bias", "--eval-every", 0, "--checkpoint-every", 10,
+                                     "--val-systems", 2))
     losses = _losses(out)
     assert len(losses) == 30
     assert losses[30] < 0.5 * losses[1], losses
@@ -54,7 +44,7 @@ def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, data_f
               "checkpoint/state.json", "checkpoint/state.safetensors"):
         assert (out / f).is_file(), f
     assert (out / "metrics.csv").read_text().count("\n") == 30 + 1 + 1  # header, 30 steps, final val
-    assert summary["data"] == str(data_file)  # which data file the run read, also when it was the default
+    assert summary["data"] == str(lv_data_file)  # which data file the run read, also when it was the default
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
     entries = Ledger(out.parent / "ledger.jsonl").entries()
@@ -73,15 +63,15 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def test_resume_after_a_kill_continues_exactly(tmp_path, tiny_ckpt, data_file):
+def test_resume_after_a_kill_continues_exactly(tmp_path, tiny_ckpt, lv_data_file):
     common = ["--max-systems", 6, "--context-length", 128, "--batch-size", 2, "--lr", 0.05, "--max-steps", 24,
               "--checkpoint-every", 4, "--eval-every", 4, "--val-systems", 2, "--eval-windows", 4,
               "--train-lm-head-bias"]
     straight = tmp_path / "a" / "run"
-    train.main(_argv(tiny_ckpt, data_file, straight, *common))
+    train.main(script_argv(tiny_ckpt, lv_data_file, straight, *common))
 
     killed = tmp_path / "b" / "run"
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), *_argv(tiny_ckpt, data_file, killed, *common)]
+    cmd = [sys.executable, TRAIN_PY, *script_argv(tiny_ckpt, lv_data_file, killed, *common)]
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = killed / "checkpoint" / "state.json"
     deadline = time.time() + 240
@@ -93,7 +83,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, tiny_ckpt, data_file):
     proc.wait()
     at = json.loads(state.read_text())["step"]
     assert 8 <= at < 24, "the run was not killed mid-way"
-    train.main(_argv(tiny_ckpt, data_file, killed, *common, "--resume"))
+    train.main(script_argv(tiny_ckpt, lv_data_file, killed, *common, "--resume"))
 
     a, b = _losses(straight), _losses(killed)
     assert sorted(b) == list(range(1, 25))  # steps logged after the checkpoint were dropped, then re-run
@@ -105,16 +95,16 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, tiny_ckpt, data_file):
     assert Ledger(killed.parent / "ledger.jsonl").spent() == pytest.approx(ledger_a.spent(), rel=1e-12)
 
 
-def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, data_file):
+def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, lv_data_file):
     common = ["--max-systems", 6, "--context-length", 128, "--batch-size", 4, "--lr", 0.01, "--max-steps", 3,
               "--eval-every", 0, "--val-systems", 2, "--train-lm-head-bias", "--rank", 4]
     one = tmp_path / "one" / "run"
     two = tmp_path / "two" / "run"
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "train.py"), *_argv(tiny_ckpt, data_file, one, *common)],
+    subprocess.run([sys.executable, TRAIN_PY, *script_argv(tiny_ckpt, lv_data_file, one, *common)],
                    env=_env(), check=True, capture_output=True)
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                         "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-                        str(ROOT / "experiments" / "train.py"), *_argv(tiny_ckpt, data_file, two, *common)],
+                        TRAIN_PY, *script_argv(tiny_ckpt, lv_data_file, two, *common)],
                        env=_env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     a = load_file(one / "adapter" / "adapter_model.safetensors")
@@ -128,7 +118,7 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, data_file
         Ledger(one.parent / "ledger.jsonl").spent(kind="train"), rel=1e-9)
 
 
-def test_over_budget_run_is_refused_before_any_model_work(tmp_path, tiny_ckpt, data_file):
+def test_over_budget_run_is_refused_before_any_model_work(tmp_path, tiny_ckpt, lv_data_file):
     # A checkpoint folder without weights: anything that tried to load the model would fail differently.
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -138,34 +128,18 @@ def test_over_budget_run_is_refused_before_any_model_work(tmp_path, tiny_ckpt, d
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match=r"refused before any model work: run 'run' plans .* FLOPs but only "
                                          r"1\.0000e\+09 are left"):
-        train.main(_argv(bare, data_file, out, "--budget", 1e9, "--max-steps", 5, "--max-systems", 2,
-                         "--val-systems", 2))
+        train.main(script_argv(bare, lv_data_file, out, "--budget", 1e9, "--max-steps", 5, "--max-systems", 2,
+                               "--val-systems", 2))
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
     assert Ledger(out.parent / "ledger.jsonl").entries() == []
 
 
-def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, data_file):
-    run = tmp_path / "run"
-    train.main(_argv(tiny_ckpt, data_file, run, "--max-systems", 2, "--context-length", 128, "--batch-size", 2,
-                     "--lr", 0.3, "--max-steps", 10, "--eval-every", 0, "--val-systems", 2, "--train-lm-head-bias"))
-    base = evaluate.main(_argv(tiny_ckpt, data_file, tmp_path / "e0", "--split", "val", "--max-systems", 2,
-                               "--context-length", 128, "--splits", 0.7, 0.15, 0.15))
-    tuned = evaluate.main(_argv(tiny_ckpt, data_file, tmp_path / "e1", "--split", "val", "--max-systems", 2,
-                                "--context-length", 128, "--adapter", run / "adapter"))
-    # the trained run's own final validation loss on the same two systems
-    assert tuned["loss"] == pytest.approx(json.loads((run / "summary.json").read_text())["val_loss"], rel=1e-6)
-    assert tuned["loss"] < base["loss"]
-    assert (tmp_path / "e1" / "eval_metrics.json").is_file()
-    e = [x for x in Ledger(tmp_path / "ledger.jsonl").entries() if x.name == "e1"]
-    assert len(e) == 1 and e[0].flops == tuned["flops"] > 0
-
-
-def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, data_file):
+def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
     common = ["--max-systems", 2, "--context-length", 128, "--batch-size", 2, "--lr", 0.05, "--max-steps", 4,
               "--eval-every", 4, "--val-systems", 2, "--eval-windows", 4]
     eager, compiled = tmp_path / "a" / "run", tmp_path / "b" / "run"
-    train.main(_argv(tiny_ckpt, data_file, eager, *common))
-    train.main(_argv(tiny_ckpt, data_file, compiled, *common, "--compile"))
+    train.main(script_argv(tiny_ckpt, lv_data_file, eager, *common))
+    train.main(script_argv(tiny_ckpt, lv_data_file, compiled, *common, "--compile"))
     a, b = _losses(eager), _losses(compiled)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert a[4] < a[1]  # it learns

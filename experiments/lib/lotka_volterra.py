@@ -17,8 +17,7 @@ against scipy's DOP853 (rtol 1e-13, atol 1e-15) the largest pointwise relative e
 RK4 with 2000 substeps (10x finer) the figures are the same, 2.8e-8 and 3.2e-9, so they are the
 error of the default and not of the references. The worst case is a predator decaying towards
 1e-10, where a tiny absolute error is a large relative one. tests/test_lotka_volterra.py checks
-1e-6 against DOP853 (rtol 1e-12). Generating the 1000 default systems takes about 1.6 s on one
-CPU core.
+1e-6 against DOP853 (rtol 1e-12).
 
 Time-step choice is fixed rather than adaptive so the same code runs on numpy arrays and on torch
 tensors (with autograd), which the ODE-fitting forecast baseline needs, and so the output is bit
@@ -40,7 +39,7 @@ PARAM_RANGES = {"r": (0.10, 0.35), "K": (3.0, 15.0), "a": (0.2, 0.5), "h": (0.15
                 "m": (0.1, 0.3)}
 INITIAL_RANGE = (0.8, 1.2)
 DEFAULT_TIME = np.linspace(0.0, 200.0, 100)
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "lotka_volterra_generated.h5"
+DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / "lotka_volterra_generated.h5"
 
 
 class DataError(ValueError):

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.metrics import VARIABLES
+from experiments.lib.metrics import VARIABLES
 
 
 def _pyplot():

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from experiments.lib import files
+
 # plain ASCII decimals only: no exponent, '+', spaces, nan, inf, or the Unicode digits that \d and float() accept
 NUMBER = re.compile(r"-?[0-9]+(\.([0-9]+))?")
 
@@ -45,9 +47,7 @@ class EncodingConfig:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
 
     def save(self, path: str | os.PathLike) -> Path:
-        path = Path(path)
-        path.write_text(self.to_json())
-        return path
+        return files.write_text(path, self.to_json())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> EncodingConfig:

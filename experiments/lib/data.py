@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments import llmtime
+from experiments.lib import files, llmtime
 
 
 def split_systems(n: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), *,
@@ -41,9 +41,7 @@ def split_systems(n: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.
 
 def save_splits(path: str | os.PathLike, splits: dict[str, np.ndarray]) -> Path:
     """splits.json: the system indices of each split, so a run's test systems can be found again."""
-    path = Path(path)
-    path.write_text(json.dumps({k: np.asarray(v).tolist() for k, v in splits.items()}) + "\n")
-    return path
+    return files.write_text(path, json.dumps({k: np.asarray(v).tolist() for k, v in splits.items()}, indent=2) + "\n")
 
 
 def load_splits(path: str | os.PathLike, n_systems: int | None = None) -> dict[str, np.ndarray]:

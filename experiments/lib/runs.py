@@ -1,27 +1,26 @@
-"""What every experiment script shares: the command-line vocabulary, the run folder, the data
-preparation (load, split, fit the encoding), the model, and the FLOP plan checked against the ledger.
+"""What every experiment script shares: the command-line vocabulary, the run folder, the run's data
+(load, split by system, fit the encoding on train) and the model.
 
-The scripts themselves (train.py, evaluate.py, forecast.py, ...) stay plain top-to-bottom loops.
+A run folder holds everything the run wrote: ``<script>_args.json`` (the exact command line),
+splits.json and encoding.json (so a later script sees the same systems and the same scaling), and
+the script's own results.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 import qwen_min
-from experiments import data as data_lib
-from experiments import llmtime, lotka_volterra
-from qwen_min import Qwen2, QwenConfig, Tokenizer
+from experiments.lib import data, files, llmtime, lotka_volterra
+from qwen_min import Qwen2, Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DEFAULT_LEDGER = "runs/ledger.jsonl"
@@ -65,6 +64,51 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-systems", type=int, default=None, help="use only the first N systems of the split")
 
 
+def train_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """train.py's command line (also what sweep.py passes on to every run it starts)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, out_default="runs/train")
+    t = p.add_argument_group("training")
+    t.add_argument("--rank", type=int, default=4, help="LoRA rank on q_proj and v_proj (0: no adapters)")
+    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank, scaling 1)")
+    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="linear layers to wrap")
+    t.add_argument("--train-lm-head-bias", action="store_true", help="also train a bias on the output layer")
+    t.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then constant")
+    t.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps at most")
+    t.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: context/2)")
+    t.add_argument("--eval-every", type=int, default=100, help="score the validation subset every N steps")
+    t.add_argument("--eval-windows", type=int, default=64, help="windows in the fixed validation subset")
+    t.add_argument("--patience", type=int, default=10, help="stop after N evaluations without improvement (0: never)")
+    t.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps")
+    t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint exactly")
+    t.add_argument("--max-systems", type=int, default=None, help="use only the first N training systems")
+    t.add_argument("--val-systems", type=int, default=None, help="use only the first N validation systems")
+    t.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
+    t.add_argument("--compile", action="store_true",
+                   help="torch.compile the model's forward for the training steps: the elementwise chains "
+                        "fuse into fewer kernels, paid for by a one-time compilation at the first steps; fused "
+                        "kernels round differently, so losses are close to the eager run's, not bit for bit "
+                        "equal")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder, seeds and devices
+
+
+def start_run(args: argparse.Namespace, script: str) -> Path:
+    """Create the run folder and save the exact command line and arguments in it."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / f"{script}_args.json", {"argv": sys.argv, **vars(args)})
+    if getattr(args, "name", None) is None:
+        args.name = out.name
+    return out
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -81,84 +125,51 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temp file, then rename): a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_jsonable))
-    os.replace(tmp, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-def start_run(args: argparse.Namespace, script: str) -> Path:
-    """Create the run folder and save the exact command line and arguments in it."""
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"{script}_args.json", {"argv": sys.argv, **vars(args)})
-    if getattr(args, "name", None) is None:
-        args.name = out.name
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
-# Data: load, split, fit the encoding on the training systems only
+# The run's data: load, split by system, fit the encoding on the training systems only
 
 
 @dataclass
-class Prepared:
+class RunData:
     trajectories: np.ndarray          # (N, T, 2) in original units
     time: np.ndarray                  # (T,)
     splits: dict[str, np.ndarray]     # "train"/"val"/"test" -> system indices
     encoding: llmtime.EncodingConfig  # alpha, decimals, percentile
     data_path: str
 
-    def texts(self, split: str, max_systems: int | None = None) -> list[str]:
-        idx = self.systems(split, max_systems)
-        return [llmtime.encode(self.trajectories[i], alpha=self.encoding.alpha, decimals=self.encoding.decimals)
-                for i in idx]
-
     def systems(self, split: str, max_systems: int | None = None) -> np.ndarray:
         idx = self.splits[split]
         return idx if max_systems is None else idx[:max_systems]
 
+    def texts(self, split: str, max_systems: int | None = None) -> list[str]:
+        return [llmtime.encode(self.trajectories[i], alpha=self.encoding.alpha, decimals=self.encoding.decimals)
+                for i in self.systems(split, max_systems)]
 
-def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Path | None = None) -> Prepared:
-    """Load (or generate) the data, split it by system, fit alpha on train; save all three in ``out``.
 
-    When ``reuse`` (default: ``out``) already holds splits.json and encoding.json — a resumed run,
-    or the folder of the trained run whose adapter is evaluated — they are used again, so the same
+def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Path | None = None) -> RunData:
+    """Load (or generate) the data, split it by system, fit alpha on train; save splits and encoding in ``out``.
+
+    When ``reuse`` (default: ``out``) already holds splits.json and encoding.json (a resumed run,
+    or the folder of the trained run whose adapter is evaluated) they are used again, so the same
     systems and the same scaling are used again.
     """
     path = args.data or str(lotka_volterra.default_dataset())
     trajectories, time = lotka_volterra.load_h5(path)
     reuse = reuse or out
-    saved_splits = reuse / "splits.json" if reuse else None
-    if saved_splits and saved_splits.is_file():
-        splits = {k: np.asarray(v, dtype=np.int64) for k, v in json.loads(saved_splits.read_text()).items()}
-        if max(int(v.max()) for v in splits.values() if len(v)) >= len(trajectories):
-            raise ValueError(f"{saved_splits} indexes systems beyond the {len(trajectories)} in {path}")
+    if reuse and (reuse / "splits.json").is_file():
+        splits = data.load_splits(reuse / "splits.json", n_systems=len(trajectories))
     else:
-        splits = data_lib.split_systems(len(trajectories), fractions=tuple(args.splits), seed=args.seed)
-    saved_enc = reuse / "encoding.json" if reuse else None
-    if saved_enc and saved_enc.is_file():
-        encoding = llmtime.EncodingConfig(**json.loads(saved_enc.read_text()))
+        splits = data.split_systems(len(trajectories), fractions=tuple(args.splits), seed=args.seed)
+    if reuse and (reuse / "encoding.json").is_file():
+        encoding = llmtime.EncodingConfig.load(reuse / "encoding.json")
     else:
         encoding = llmtime.EncodingConfig(
             alpha=llmtime.fit_alpha(trajectories[splits["train"]], percentile=args.percentile),
             decimals=args.decimals, percentile=args.percentile)
     if out:
-        write_json(out / "splits.json", {k: v.tolist() for k, v in splits.items()})
-        write_json(out / "encoding.json", asdict(encoding))
-    return Prepared(trajectories, time, splits, encoding, path)
+        data.save_splits(out / "splits.json", splits)
+        encoding.save(out / "encoding.json")
+    return RunData(trajectories, time, splits, encoding, path)
 
 
 def adapter_run_dir(adapter: str | None) -> Path | None:
@@ -168,39 +179,6 @@ def adapter_run_dir(adapter: str | None) -> Path | None:
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Model
-
-
-def model_config(args: argparse.Namespace) -> QwenConfig:
-    """The checkpoint's config alone (no weights): enough to plan FLOPs before loading anything."""
-    directory = qwen_min.load.resolve(args.model, revision=args.revision)
-    return QwenConfig.from_json(directory / "config.json")
-
-
-def meta_model(config: QwenConfig) -> Qwen2:
-    """The model's structure without memory, for the FLOP counter."""
-    with torch.device("meta"):
-        return Qwen2(config)
-
-
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Qwen2, Tokenizer]:
     model = qwen_min.from_pretrained(args.model, revision=args.revision, dtype=DTYPES[args.dtype], device=device)
     return model, qwen_min.load_tokenizer(args.model, revision=args.revision)
-
-
-# ---------------------------------------------------------------------------------------------
-# Cross-entropy over windows
-
-
-@torch.no_grad()
-def windows_loss(model: Qwen2, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 device: torch.device) -> tuple[float, int]:
-    """Mean next-token cross-entropy over every scored label (padding excluded), and their count."""
-    total, count = 0.0, 0
-    for i in range(0, len(input_ids), batch_size):
-        ids, y = input_ids[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
-        h = model.hidden(ids)  # right padding: causal attention already keeps real tokens off the pads
-        total += qwen_min.chunked_cross_entropy(h, model.lm_head, y, reduction="sum").item()
-        count += int((y != -100).sum())
-    return total / max(count, 1), count

@@ -8,6 +8,7 @@ a number or a separator, and lets the output layer compute 13 logits instead of 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 
 import flops
 import qwen_min
-from experiments import llmtime
+from experiments.lib import llmtime
 from qwen_min import Qwen2, Tokenizer
 
 ALPHABET = list("0123456789,.;")
@@ -48,6 +49,14 @@ def left_pad(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, T - len(x):] = torch.tensor(x)
         mask[i, T - len(x):] = 1
     return ids, mask
+
+
+def max_new_tokens(prompts: Sequence[str], horizon: int) -> int:
+    """The token limit of forecasting ``horizon`` steps after ``prompts`` (one token per character):
+    per step, the longest step seen in the prompts with two characters to spare (a number may grow
+    by a digit), and its ';'."""
+    longest_step = max(len(s) for p in prompts for s in p.rstrip(";").split(";"))
+    return horizon * (longest_step + 2 + 1)
 
 
 @dataclass
@@ -101,10 +110,9 @@ def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: in
     for start in range(0, N, batch_size):
         chunk = encoded[start:start + batch_size]
         ids, mask = left_pad(chunk, tokenizer.pad_id)
-        # A budget of tokens: the longest step seen in the prompts, with room for one more digit, per step.
-        step_chars = max(len(s) for p in prompts[start:start + batch_size] for s in p.rstrip(";").split(";")) + 2
         out = qwen_min.generate(
-            model, ids.to(device), horizon * (step_chars + 1), attention_mask=mask.to(device),
+            model, ids.to(device), max_new_tokens(prompts[start:start + batch_size], horizon),
+            attention_mask=mask.to(device),
             temperature=temperature, top_p=top_p, generator=generator if temperature > 0 else None,
             stop=lambda toks: semi[toks].sum(-1) >= horizon, allowed_token_ids=allowed,
             eos_token_id=tokenizer.eos_ids, pad_token_id=tokenizer.pad_id, num_samples=S)

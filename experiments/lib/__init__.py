@@ -1,0 +1,15 @@
+"""What the experiment scripts share; the scripts in experiments/ are the commands on top.
+
+    lotka_volterra  the predator-prey data: its HDF5 format, validated on load, and a generator
+    llmtime         LLMTIME: numbers as text and back (encode, decode, alpha, EncodingConfig)
+    data            splits by system, token windows for training, forecast prompts
+    baselines       persistence, linear autoregression and an ODE fit, forecasting from the same prompts
+    metrics         per-horizon errors with standard errors, paired comparisons, sample bands
+    plots           example forecasts and error against horizon, as PNG
+    forecasting     forecasting with the language model: prompts in, numbers back, FLOPs as they ran
+    files           files written whole (temporary name, then rename)
+    runs            the command-line vocabulary, the run folder, the run's data, the model
+    planning        FLOPs of runs, evaluations and forecasts from the model's config alone
+    training        the pieces of train.py's loop: run state, batches, lr, metrics log, ledger, data parallel
+    checkpoint      the resumable training checkpoint, saved and loaded atomically
+"""

@@ -1,0 +1,65 @@
+"""The resumable training checkpoint: safetensors for tensors, JSON for the run's state, swapped in
+atomically so a kill at any moment leaves a complete checkpoint behind.
+
+    checkpoint/state.safetensors  trainable weights, AdamW moments, the torch RNG state
+    checkpoint/best.safetensors   the best adapter so far (early stopping)
+    checkpoint/state.json         RunState: step, data position, early stopping, FLOPs, ledger position
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from experiments.lib.training import RunState
+
+
+def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState,
+         best: dict[str, torch.Tensor]) -> None:
+    """Written to ``folder``.tmp, then swapped in; the previous checkpoint is ``folder``.old until the swap is done."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    for p, s in opt.state.items():
+        for k, v in s.items():
+            tensors[f"optimizer.{names[id(p)]}.{k}"] = torch.as_tensor(v).cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(tmp / "state.safetensors"))
+    save_file({n: t.detach().cpu() for n, t in best.items()}, str(tmp / "best.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        os.replace(folder, old)   # a crash from here on leaves .old, which load() also reads
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load(folder: Path, model: torch.nn.Module,
+         opt: torch.optim.Optimizer) -> tuple[RunState, dict[str, torch.Tensor]]:
+    """Restore the trainable weights, AdamW's moments and the RNG state in place; the run's state and
+    the best adapter so far are returned."""
+    if not (folder / "state.json").is_file() and (folder.with_name(folder.name + ".old") / "state.json").is_file():
+        folder = folder.with_name(folder.name + ".old")
+    if not (folder / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+    tensors = load_file(str(folder / "state.safetensors"))
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in params.items():
+            if p.requires_grad:
+                p.copy_(tensors[n])
+    for n, p in params.items():
+        if p.requires_grad:
+            opt.state[p] = {k.rsplit(".", 1)[1]: v.to(p.device) if v.dim() else v
+                            for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")}
+    torch.set_rng_state(tensors["rng.torch"])
+    state = RunState(**json.loads((folder / "state.json").read_text()))
+    return state, load_file(str(folder / "best.safetensors"))

@@ -1,0 +1,97 @@
+"""FLOPs of training runs, evaluations and forecasts, from the model's config alone.
+
+Every script plans what it will spend and checks it against the ledger before it loads any
+weights: the counter needs only the model's structure, which the config gives (the model is built
+on the meta device, where tensors have shapes and no memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from huggingface_hub import hf_hub_download
+
+import flops
+import lora
+from experiments.lib import forecasting
+from qwen_min import Qwen2, QwenConfig
+
+
+def model_config(model: str | os.PathLike, revision: str | None = None) -> QwenConfig:
+    """config.json of a local checkpoint folder, or of a Hub repo (that one file is fetched, not the weights)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return QwenConfig.from_json(path / "config.json")
+    return QwenConfig.from_json(hf_hub_download(str(model), "config.json", revision=revision))
+
+
+def meta_model(config: QwenConfig) -> Qwen2:
+    """The model's structure without memory, for the FLOP counter."""
+    with torch.device("meta"):
+        return Qwen2(config)
+
+
+@dataclass
+class TrainPlan:
+    step: float       # one optimizer step, every position scored (an upper bound)
+    eval: float       # one evaluation of the validation subset
+    full_eval: float  # the final evaluation of the whole validation split
+    total: float      # the run as configured: every step and every evaluation, on every rank
+
+
+def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1) -> tuple[TrainPlan, Qwen2]:
+    """FLOPs of a train.py run as configured, and the LoRA-wrapped model structure they were counted on:
+    every step, every periodic evaluation of the validation subset, and the final full evaluation
+    (evaluations run on every rank)."""
+    shape = meta_model(model_config(args.model, args.revision))
+    lora.apply_lora(shape, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
+                    train_lm_head_bias=args.train_lm_head_bias)
+    L = args.context_length
+    step = flops.count(shape, batch=args.batch_size, seq_len=L, mode="train").total
+    subset = min(args.eval_windows, n_val_windows)
+    evaluation = flops.count(shape, batch=subset, seq_len=L, mode="forward").total if subset else 0.0
+    full = flops.count(shape, batch=n_val_windows, seq_len=L, mode="forward").total
+    n_evals = args.max_steps // args.eval_every if args.eval_every else 0
+    total = args.max_steps * step + world * (n_evals * evaluation + full)
+    return TrainPlan(step, evaluation, full, total), shape
+
+
+class ScoredCosts:
+    """FLOPs of one training step, or one evaluation, at the number of tokens actually scored (the
+    output layer runs only for those; a plan assumes every position is). Each distinct number of
+    scored tokens is put to the counter once and remembered: the loop asks at every step."""
+
+    def __init__(self, shape: Qwen2, batch_size: int, context_length: int) -> None:
+        self.shape, self.batch_size, self.context_length = shape, batch_size, context_length
+        self._train: dict[int, float] = {}
+        self._eval: dict[tuple[int, int], float] = {}
+
+    def train_step(self, scored: int) -> float:
+        if scored not in self._train:
+            self._train[scored] = flops.count(self.shape, batch=self.batch_size, seq_len=self.context_length,
+                                              mode="train", scored_tokens=scored).total
+        return self._train[scored]
+
+    def evaluation(self, rows: int, scored: int) -> float:
+        if (rows, scored) not in self._eval:
+            self._eval[rows, scored] = flops.count(self.shape, batch=rows, seq_len=self.context_length,
+                                                   mode="forward", scored_tokens=scored).total
+        return self._eval[rows, scored]
+
+
+def forecast_flops(shape: Qwen2, *, n_prompts: int, prompt_len: int, new_tokens: int, batch_size: int,
+                   samples: int, vocab: int | None) -> float:
+    """An upper bound of one model's forecasts: greedy, then (samples > 0) ``samples`` draws per
+    prompt, in generate calls of ``batch_size`` prompts, every one padded to ``prompt_len`` tokens and
+    every row running to the token limit ``new_tokens``."""
+    total = 0.0
+    for start in range(0, n_prompts, batch_size):
+        n = min(batch_size, n_prompts - start)
+        for S, sampled in [(1, False)] + ([(samples, True)] if samples else []):
+            total += forecasting.generation_flops(shape, batch=n, prompt_len=prompt_len, steps=new_tokens,
+                                                  num_samples=S, vocab=vocab, sampled=sampled, padded=True)[0]
+    return total

@@ -1,0 +1,74 @@
+"""Forecasting with the language model: FLOPs as counted equal the matmuls that ran, the plan bounds
+them, decoding keeps steps in place, the token limit and the alphabet."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+import qwen_min
+from experiments.lib import forecasting, llmtime, planning
+from experiments.lib.lotka_volterra import generate_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_ckpt):
+    return qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32), qwen_min.load_tokenizer(tiny_ckpt)
+
+
+def _prompts(lengths: tuple[int, ...]) -> tuple[list[str], llmtime.EncodingConfig]:
+    traj, _, _ = generate_dataset(len(lengths), seed=0)
+    enc = llmtime.EncodingConfig(alpha=llmtime.fit_alpha(traj))
+    return [llmtime.encode(x[:n], alpha=enc.alpha) + ";" for x, n in zip(traj, lengths, strict=True)], enc
+
+
+@pytest.mark.parametrize("samples, temperature", [(1, 0.0), (3, 1.0)])
+def test_generation_flops_equal_the_matmuls_that_ran(tiny, samples, temperature):
+    model, tok = tiny
+    # prompts of different lengths in one batch (left padding), and a batch of one
+    prompts, enc = _prompts((10, 7, 10))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
+        run = forecasting.forecast(model, tok, prompts, 4, enc, batch_size=2, num_samples=samples,
+                                   temperature=temperature)
+    assert run.matmul_2mnp == fc.get_total_flops()   # torch's own count of every matmul executed
+    assert run.values.shape == (3, samples, 4, 2)
+    assert [c["padded"] for c in run.calls] == [True, False]
+    assert all(len(t) == samples for t in run.texts)
+
+
+def test_the_plan_bounds_what_forecasting_spends(tiny, tiny_ckpt):
+    # forecast.py's plan for one model: greedy, then 2 samples per prompt, every row to the token limit
+    model, tok = tiny
+    prompts, enc = _prompts((12, 5, 9, 12, 3))
+    spent = sum(forecasting.forecast(model, tok, prompts, 3, enc, batch_size=2, num_samples=S, temperature=t).flops
+                for S, t in [(1, 0.0), (2, 1.0)])
+    shape = planning.meta_model(planning.model_config(tiny_ckpt))
+    longest = max(len(tok.encode(p)) for p in prompts)
+    planned = planning.forecast_flops(shape, n_prompts=len(prompts), prompt_len=longest,
+                                      new_tokens=forecasting.max_new_tokens(prompts, 3), batch_size=2, samples=2,
+                                      vocab=len(forecasting.ALPHABET))
+    assert spent <= planned
+
+
+def test_max_new_tokens_is_the_longest_prompt_step_plus_room_per_step():
+    # steps "1.00,2.00" (9 characters) and "10.00,3.00" (10): 10 + 2 to spare + the ';' = 13 per step
+    assert forecasting.max_new_tokens(["1.00,2.00;10.00,3.00;", "1.00,2.00;"], 4) == 4 * 13
+    assert forecasting.max_new_tokens(["1.00,2.00;"], 1) == 12
+
+
+def test_decode_forecast_keeps_steps_in_place():
+    enc = llmtime.EncodingConfig(alpha=2.0)
+    values, bad = forecasting.decode_forecast("1.00,2.00;x;3.00,4.00;5.00,6.00;7", 3, enc)
+    assert bad == 1
+    assert np.array_equal(values[[0, 2]], [[2.0, 4.0], [6.0, 8.0]]) and np.isnan(values[1]).all()
+    values, bad = forecasting.decode_forecast("1.00,2.00;", 3, enc)   # stopped early: missing steps are NaN
+    assert bad == 2 and np.isnan(values[1:]).all()
+
+
+def test_alphabet_is_thirteen_single_tokens(tiny):
+    _, tok = tiny
+    ids = forecasting.alphabet_ids(tok)
+    assert len(set(ids)) == 13 and [tok.decode([i]) for i in ids] == list("0123456789,.;")
