@@ -30,9 +30,9 @@ Damage. A line that is not a valid entry (e.g. torn by a writer killed mid-write
 terminates it, so that append's own line stays whole) makes every budget figure untrustworthy:
 ``reserve``, ``check``, ``spent``, ``reserved`` and ``remaining`` raise ``LedgerDamaged``, naming the file,
 the line and the repair command (``python -m flops ledger --repair`` moves damaged lines to
-``<ledger>.damaged``). Charging, attaching and closing never read the file, so damage never stops a
-running run from booking what it spent. ``entries``, ``reservations`` and the reports read what they can
-and list the problems.
+``<ledger>.damaged``). Charging and closing never read the file, so damage never stops a running run
+from booking what it spent. ``entries``, ``reservations`` and the reports read what they can and list
+the problems.
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import flops
+from flops.__main__ import ledger_main as ledger_cli
 from flops.ledger import _proc_stat, this_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,16 +33,20 @@ def legacy_line(name: str, kind: str, flops_: float, tokens: int = 0) -> str:
                        "time": 1.0, "tokens": tokens}, sort_keys=True) + "\n"
 
 
-def start(code: str, *args: str) -> subprocess.Popen:
-    """A separate Python process running ``code`` (it prints 'ready' once it has done its part)."""
-    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+def spawn(target: Callable[..., None], *args: Any) -> tuple[mp.Process, Any]:
+    """A separate process (forked) running ``target(conn, *args)``, and what it sends on ``conn`` once it
+    has done its part (it then sleeps until killed)."""
+    ctx = mp.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    p = ctx.Process(target=target, args=(theirs, *args))
+    p.start()
+    assert ours.poll(120), f"the child process ended (exit code {p.exitcode}) before doing its part"
+    return p, ours.recv()
 
 
-def wait_ready(p: subprocess.Popen) -> str:
-    line = p.stdout.readline()
-    assert line.startswith("ready"), p.stderr.read()
-    return line.split()[1] if len(line.split()) > 1 else ""
+def kill(p: mp.Process) -> None:
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,13 +101,12 @@ def test_a_writer_killed_mid_line_blocks_budget_checks_but_never_charges(tmp_pat
 
     # and a real appender killed at a random moment leaves complete lines only
     path2 = tmp_path / "ledger2.jsonl"
-    writer = start("import sys; from tests.test_ledger import _append_many; _append_many(sys.argv[1], 'w', 10**6)",
-                   str(path2))
+    writer = mp.get_context("fork").Process(target=_append_many, args=(str(path2), "w", 10**6))
+    writer.start()
     deadline = time.time() + 30
     while (not path2.exists() or path2.stat().st_size < 100_000) and time.time() < deadline:
         time.sleep(0.05)
-    writer.kill()
-    writer.wait()
+    kill(writer)
     got = flops.Ledger(path2).entries()
     assert got and all(e.flops == 1.0 for e in got)
     assert [e.name for e in got] == [f"w-{i}" for i in range(len(got))]
@@ -224,16 +230,12 @@ def test_two_processes_racing_for_the_last_of_the_budget(tmp_path, round_):
     assert ledger.reservations()[0].status == "settled"
 
 
-VICTIM = """
-import sys, time
-import flops
-ledger = flops.Ledger(sys.argv[1], budget=1000.0)
-r = ledger.reserve(600.0, name="victim", kind="train")
-r.charge(120.0, steps=1)
-r.charge(80.0, kind="eval")
-print("ready", r.id, flush=True)
-time.sleep(600)
-"""
+def _victim(conn, path: str) -> None:
+    r = flops.Ledger(path, budget=1000.0).reserve(600.0, name="victim", kind="train")
+    r.charge(120.0, steps=1)
+    r.charge(80.0, kind="eval")
+    conn.send(r.id)
+    time.sleep(600)
 
 
 @pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
@@ -241,8 +243,7 @@ def test_a_killed_runs_reservation_is_settled_to_its_charges(tmp_path, reaped):
     path = tmp_path / "l.jsonl"
     path.write_text(legacy_line("earlier", "train", 100.0))
     ledger = flops.Ledger(path, budget=1000.0)
-    p = start(VICTIM, str(path))
-    rid = wait_ready(p)
+    p, rid = spawn(_victim, str(path))
     try:
         # alive: its reservation holds 600 - 200; nobody else may settle it
         assert ledger.remaining() == 1000.0 - 100.0 - 600.0
@@ -254,7 +255,7 @@ def test_a_killed_runs_reservation_is_settled_to_its_charges(tmp_path, reaped):
     finally:
         os.kill(p.pid, signal.SIGKILL)
     if reaped:
-        p.wait()
+        p.join()
     else:  # dead but not reaped: a zombie can charge no more
         os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
         assert _proc_stat(p.pid)[0] == "Z"
@@ -268,40 +269,29 @@ def test_a_killed_runs_reservation_is_settled_to_its_charges(tmp_path, reaped):
     assert ledger.remaining() == 0.0
     nxt.close()
     assert "settled after its process died" in ledger.report_markdown()
-    p.wait()
+    p.join()
 
 
-OWNER = """
-import sys, time
-import flops
-r = flops.Ledger(sys.argv[1], budget=1000.0).reserve(500.0, name="study", kind="train")
-print("ready", r.id, flush=True)
-time.sleep(600)
-"""
+def _owner(conn, path: str) -> None:
+    conn.send(flops.Ledger(path, budget=1000.0).reserve(500.0, name="study", kind="train").id)
+    time.sleep(600)
 
-HELPER = """
-import sys, time
-import flops
-r = flops.Ledger(sys.argv[1], budget=1000.0).attach(sys.argv[2])
-r.charge(150.0, name="study/run-1")
-print("ready", flush=True)
-time.sleep(600)
-"""
+
+def _helper(conn, path: str, rid: str) -> None:
+    flops.Ledger(path, budget=1000.0).attach(rid).charge(150.0, name="study/run-1")
+    conn.send("charged")
+    time.sleep(600)
 
 
 def test_an_attached_process_keeps_the_reservation_alive(tmp_path):
     path = tmp_path / "l.jsonl"
     ledger = flops.Ledger(path, budget=1000.0)
-    owner = start(OWNER, str(path))
-    rid = wait_ready(owner)
-    helper = start(HELPER, str(path), rid)
-    wait_ready(helper)
-    os.kill(owner.pid, signal.SIGKILL)
-    owner.wait()
+    owner, rid = spawn(_owner, str(path))
+    helper, _ = spawn(_helper, str(path), rid)
+    kill(owner)
     # the study died but the run it started still spends under its reservation
     assert ledger.settle() == [] and ledger.remaining() == 1000.0 - 500.0
-    os.kill(helper.pid, signal.SIGKILL)
-    helper.wait()
+    kill(helper)
     assert [r.id for r in ledger.settle()] == [rid]
     assert ledger.remaining() == 1000.0 - 150.0 and ledger.spent(name="study/run-1") == 150.0
 
@@ -339,7 +329,7 @@ def test_reused_pids_and_other_machines(tmp_path):
 # damage in the middle of the file, and its repair
 
 
-def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path):
+def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path, capsys):
     path = tmp_path / "l.jsonl"
     good1, good3 = legacy_line("a", "train", 100.0), legacy_line("c", "train", 200.0)
     bad = '{"name": "b", "kind": "eval", "flops": 4\x00\x00\x00 garbage\n'
@@ -360,31 +350,32 @@ def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path):
     assert float(rows[3]["flops"]) == 100.0 + 200.0 + 50.0
 
     before = path.read_bytes()
-    cli = [sys.executable, "-m", "flops", "ledger", "--ledger", str(path), "--budget", "1000"]
-    shown = subprocess.run(cli, cwd=ROOT, env=ENV, capture_output=True, text=True)
+    cli = ["--ledger", str(path), "--budget", "1000"]
+    # the real command line once (its exit status), then in this process
+    shown = subprocess.run([sys.executable, "-m", "flops", "ledger", *cli], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True)
     assert shown.returncode == 1 and "| c | train |" in shown.stdout and f"{path}:2:" in shown.stdout
-    asked = subprocess.run(cli + ["--repair"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                           stdin=subprocess.DEVNULL)
-    assert asked.returncode == 1 and "not repaired" in asked.stderr and "garbage" in asked.stderr  # shown first
+    assert ledger_cli(cli + ["--repair"]) == 1  # stdin is not a terminal and no --yes: it does not ask
+    out, err = capsys.readouterr()
+    assert "not repaired" in err and "garbage" in err  # the damaged line was shown
     assert path.read_bytes() == before and not (tmp_path / "l.jsonl.damaged").exists()
-    fixed = subprocess.run(cli + ["--repair", "--yes"], cwd=ROOT, env=ENV, capture_output=True, text=True)
-    assert fixed.returncode == 0, fixed.stderr
-    assert "moved line(s) 2" in fixed.stderr
+    assert ledger_cli(cli + ["--repair", "--yes"]) == 0
+    out, err = capsys.readouterr()
+    assert "moved line(s) 2" in err and "damaged line" not in out
     assert (tmp_path / "l.jsonl.damaged").read_text() == bad
     assert path.read_bytes() == before.replace(bad.encode(), b"")  # every other line byte for byte, in order
     assert ledger.remaining() == 1000.0 - 100.0 - 200.0 - 50.0
 
 
-def test_cli_json(tmp_path):
+def test_cli_json(tmp_path, capsys):
     path = tmp_path / "l.jsonl"
     ledger = flops.Ledger(path, budget=1000.0)
     ledger.append(name="a", kind="train", flops=100.0)
     ledger.append(name="a", kind="train", flops=50.0, steps=3)
     r = ledger.reserve(300.0, name="b", kind="forecast")
     r.charge(20.0)
-    out = subprocess.run([sys.executable, "-m", "flops", "ledger", "--ledger", str(path), "--budget", "1000",
-                          "--settle", "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True, check=True)
-    d = json.loads(out.stdout)
+    assert ledger_cli(["--ledger", str(path), "--budget", "1000", "--settle", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
     assert (d["spent"], d["reserved"], d["remaining"]) == (170.0, 280.0, 1000.0 - 170.0 - 280.0)
     assert d["spent_by_kind"] == {"train": 150.0, "forecast": 20.0}
     assert [(c["name"], c["kind"], c["flops"], c["steps"]) for c in d["charges"]] == [
