@@ -59,6 +59,12 @@ def _append_many(path: str, tag: str, n: int) -> None:
         ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0, tokens=i, config={"pad": "x" * 3000})
 
 
+def _append_few(path: str, tag: str, n: int) -> None:
+    ledger = flops.Ledger(path)
+    for i in range(n):
+        ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0)
+
+
 def test_concurrent_appends_lose_nothing(tmp_path):
     path = str(tmp_path / "ledger.jsonl")
     ctx = mp.get_context("fork")
@@ -365,6 +371,30 @@ def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path, capsys
     assert (tmp_path / "l.jsonl.damaged").read_text() == bad
     assert path.read_bytes() == before.replace(bad.encode(), b"")  # every other line byte for byte, in order
     assert ledger.remaining() == 1000.0 - 100.0 - 200.0 - 50.0
+
+
+def test_repair_while_others_append_loses_nothing(tmp_path):
+    """``repair`` replaces the file; appenders that opened the old one re-open the new one."""
+    path = tmp_path / "l.jsonl"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_few, args=(str(path), tag, 150)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    ledger, repairs = flops.Ledger(path), 0
+    while any(p.is_alive() for p in procs):
+        ledger.append(name="junk", kind="train", flops=0.0)  # then damage that line by hand, and repair
+        with open(path, "r+b") as f:
+            data = f.read()
+            f.seek(data.rindex(b'"name": "junk"'))
+            f.write(b'"name": \x00\x00\x00')
+        repairs += len(ledger.repair())
+        time.sleep(0.02)  # let the appenders queue up on the lock of the file being replaced
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert repairs > 0 and ledger.damaged() == []
+    names = sorted(e.name for e in ledger.entries() if e.name != "junk")
+    assert names == sorted([f"a-{i}" for i in range(150)] + [f"b-{i}" for i in range(150)])
 
 
 def test_cli_json(tmp_path, capsys):
