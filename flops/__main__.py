@@ -1,13 +1,18 @@
 """python -m flops --model <repo-or-folder> --seq-len 512 --batch 4 --lora-rank 4 --mode train [--json]
+python -m flops ledger [--ledger runs/ledger.jsonl] [--budget 1e17] [--settle] [--repair [--yes]] [--json]
 
 Counting needs only the shapes, so only ``config.json`` is read (from a local folder, a path to the
 file itself, or a Hub repo id — just that one file is fetched or found in the cache) and the model
 is built on the meta device: no weights are loaded and no memory is used.
+
+``ledger`` shows the FLOP ledger (charges per experiment and kind, reservations, what is left) and
+settles or repairs it; ``python -m flops ledger --help`` says how.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -15,6 +20,7 @@ from pathlib import Path
 import torch
 
 from flops.counter import MODES, count, format_report
+from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger
 from qwen_min import Qwen2, QwenConfig
 
 
@@ -41,7 +47,11 @@ def build(config: QwenConfig, *, lora_rank: int = 0, targets: tuple[str, ...] = 
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict | int:
+    """The FLOP count (a dict), or with ``ledger`` first the ledger command's exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["ledger"]:
+        return ledger_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m flops", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="Hub repo id, checkpoint folder, or config.json path")
@@ -76,5 +86,69 @@ def main(argv: list[str] | None = None) -> dict:
     return d
 
 
+LEDGER_HELP = """Show the FLOP ledger: charges grouped by experiment and kind, reservations (open, closed, or
+settled after their process died) and what is left of the budget. Exits 1 while the ledger has damaged
+lines (budget checks refuse until they are repaired), else 0.
+
+--settle closes the open reservations whose processes are known to be dead, keeping what they charged
+(a run's next reserve or check does the same). A reservation whose process ran on another machine,
+container or boot cannot be judged from here; once you know it has ended, --settle-id ID settles it.
+--repair moves damaged lines to <ledger>.damaged and keeps every other line byte for byte; it shows
+them and asks first (--yes: do not ask)."""
+
+
+def ledger_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m flops ledger", description=LEDGER_HELP,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ledger", default=DEFAULT_LEDGER, help="ledger file (default: %(default)s)")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="total FLOP budget (default: %(default)g)")
+    p.add_argument("--settle", action="store_true", help="settle the reservations of dead processes")
+    p.add_argument("--settle-id", action="append", default=[], metavar="ID",
+                   help="settle this reservation by hand (its process ran where it cannot be checked, and ended)")
+    p.add_argument("--repair", action="store_true", help="move damaged lines to <ledger>.damaged")
+    p.add_argument("--yes", action="store_true", help="with --repair: do not ask")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    args = p.parse_args(argv)
+    ledger = Ledger(args.ledger, budget=args.budget)
+    status = 0
+    say = functools.partial(print, file=sys.stderr)  # stdout holds only the report (JSON with --json)
+
+    if args.repair:
+        damaged = ledger.damaged()
+        if not damaged:
+            say(f"{ledger.path}: no damaged lines")
+        else:
+            say(f"{ledger.path}: {len(damaged)} damaged line(s):")
+            for d in damaged:
+                say(f"  line {d.line}: {d.reason}\n    {d.raw[:200]!r}{' ...' if len(d.raw) > 200 else ''}")
+            answer = "y" if args.yes else (input("move them to the side file? [y/N] ") if sys.stdin.isatty() else "")
+            if answer.strip().lower() in ("y", "yes"):
+                moved = ledger.repair()
+                say(f"moved line(s) {', '.join(str(d.line) for d in moved)} to {ledger.path}.damaged")
+            else:
+                say("not repaired (pass --yes to repair without asking)")
+                status = 1
+    if args.settle:
+        for r in ledger.settle():
+            say(f"settled {r.id} ({r.name!r}): {r.charged:.4e} of {r.planned:.4e} FLOPs charged, the rest freed; "
+                f"{r.reason}")
+    for rid in args.settle_id:
+        try:
+            r = ledger.settle_by_hand(rid)
+            say(f"settled {r.id} ({r.name!r}) by hand: {r.charged:.4e} of {r.planned:.4e} FLOPs charged")
+        except (KeyError, ValueError) as e:
+            say(f"not settled: {e.args[0]}")
+            status = 1
+
+    summary = ledger.summary()
+    if args.json:
+        json.dump(summary, sys.stdout, indent=1)
+        print()
+    else:
+        print(ledger.report_markdown(), end="")
+    return 1 if summary["problems"] else status
+
+
 if __name__ == "__main__":
-    main()
+    result = main()
+    sys.exit(result if isinstance(result, int) else 0)

@@ -15,35 +15,53 @@ class Tokenizer:
     """Byte-level BPE tokenizer: ``encode(text) -> ids`` and ``decode(ids) -> text``.
 
     Special token ids come from the checkpoint: eos from tokenizer_config.json's ``eos_token``
-    (falling back to generation_config.json's first ``eos_token_id``), pad from ``pad_token``;
-    ``eos_ids`` holds every id generation should stop at (generation_config.json may list several).
+    (falling back to generation_config.json's first ``eos_token_id``), pad from ``pad_token``
+    (falling back to generation_config.json's ``pad_token_id``); ``eos_ids`` holds every id
+    generation should stop at (generation_config.json may list several). Both tokenizer.json and
+    tokenizer_config.json must exist, and a special token the files name must be in the vocabulary:
+    guessing either (e.g. padding with eos) would silently change what the model is trained on.
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise CheckpointError(f"{directory}: no tokenizer.json")
-        self._tok = _HFTokenizer.from_file(str(path))
-        config = _read_json(directory / "tokenizer_config.json")
-        generation = _read_json(directory / "generation_config.json")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if not (directory / name).is_file():
+                raise CheckpointError(f"{directory}: no {name} (a checkpoint's tokenizer needs both "
+                                      f"tokenizer.json and tokenizer_config.json)")
+        self._tok = _HFTokenizer.from_file(str(directory / "tokenizer.json"))
+        config_path = directory / "tokenizer_config.json"
+        config = _read_json(config_path)
+        generation_path = directory / "generation_config.json"
+        generation = _read_json(generation_path) if generation_path.is_file() else {}
 
         self.im_start_id = self._tok.token_to_id("<|im_start|>")
         self.im_end_id = self._tok.token_to_id("<|im_end|>")
-        self.eos_id = self._special_id(config.get("eos_token"))
-        self.pad_id = self._special_id(config.get("pad_token"))
+        self.eos_id = self._special_id(config, "eos_token", config_path)
+        self.pad_id = self._special_id(config, "pad_token", config_path)
         gen_eos = generation.get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
         if self.eos_id is None and gen_eos:
             self.eos_id = gen_eos[0]
         self.eos_ids = sorted({i for i in [self.eos_id, *gen_eos] if i is not None})
         if self.pad_id is None:
-            self.pad_id = generation.get("pad_token_id", self.eos_id)
+            self.pad_id = generation.get("pad_token_id")
+        if not isinstance(self.pad_id, int):
+            raise CheckpointError(
+                f"{config_path}: no pad token: field 'pad_token' is missing or null, and "
+                f"{generation_path} has no integer 'pad_token_id' (found {self.pad_id!r})")
 
-    def _special_id(self, token: str | dict | None) -> int | None:
+    def _special_id(self, config: dict, field: str, path: Path) -> int | None:
+        """The id of the token ``config[field]`` names; None when the field is absent or null."""
+        token = config.get(field)
         if isinstance(token, dict):  # older files store {"content": "<|endoftext|>", ...}
             token = token.get("content")
-        return None if token is None else self._tok.token_to_id(token)
+        if token is None:
+            return None
+        token_id = self._tok.token_to_id(token) if isinstance(token, str) else None
+        if token_id is None:
+            raise CheckpointError(f"{path}: field {field!r} names {token!r}, which is not a token of the "
+                                  f"vocabulary in {path.parent / 'tokenizer.json'}")
+        return token_id
 
     @property
     def vocab_size(self) -> int:
@@ -67,12 +85,13 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    return d
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:

@@ -1,17 +1,11 @@
 """flops: the analytic counter against independent references — the aten ops that really run (dispatch
-mode), torch's FlopCounterMode, and a small config derived by hand — plus the ledger and the CLI."""
+mode), torch's FlopCounterMode, and a small config derived by hand — plus the CLI (the ledger: test_ledger.py)."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import multiprocessing as mp
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -192,83 +186,6 @@ def test_qwen05_train_step_figure():
     approx = 2 * n_params * 4 * 512
     assert 0.9 < r.forward / approx < 1.1
     print(f"Qwen2.5-0.5B, batch 4 x 512, LoRA r4 q/v: total {r.total:.6e}, train_actual {r.train_actual:.6e}")
-
-
-# ---------------------------------------------------------------------------------------------
-# ledger
-
-
-def _append_many(path: str, tag: str, n: int) -> None:
-    ledger = flops.Ledger(path)
-    for i in range(n):
-        ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0, tokens=i, config={"pad": "x" * 3000})
-
-
-def test_ledger_concurrent_appends_lose_nothing(tmp_path):
-    path = str(tmp_path / "ledger.jsonl")
-    ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(path, tag, 200)) for tag in ("a", "b")]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join()
-        assert p.exitcode == 0
-    ledger = flops.Ledger(path)
-    names = [e.name for e in ledger.entries()]
-    assert not ledger.problems
-    assert sorted(names) == sorted([f"a-{i}" for i in range(200)] + [f"b-{i}" for i in range(200)])
-    assert ledger.spent() == 400.0
-
-
-def test_ledger_survives_killed_writer(tmp_path):
-    path = tmp_path / "ledger.jsonl"
-    ledger = flops.Ledger(path)
-    ledger.append(name="before", kind="eval", flops=5.0)
-    # A writer killed in the middle of its line (SIGKILL right after a partial write).
-    code = ("import os, signal, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND); "
-            "os.write(fd, b'{\"name\": \"torn\", \"kind\": \"train\", \"flo'); os.kill(os.getpid(), signal.SIGKILL)")
-    p = subprocess.run([sys.executable, "-c", code, str(path)])
-    assert p.returncode == -signal.SIGKILL
-    with pytest.warns(UserWarning, match="torn last line"):
-        entries = ledger.entries()
-    assert [e.name for e in entries] == ["before"] and len(ledger.problems) == 1
-    ledger.append(name="after", kind="eval", flops=7.0)  # starts on its own line
-    with pytest.warns(UserWarning, match="damaged line"):
-        assert [e.name for e in ledger.entries()] == ["before", "after"]
-    # and a real appender killed at a random moment leaves complete lines only
-    path2 = tmp_path / "ledger2.jsonl"
-    writer = subprocess.Popen([sys.executable, "-c", "import sys; from tests.test_flops import _append_many; "
-                               "_append_many(sys.argv[1], 'w', 10**6)", str(path2)], cwd=os.getcwd())
-    deadline = time.time() + 30
-    while (not path2.exists() or path2.stat().st_size < 100_000) and time.time() < deadline:
-        time.sleep(0.05)
-    writer.kill()
-    writer.wait()
-    led2 = flops.Ledger(path2)
-    got = led2.entries()
-    assert got and all(e.flops == 1.0 for e in got)
-    assert [e.name for e in got] == [f"w-{i}" for i in range(len(got))]
-
-
-def test_ledger_budget_and_reports(tmp_path):
-    assert flops.Ledger(tmp_path / "x.jsonl").budget == 1e17 == flops.DEFAULT_BUDGET
-    ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
-    ledger.append(name="a", kind="train", flops=400.0, tokens=10, steps=2, seconds=1.5)
-    ledger.append(name="b", kind="eval", flops=200.0, tokens=5)
-    assert ledger.remaining() == 400.0
-    assert ledger.check(400.0, name="ok") == 0.0
-    with pytest.raises(flops.BudgetExceeded) as e:
-        ledger.check(500.0, name="big")
-    msg = str(e.value)
-    for figure in ("5.0000e+02", "4.0000e+02", "1.0000e+03", "6.0000e+02", "big"):
-        assert figure in msg
-    md = ledger.report_markdown()
-    assert "| a | train |" in md and "**TOTAL**" in md and "60.0000%" in md
-    rows = list(csv.DictReader(io.StringIO(ledger.report_csv())))
-    assert [r["name"] for r in rows] == ["a", "b", "TOTAL", "REMAINING"]
-    assert float(rows[2]["flops"]) == 600.0 and float(rows[2]["percent_of_budget"]) == 60.0
-    assert float(rows[3]["flops"]) == 400.0
-    assert ledger.spent(kind="eval") == 200.0 and ledger.spent(prefix="a") == 400.0
 
 
 def test_cli_json(tmp_path):

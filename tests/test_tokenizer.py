@@ -59,3 +59,46 @@ def test_generation_config_eos_ids(tmp_path, tokenizer_dir):
         shutil.copy(f, tmp_path / f.name)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
     assert Tokenizer(tmp_path).eos_ids == [151643, 151645]
+
+
+def _copy_tokenizer(src, dst, skip: tuple[str, ...] = ()) -> None:
+    import shutil
+
+    for f in src.iterdir():
+        if f.name not in skip:
+            shutil.copy(f, dst / f.name)
+
+
+@pytest.mark.parametrize("missing", ["tokenizer.json", "tokenizer_config.json"])
+def test_a_missing_tokenizer_file_is_an_error_naming_it(tmp_path, tokenizer_dir, missing):
+    from qwen_min.load import CheckpointError
+
+    _copy_tokenizer(tokenizer_dir, tmp_path, skip=(missing,))
+    with pytest.raises(CheckpointError, match=f"{tmp_path}: no {missing}"):
+        Tokenizer(tmp_path)
+
+
+def test_a_special_token_that_is_not_in_the_vocabulary_is_an_error(tmp_path, tokenizer_dir):
+    from qwen_min.load import CheckpointError
+
+    _copy_tokenizer(tokenizer_dir, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["pad_token"] = "<|no_such_pad|>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json: field 'pad_token' names '<\|no_such_pad\|>'"):
+        Tokenizer(tmp_path)
+
+
+def test_pad_falls_back_to_generation_config_and_never_to_a_guess(tmp_path, tokenizer_dir):
+    from qwen_min.load import CheckpointError
+
+    _copy_tokenizer(tokenizer_dir, tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["pad_token"] = None
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    # no pad anywhere: an error naming both places, not a silent eos
+    with pytest.raises(CheckpointError, match="field 'pad_token' is missing or null.*generation_config.json"):
+        Tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645, "pad_token_id": 151643}))
+    tok = Tokenizer(tmp_path)
+    assert tok.pad_id == 151643 and tok.eos_id == 151645

@@ -1,0 +1,415 @@
+"""flops.ledger under attack: processes racing for the last of the budget, writers killed mid-line, runs
+killed with SIGKILL while holding a reservation, damaged lines, and files written by the original format.
+Every expected figure is derived by hand from the FLOPs the test itself books."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import flops
+from flops.__main__ import ledger_main as ledger_cli
+from flops.ledger import _proc_stat, this_process
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def legacy_line(name: str, kind: str, flops_: float, tokens: int = 0) -> str:
+    """A line exactly as the original ledger wrote it (no type, no reservation)."""
+    return json.dumps({"config": {}, "flops": flops_, "kind": kind, "name": name, "seconds": 0.0, "steps": 0,
+                       "time": 1.0, "tokens": tokens}, sort_keys=True) + "\n"
+
+
+def spawn(target: Callable[..., None], *args: Any) -> tuple[mp.Process, Any]:
+    """A separate process (forked) running ``target(conn, *args)``, and what it sends on ``conn`` once it
+    has done its part (it then sleeps until killed)."""
+    ctx = mp.get_context("fork")
+    ours, theirs = ctx.Pipe()
+    p = ctx.Process(target=target, args=(theirs, *args))
+    p.start()
+    assert ours.poll(120), f"the child process ended (exit code {p.exitcode}) before doing its part"
+    return p, ours.recv()
+
+
+def kill(p: mp.Process) -> None:
+    os.kill(p.pid, signal.SIGKILL)
+    p.join()
+
+
+# ---------------------------------------------------------------------------------------------
+# appends: nothing lost, nothing interleaved, a killed writer damages only its own line
+
+
+def _append_many(path: str, tag: str, n: int) -> None:
+    ledger = flops.Ledger(path)
+    for i in range(n):
+        ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0, tokens=i, config={"pad": "x" * 3000})
+
+
+def _append_few(path: str, tag: str, n: int) -> None:
+    ledger = flops.Ledger(path)
+    for i in range(n):
+        ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0)
+
+
+def test_concurrent_appends_lose_nothing(tmp_path):
+    path = str(tmp_path / "ledger.jsonl")
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(path, tag, 200)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    ledger = flops.Ledger(path)
+    names = [e.name for e in ledger.entries()]
+    assert not ledger.problems
+    assert sorted(names) == sorted([f"a-{i}" for i in range(200)] + [f"b-{i}" for i in range(200)])
+    assert ledger.spent() == 400.0
+
+
+def test_a_writer_killed_mid_line_blocks_budget_checks_but_never_charges(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    ledger.append(name="before", kind="eval", flops=5.0)
+    # A writer killed in the middle of its line (SIGKILL right after a partial write).
+    code = ("import os, signal, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND); "
+            "os.write(fd, b'{\"name\": \"torn\", \"kind\": \"train\", \"flo'); os.kill(os.getpid(), signal.SIGKILL)")
+    p = subprocess.run([sys.executable, "-c", code, str(path)])
+    assert p.returncode == -signal.SIGKILL
+    with pytest.warns(UserWarning, match="ledger.jsonl:2: unterminated last line"):
+        assert [e.name for e in ledger.entries()] == ["before"]
+    with pytest.raises(flops.LedgerDamaged, match="ledger.jsonl:2: unterminated last line"):
+        ledger.reserve(1.0, name="next", kind="train")
+    # a running run's charge still goes in, on a line of its own
+    ledger.append(name="after", kind="eval", flops=7.0)
+    with pytest.warns(UserWarning, match="ledger.jsonl:2: not a ledger entry"):
+        assert [e.name for e in ledger.entries()] == ["before", "after"]
+    for figure in (lambda: ledger.remaining(), lambda: ledger.spent(), lambda: ledger.check(1.0)):
+        with pytest.raises(flops.LedgerDamaged, match="--repair"):
+            figure()
+    assert [d.line for d in ledger.repair()] == [2]
+    assert ledger.remaining() == 1000.0 - 5.0 - 7.0
+    assert (tmp_path / "ledger.jsonl.damaged").read_bytes() == b'{"name": "torn", "kind": "train", "flo\n'
+
+    # and a real appender killed at a random moment leaves complete lines only
+    path2 = tmp_path / "ledger2.jsonl"
+    writer = mp.get_context("fork").Process(target=_append_many, args=(str(path2), "w", 10**6))
+    writer.start()
+    deadline = time.time() + 30
+    while (not path2.exists() or path2.stat().st_size < 100_000) and time.time() < deadline:
+        time.sleep(0.05)
+    kill(writer)
+    got = flops.Ledger(path2).entries()
+    assert got and all(e.flops == 1.0 for e in got)
+    assert [e.name for e in got] == [f"w-{i}" for i in range(len(got))]
+
+
+# ---------------------------------------------------------------------------------------------
+# budget figures and reports
+
+
+def test_budget_and_reports(tmp_path):
+    assert flops.Ledger(tmp_path / "x.jsonl").budget == 1e17 == flops.DEFAULT_BUDGET
+    ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
+    ledger.append(name="a", kind="train", flops=400.0, tokens=10, steps=2, seconds=1.5)
+    ledger.append(name="b", kind="eval", flops=200.0, tokens=5)
+    assert ledger.remaining() == 400.0
+    assert ledger.check(400.0, name="ok") == 0.0
+    with pytest.raises(flops.BudgetExceeded) as e:
+        ledger.check(500.0, name="big")
+    msg = str(e.value)
+    for figure in ("5.0000e+02", "4.0000e+02", "1.0000e+03", "6.0000e+02", "big"):
+        assert figure in msg
+    md = ledger.report_markdown()
+    assert "| a | train |" in md and "**TOTAL**" in md and "60.0000%" in md
+    rows = list(csv.DictReader(io.StringIO(ledger.report_csv())))
+    assert [r["name"] for r in rows] == ["a", "b", "TOTAL", "RESERVED", "REMAINING"]
+    assert float(rows[2]["flops"]) == 600.0 and float(rows[2]["percent_of_budget"]) == 60.0
+    assert float(rows[3]["flops"]) == 0.0 and float(rows[4]["flops"]) == 400.0
+    assert ledger.spent(kind="eval") == 200.0 and ledger.spent(prefix="a") == 400.0
+
+
+def test_reserve_charge_close(tmp_path):
+    ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
+    ledger.append(name="old", kind="train", flops=100.0)
+    with ledger.reserve(500.0, name="run", kind="train", config={"lr": 1e-4}) as r:
+        r.charge(120.0, tokens=64, steps=2)
+        r.charge(30.0, kind="eval")
+        # spent 100 + 150; the open reservation still holds 500 - 150 = 350
+        assert ledger.spent() == 250.0 and ledger.reserved() == 350.0 and ledger.remaining() == 400.0
+        assert ledger.spent(name="run") == 150.0 and ledger.spent(kind="eval") == 30.0
+        with pytest.raises(flops.BudgetExceeded, match="only 4.0000e\\+02 are left"):
+            ledger.reserve(401.0, name="other", kind="train")
+    assert ledger.reserved() == 0.0 and ledger.remaining() == 750.0
+    [rec] = ledger.reservations()
+    assert (rec.status, rec.planned, rec.charged, rec.unspent) == ("closed", 500.0, 150.0, 0.0)
+
+    # an exception inside the block still releases the rest; going past the plan is booked in full
+    with pytest.raises(KeyError), ledger.reserve(200.0, name="crash", kind="forecast") as r:
+        r.charge(50.0)
+        raise KeyError("boom")
+    assert ledger.remaining() == 700.0
+    r = ledger.reserve(100.0, name="over", kind="train")
+    with pytest.warns(UserWarning, match="more than the 1.0000e\\+02 it reserved"):
+        r.charge(130.0)
+    assert ledger.remaining() == 570.0
+    r.close()
+    r.close()  # idempotent
+    assert [x.status for x in ledger.reservations()] == ["closed", "closed", "closed"]
+
+
+def test_original_format_lines_count_as_charges(tmp_path):
+    path = tmp_path / "l.jsonl"
+    path.write_text(legacy_line("lora/a", "train", 300.0, tokens=10) + legacy_line("lora/a", "eval", 200.0))
+    ledger = flops.Ledger(path, budget=1000.0)
+    assert ledger.spent() == 500.0 and ledger.spent(kind="eval") == 200.0 and ledger.spent(name="lora/a") == 500.0
+    assert ledger.remaining() == 500.0
+    r = ledger.reserve(500.0, name="b", kind="train")
+    with pytest.raises(flops.BudgetExceeded):
+        ledger.reserve(1.0, name="c", kind="train")
+    r.close()
+    assert ledger.remaining() == 500.0
+    assert path.read_text().startswith(legacy_line("lora/a", "train", 300.0, tokens=10))  # never rewritten
+
+
+def test_invalid_entries_are_refused_before_they_reach_the_file(tmp_path):
+    ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
+    for bad in (dict(name=None, kind="train", flops=1.0), dict(name="a", kind="train", flops=float("nan")),
+                dict(name="a", kind="train", flops=-1.0), dict(name="a", kind="train", flops=1.0, tokens=-3)):
+        with pytest.raises(ValueError):
+            ledger.append(**bad)
+    with pytest.raises(ValueError):
+        ledger.reserve(float("inf"), name="a", kind="train")
+    assert ledger.remaining() == 1000.0 and not ledger.problems
+
+
+# ---------------------------------------------------------------------------------------------
+# reservations race, and survive their processes
+
+
+def _race(path: str, barrier, planned: float) -> None:
+    ledger = flops.Ledger(path, budget=1000.0)
+    barrier.wait()
+    try:
+        r = ledger.reserve(planned, name=f"racer-{os.getpid()}", kind="train")
+    except flops.BudgetExceeded:
+        os._exit(3)
+    r.charge(100.0)
+    os._exit(0)  # dies holding its reservation
+
+
+@pytest.mark.parametrize("round_", range(8))
+def test_two_processes_racing_for_the_last_of_the_budget(tmp_path, round_):
+    path = tmp_path / "l.jsonl"
+    # 400 FLOPs spent in 6400 lines of 1/16 (exact in binary): reading them takes long enough that a check
+    # made outside the lock lets both racers through almost every time
+    path.write_text(legacy_line("earlier", "train", 0.0625) * 6400)
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_race, args=(str(path), barrier, 600.0)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert sorted(p.exitcode for p in procs) == [0, 3]  # exactly one got the 600 left
+    ledger = flops.Ledger(path, budget=1000.0)
+    assert ledger.spent() == 400.0 + 100.0  # the earlier lines and the winner's one charge
+    [winner] = ledger.reservations()
+    assert winner.planned == 600.0 and winner.charged == 100.0
+    # the winner died without closing (if it died before the loser looked, the loser settled it already):
+    # the next figure settles it to its 100 charged
+    assert ledger.remaining() == 1000.0 - 400.0 - 100.0
+    assert ledger.reservations()[0].status == "settled"
+
+
+def _victim(conn, path: str) -> None:
+    r = flops.Ledger(path, budget=1000.0).reserve(600.0, name="victim", kind="train")
+    r.charge(120.0, steps=1)
+    r.charge(80.0, kind="eval")
+    conn.send(r.id)
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("reaped", [True, False], ids=["reaped", "zombie"])
+def test_a_killed_runs_reservation_is_settled_to_its_charges(tmp_path, reaped):
+    path = tmp_path / "l.jsonl"
+    path.write_text(legacy_line("earlier", "train", 100.0))
+    ledger = flops.Ledger(path, budget=1000.0)
+    p, rid = spawn(_victim, str(path))
+    try:
+        # alive: its reservation holds 600 - 200; nobody else may settle it
+        assert ledger.remaining() == 1000.0 - 100.0 - 600.0
+        assert ledger.settle() == []
+        with pytest.raises(ValueError, match="belongs to a running process"):
+            ledger.settle_by_hand(rid)
+        with pytest.raises(flops.BudgetExceeded, match="its process runs"):
+            ledger.reserve(301.0, name="next", kind="train")
+    finally:
+        os.kill(p.pid, signal.SIGKILL)
+    if reaped:
+        p.join()
+    else:  # dead but not reaped: a zombie can charge no more
+        os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
+        assert _proc_stat(p.pid)[0] == "Z"
+    assert "its process died" in ledger.report_markdown()  # a read-only report settles nothing
+    # the next reservation settles it: 1000 - 100 - 200 charged = 700 free, to the FLOP
+    nxt = ledger.reserve(700.0, name="next", kind="train")
+    victim = next(r for r in ledger.reservations() if r.id == rid)
+    assert (victim.status, victim.charged, victim.unspent) == ("settled", 200.0, 0.0)
+    assert victim.reason.startswith(f"settled after its process died (pid {p.pid} on ")
+    assert ledger.spent(name="victim") == 200.0 and ledger.spent(kind="eval") == 80.0
+    assert ledger.remaining() == 0.0
+    nxt.close()
+    assert "settled after its process died" in ledger.report_markdown()
+    p.join()
+
+
+def _owner(conn, path: str) -> None:
+    conn.send(flops.Ledger(path, budget=1000.0).reserve(500.0, name="study", kind="train").id)
+    time.sleep(600)
+
+
+def _helper(conn, path: str, rid: str) -> None:
+    flops.Ledger(path, budget=1000.0).attach(rid).charge(150.0, name="study/run-1")
+    conn.send("charged")
+    time.sleep(600)
+
+
+def test_an_attached_process_keeps_the_reservation_alive(tmp_path):
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    owner, rid = spawn(_owner, str(path))
+    helper, _ = spawn(_helper, str(path), rid)
+    kill(owner)
+    # the study died but the run it started still spends under its reservation
+    assert ledger.settle() == [] and ledger.remaining() == 1000.0 - 500.0
+    kill(helper)
+    assert [r.id for r in ledger.settle()] == [rid]
+    assert ledger.remaining() == 1000.0 - 150.0 and ledger.spent(name="study/run-1") == 150.0
+
+
+def test_reused_pids_and_other_machines(tmp_path):
+    me = this_process()
+    reused = {**me, "start": me["start"] + 1}          # our pid, but a process started at another time
+    elsewhere = {**me, "host": "some-other-host"}      # cannot be checked from here
+    alive = dict(me)                                   # this very process
+    lines = []
+    for rid, planned, process in (("r-reused", 300.0, reused), ("r-elsewhere", 400.0, elsewhere),
+                                  ("r-alive", 100.0, alive)):
+        lines.append(json.dumps({"type": "reserve", "id": rid, "name": rid, "kind": "train", "flops": planned,
+                                 "config": {}, "process": process, "time": 1.0}) + "\n")
+    lines.append(json.dumps({"type": "charge", "reservation": "r-reused", "name": "r-reused", "kind": "train",
+                             "flops": 50.0}) + "\n")
+    lines.append(json.dumps({"type": "charge", "reservation": "r-elsewhere", "name": "r-elsewhere",
+                             "kind": "train", "flops": 100.0}) + "\n")
+    path = tmp_path / "l.jsonl"
+    path.write_text("".join(lines))
+    ledger = flops.Ledger(path, budget=1000.0)
+    # r-reused is settled at its 50; r-elsewhere still holds 400 - 100; r-alive holds 100
+    assert ledger.remaining() == 1000.0 - 50.0 - 100.0 - 300.0 - 100.0
+    status = {r.id: r.status for r in ledger.reservations()}
+    assert status == {"r-reused": "settled", "r-elsewhere": "open", "r-alive": "open"}
+    md = ledger.report_markdown()
+    assert "cannot tell from here" in md and "--settle-id r-elsewhere" in md
+    with pytest.raises(ValueError, match="running process"):
+        ledger.settle_by_hand("r-alive")
+    assert ledger.settle_by_hand("r-elsewhere").status == "settled"
+    assert ledger.remaining() == 1000.0 - 50.0 - 100.0 - 100.0
+
+
+# ---------------------------------------------------------------------------------------------
+# damage in the middle of the file, and its repair
+
+
+def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path, capsys):
+    path = tmp_path / "l.jsonl"
+    good1, good3 = legacy_line("a", "train", 100.0), legacy_line("c", "train", 200.0)
+    bad = '{"name": "b", "kind": "eval", "flops": 4\x00\x00\x00 garbage\n'
+    path.write_text(good1 + bad + good3)
+    ledger = flops.Ledger(path, budget=1000.0)
+    for refused in (lambda: ledger.reserve(10.0, name="x", kind="train"), lambda: ledger.check(10.0),
+                    lambda: ledger.remaining(), lambda: ledger.spent(), lambda: ledger.reserved()):
+        with pytest.raises(flops.LedgerDamaged) as e:
+            refused()
+        assert f"{path}:2:" in str(e.value) and f"python -m flops ledger --ledger {path} --repair" in str(e.value)
+    ledger.append(name="d", kind="eval", flops=50.0)  # charging goes on
+    md = ledger.report_markdown()
+    assert "| a | train |" in md and "| c | train |" in md and "| d | eval |" in md and "| b |" not in md
+    assert "1 damaged line(s)" in md and f"{path}:2:" in md
+    rows = list(csv.DictReader(io.StringIO(ledger.report_csv())))
+    assert [r["name"].split(":")[0] for r in rows] == ["a", "c", "d", "TOTAL", "RESERVED", "REMAINING",
+                                                       "DAMAGED LINE 2"]
+    assert float(rows[3]["flops"]) == 100.0 + 200.0 + 50.0
+
+    before = path.read_bytes()
+    cli = ["--ledger", str(path), "--budget", "1000"]
+    # the real command line once (its exit status), then in this process
+    shown = subprocess.run([sys.executable, "-m", "flops", "ledger", *cli], cwd=ROOT, env=ENV, capture_output=True,
+                           text=True)
+    assert shown.returncode == 1 and "| c | train |" in shown.stdout and f"{path}:2:" in shown.stdout
+    assert ledger_cli(cli + ["--repair"]) == 1  # stdin is not a terminal and no --yes: it does not ask
+    out, err = capsys.readouterr()
+    assert "not repaired" in err and "garbage" in err  # the damaged line was shown
+    assert path.read_bytes() == before and not (tmp_path / "l.jsonl.damaged").exists()
+    assert ledger_cli(cli + ["--repair", "--yes"]) == 0
+    out, err = capsys.readouterr()
+    assert "moved line(s) 2" in err and "damaged line" not in out
+    assert (tmp_path / "l.jsonl.damaged").read_text() == bad
+    assert path.read_bytes() == before.replace(bad.encode(), b"")  # every other line byte for byte, in order
+    assert ledger.remaining() == 1000.0 - 100.0 - 200.0 - 50.0
+
+
+def test_repair_while_others_append_loses_nothing(tmp_path):
+    """``repair`` replaces the file; appenders that opened the old one re-open the new one."""
+    path = tmp_path / "l.jsonl"
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_append_few, args=(str(path), tag, 150)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    ledger, repairs = flops.Ledger(path), 0
+    while any(p.is_alive() for p in procs):
+        ledger.append(name="junk", kind="train", flops=0.0)  # then damage that line by hand, and repair
+        with open(path, "r+b") as f:
+            data = f.read()
+            f.seek(data.rindex(b'"name": "junk"'))
+            f.write(b'"name": \x00\x00\x00')
+        repairs += len(ledger.repair())
+        time.sleep(0.02)  # let the appenders queue up on the lock of the file being replaced
+    for p in procs:
+        p.join()
+        assert p.exitcode == 0
+    assert repairs > 0 and ledger.damaged() == []
+    names = sorted(e.name for e in ledger.entries() if e.name != "junk")
+    assert names == sorted([f"a-{i}" for i in range(150)] + [f"b-{i}" for i in range(150)])
+
+
+def test_cli_json(tmp_path, capsys):
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    ledger.append(name="a", kind="train", flops=100.0)
+    ledger.append(name="a", kind="train", flops=50.0, steps=3)
+    r = ledger.reserve(300.0, name="b", kind="forecast")
+    r.charge(20.0)
+    assert ledger_cli(["--ledger", str(path), "--budget", "1000", "--settle", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert (d["spent"], d["reserved"], d["remaining"]) == (170.0, 280.0, 1000.0 - 170.0 - 280.0)
+    assert d["spent_by_kind"] == {"train": 150.0, "forecast": 20.0}
+    assert [(c["name"], c["kind"], c["flops"], c["steps"]) for c in d["charges"]] == [
+        ("a", "train", 150.0, 3), ("b", "forecast", 20.0, 0)]
+    [res] = d["reservations"]
+    assert (res["id"], res["status"], res["charged"], res["unspent"]) == (r.id, "open", 20.0, 280.0)
+    assert d["problems"] == []
