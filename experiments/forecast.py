@@ -10,9 +10,18 @@ S sampled forecasts per system (one shared prefill) giving the median and a 10-9
 Baselines on the same prompts: last-value persistence, a linear autoregressive model and a
 Rosenzweig-MacArthur ODE, each fitted to the prompt.
 
-Files in --out: forecast_metrics.json (per-horizon MAE/MSE/MAPE with standard errors, malformed
-steps, paired differences), forecasts.h5 (per model: system ids, truth, greedy forecast, samples,
-in original units), examples.png and error_vs_horizon.png. Generation FLOPs go to the ledger.
+Generated text is decoded strictly with the run's encoding: a step with the wrong number of
+decimals, no decimal point, an empty or extra field, or cut off by the token limit is malformed
+at its own index. Every forecaster is scored on every step (malformed steps filled with the last
+valid value), with coverage, the common-support MAE and a scale-free score against persistence;
+see experiments/lib/metrics.py.
+
+Files in --out: forecast_metrics.json (per model: coverage, filled-in MAE/MSE overall, over the
+first 10 steps and per horizon step, common-support MAE, relative score, CRPS and band coverage
+with --samples, all with standard errors over systems; paired differences), forecasts.h5 (per
+model: forecasts, samples, the generated texts, in original units; the encoding to decode the texts
+again), examples.png and error_vs_horizon.png. Generation FLOPs are reserved in the ledger before
+any model work and charged per generate call.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -33,7 +42,7 @@ from tqdm import tqdm
 import flops
 import lora
 import qwen_min
-from experiments.lib import baselines, data, files, forecasting, metrics, planning, plots, runs
+from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,12 +80,13 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [e.prompt for e in examples]
     truth = np.stack([e.target for e in examples])      # (N, H, 2)
     series = run_data.trajectories[systems]             # (N, T, 2): the prompts' numbers, and the plots'
+    last = series[:, C - 1]                             # (N, 2): the fill for malformed steps, persistence
 
     models = [] if (args.adapter and args.no_untrained) else [("untrained", None)]
     if args.adapter:
         models.append(("trained", args.adapter))
 
-    # ---- plan: an upper bound, every row running to the token limit, checked before any model work
+    # ---- plan: an upper bound (every row running to the token limit), reserved before any model work
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     shape = planning.meta_model(planning.model_config(args.model, args.revision))
     if args.adapter:
@@ -86,80 +96,90 @@ def main(argv: list[str] | None = None) -> dict:
         new_tokens=forecasting.max_new_tokens(prompts, H), batch_size=args.forecast_batch, samples=args.samples,
         vocab=None if args.unconstrained else len(forecasting.ALPHABET))
     ledger = flops.Ledger(args.ledger, budget=args.budget)
-    ledger.check(planned, name=args.name)
+    try:
+        reservation = ledger.reserve(planned, name=args.name, kind="forecast",
+                                     config={"models": [m for m, _ in models], "systems": len(systems)})
+    except flops.BudgetExceeded as e:
+        raise SystemExit(f"refused before any model work: {e}") from None
     print(f"plan: at most {planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
 
-    # ---- the language models
-    results: dict[str, dict] = {}
-    model, _ = runs.load_model(args, device)
-    for label, adapter in models:
-        if adapter:
-            lora.load_adapter(model, adapter)
-        model.eval()
-        entry = {}
-        for mode, S in [("greedy", 1)] + ([("samples", args.samples)] if args.samples else []):
-            t0 = time.time()
-            with tqdm(total=len(prompts), desc=f"{label} {mode}", unit="system") as bar:
-                run = forecasting.forecast(
-                    model, tokenizer, prompts, H, enc, batch_size=args.forecast_batch, num_samples=S,
-                    temperature=0.0 if mode == "greedy" else args.temperature, top_p=args.top_p,
-                    constrained=not args.unconstrained, seed=args.seed, device=device, progress=bar)
-            ledger.append(name=args.name, kind="forecast", flops=run.flops, tokens=run.tokens_generated,
-                          steps=0, seconds=time.time() - t0,
-                          config={"model": label, "adapter": adapter, "mode": mode, "samples": S,
-                                  "systems": len(systems), "context_steps": C, "horizon": H, "calls": run.calls})
-            entry[mode] = run
-        results[label] = entry
+    # ---- the language models, greedy and (--samples) sampled; each generate call charged as it ends
+    results: dict[str, dict[str, forecasting.ForecastRun]] = {}
+    with reservation:
+        model, _ = runs.load_model(args, device)
+        for label, adapter in models:
+            if adapter:
+                lora.load_adapter(model, adapter)
+            model.eval()
+            results[label] = {}
+            for mode, S in [("greedy", 1)] + ([("samples", args.samples)] if args.samples else []):
+                config = {"model": label, "adapter": adapter, "mode": mode, "samples": S, "horizon": H}
+                with tqdm(total=len(prompts), desc=f"{label} {mode}", unit="system") as bar:
+                    results[label][mode] = forecasting.forecast(
+                        model, tokenizer, prompts, H, enc, batch_size=args.forecast_batch, num_samples=S,
+                        temperature=0.0 if mode == "greedy" else args.temperature, top_p=args.top_p,
+                        constrained=not args.unconstrained, seed=args.seed, device=device, progress=bar,
+                        on_call=lambda call, f, cfg=config: reservation.charge(
+                            f, tokens=call["batch"] * call["num_samples"] * call["steps"], config={**cfg, **call}))
 
     # ---- baselines on the same prompts
-    forecasts: dict[str, np.ndarray] = {k: v["greedy"].values[:, 0] for k, v in results.items()}
-    bands: dict[str, np.ndarray] = {}
-    for k, v in results.items():
-        if "samples" in v:
-            forecasts[f"{k}_median"], bands[f"{k}_median"] = metrics.median_and_band(v["samples"].values)
+    forecasts = {k: v["greedy"].values[:, 0] for k, v in results.items()}
+    samples = {f"{k}_median": v["samples"].values for k, v in results.items() if "samples" in v}
+    bands = {}
+    for name, s in samples.items():
+        forecasts[name], bands[name] = metrics.median_and_band(s)
     if not args.no_baselines:
         t_prompt, t_future = run_data.time[:C], run_data.time[C:C + H]
         for name, fn in baselines.BASELINES.items():
             forecasts[name] = fn(series[:, :C], t_prompt, t_future)
 
-    # ---- metrics, paired comparisons, files
-    summary = {name: metrics.horizon_metrics(pred, truth) for name, pred in forecasts.items()}
-    if "ode_fit" in summary:   # how the fit went: fallbacks to persistence, prompt fit error, seconds
-        summary["ode_fit"]["fit"] = baselines.ode_fit_diagnostics()
-    paired = {}
-    if "trained" in forecasts and "untrained" in forecasts:
-        paired["trained_vs_untrained"] = metrics.paired_comparison(forecasts["trained"], forecasts["untrained"], truth)
+    # ---- scores, paired comparisons, files
+    scores = metrics.compare(forecasts, truth, last, samples=samples)
+    if "ode_fit" in scores["summary"]:   # how the fit went: fallbacks to persistence, prompt fit error, seconds
+        scores["summary"]["ode_fit"]["fit"] = baselines.ode_fit_diagnostics()
     for k, v in results.items():
-        summary[k]["malformed_steps"] = int(v["greedy"].malformed.sum())
-        summary[k]["flops"] = sum(r.flops for r in v.values())
+        scores["summary"][k]["flops"] = sum(r.flops for r in v.values())
     report = {"systems": systems.tolist(), "split": args.split, "context_steps": C, "horizon": H,
-              "encoding": {"alpha": enc.alpha, "decimals": enc.decimals, "percentile": enc.percentile},
-              "summary": summary, "paired": paired}
+              "encoding": asdict(enc), "fill_rule": metrics.FILL_RULE, "definitions": metrics.DEFINITIONS, **scores}
     files.write_json(out / "forecast_metrics.json", report)
-    save_forecasts(out / "forecasts.h5", systems, truth, series[:, :C], run_data.time, forecasts, results)
+    save_forecasts(out / "forecasts.h5", enc, systems, truth, series[:, :C], run_data.time, forecasts, bands, results)
     try:
         plots.plot_examples(out / "examples.png", run_data.time, series, C, forecasts, bands)
-        plots.plot_error_vs_horizon(out / "error_vs_horizon.png", summary)
+        plots.plot_error_vs_horizon(out / "error_vs_horizon.png", scores["summary"])
     except ImportError as e:
         print(f"no plots: {e}")
-    print(json.dumps({k: {m: v.get(m) for m in ("mae_mean", "mse_mean", "malformed_steps") if m in v}
-                      for k, v in summary.items()}, indent=1, default=str))
+    print(headline(scores["summary"], H))
     return report
 
 
-def save_forecasts(path: Path, systems: np.ndarray, truth: np.ndarray, prompt: np.ndarray, time: np.ndarray,
-                   forecasts: dict[str, np.ndarray], lm_runs: dict[str, dict[str, forecasting.ForecastRun]]) -> None:
+def headline(summary: dict[str, dict], horizon: int) -> str:
+    """The table printed at the end: filled-in MAE (every step counts), coverage, relative score."""
+    rows = [f"{'model':<18} {'MAE (filled)':>16} {'MAE h1-10':>10} {'coverage':>9} {'relative':>9}"]
+    for name, r in summary.items():
+        h10 = r.get("mae_h1_10", r["mae"]) if horizon > 10 else r["mae"]
+        rows.append(f"{name:<18} {r['mae']:>9.4f} ±{r['mae_se'] or 0:.4f} {h10:>10.4f} {r['coverage']:>9.3f} "
+                    f"{r['relative_score'] or float('nan'):>9.3f}")
+    return "\n".join(rows)
+
+
+def save_forecasts(path: Path, encoding: llmtime.EncodingConfig, systems: np.ndarray, truth: np.ndarray,
+                   prompt: np.ndarray, time: np.ndarray, forecasts: dict[str, np.ndarray], bands: dict[str, np.ndarray],
+                   lm_runs: dict[str, dict[str, forecasting.ForecastRun]]) -> None:
     """forecasts.h5: the systems, their truth and prompt, and per model its forecast (the language
-    models also their samples and generated text), in original units."""
+    models also their samples and every generated text; medians their 10-90% band), in original
+    units. The encoding is stored too (attribute ``encoding_json``), so the texts decode again."""
     with h5py.File(path, "w") as f:
+        f.attrs["encoding_json"] = json.dumps(asdict(encoding))
         f["system_ids"], f["truth"], f["prompt"], f["time"] = systems, truth, prompt, time
         for name, pred in forecasts.items():
             g = f.create_group(name)
             g["forecast"] = pred
-            if name in lm_runs and "samples" in lm_runs[name]:
-                g["samples"] = lm_runs[name]["samples"].values
-            if name in lm_runs:
-                g.attrs["texts_json"] = json.dumps(lm_runs[name]["greedy"].texts)
+            if name in bands:
+                g["band"] = bands[name]
+            for mode, run in lm_runs.get(name, {}).items():
+                if mode == "samples":
+                    g["samples"] = run.values
+                g.attrs[f"{mode}_texts_json"] = json.dumps(run.texts)
 
 
 if __name__ == "__main__":

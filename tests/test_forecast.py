@@ -1,5 +1,6 @@
 """forecast.py end to end on a tiny checkpoint: every model and baseline on the trained run's own
-test systems, the files it writes, and one ledger entry per model and mode."""
+test systems, figures that equal a hand computation, texts that decode again to the stored
+numbers, and the ledger charged per generate call."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import json
 
 import h5py
 import numpy as np
+import pytest
 
 from experiments import forecast, train
-from experiments.lib import baselines
+from experiments.lib import baselines, forecasting, llmtime
 from experiments.lib.lotka_volterra import load_h5
 from flops import Ledger
 from tests.conftest import script_argv
@@ -21,27 +23,52 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
     train.main(script_argv(tiny_ckpt, lv_data_file, run, "--max-systems", 2, "--context-length", 128,
                            "--batch-size", 2, "--lr", 0.3, "--max-steps", 6, "--eval-every", 0, "--val-systems", 2,
                            "--train-lm-head-bias"))
-    rep = forecast.main(script_argv(tiny_ckpt, lv_data_file, out, "--adapter", run / "adapter", "--max-systems", 3,
-                                    "--context-steps", 20, "--horizon", 4, "--samples", 2))
+    C, H, N = 20, 4, 3
+    rep = forecast.main(script_argv(tiny_ckpt, lv_data_file, out, "--adapter", run / "adapter", "--max-systems", N,
+                                    "--context-steps", C, "--horizon", H, "--samples", 2))
     models = {"untrained", "trained", "untrained_median", "trained_median", "persistence", "linear_ar", "ode_fit"}
     assert set(rep["summary"]) == models
-    for m in models:
-        assert rep["summary"][m]["systems"] == 3 and rep["summary"][m]["horizon"] == 4
-    assert "trained_vs_untrained" in rep["paired"]
     # the test systems of the trained run's own split
-    assert rep["systems"] == json.loads((run / "splits.json").read_text())["test"][:3]
+    assert rep["systems"] == json.loads((run / "splits.json").read_text())["test"][:N]
     traj, _ = load_h5(lv_data_file)
+    truth, last = traj[rep["systems"], C:C + H], traj[rep["systems"], C - 1]
+
+    # persistence by hand: per system the mean |last prompt value - truth|, then mean and SE over systems
+    per_system = np.abs(last[:, None] - truth).mean(axis=(1, 2))
+    pers = rep["summary"]["persistence"]
+    assert pers["mae"] == pytest.approx(per_system.mean())
+    assert pers["mae_se"] == pytest.approx(per_system.std(ddof=1) / np.sqrt(N))
+    assert pers["relative_score"] == pytest.approx(1.0) and pers["coverage"] == 1.0 and pers["malformed_steps"] == 0
+    assert pers["per_horizon"]["prey"]["mae"] == pytest.approx(np.abs(last[:, None, 0] - truth[:, :, 0]).mean(axis=0))
+
+    enc = llmtime.EncodingConfig.load(out / "encoding.json")
     with h5py.File(out / "forecasts.h5") as f:
-        assert f["truth"].shape == (3, 4, 2) and f["trained/forecast"].shape == (3, 4, 2)
-        assert f["trained/samples"].shape == (3, 2, 4, 2)
-        assert np.array_equal(f["truth"][()], traj[rep["systems"], 20:24])
-        assert np.array_equal(f["prompt"][()], traj[rep["systems"], :20])
+        assert np.array_equal(f["truth"][()], truth) and np.array_equal(f["prompt"][()], traj[rep["systems"], :C])
+        assert llmtime.EncodingConfig(**json.loads(f.attrs["encoding_json"])) == enc
+        for name in ("untrained", "trained"):
+            # the stored texts, decoded again with the saved encoding, are the stored numbers
+            greedy = json.loads(f[name].attrs["greedy_texts_json"])
+            again = np.stack([forecasting.decode_forecast(t[0], H, enc)[0] for t in greedy])
+            assert np.array_equal(again, f[f"{name}/forecast"][()], equal_nan=True)
+            texts = json.loads(f[name].attrs["samples_texts_json"])
+            again = np.stack([[forecasting.decode_forecast(t, H, enc)[0] for t in row] for row in texts])
+            assert np.array_equal(again, f[f"{name}/samples"][()], equal_nan=True)
+            # and the coverage in the metrics is the share of those steps that decoded
+            ok = np.isfinite(again).all(axis=-1)
+            assert rep["summary"][f"{name}_median"]["coverage"] == pytest.approx(ok.any(axis=1).mean())
+            assert f[f"{name}_median/band"].shape == (N, 2, H, 2)
     for png in ("examples.png", "error_vs_horizon.png"):
         assert (out / png).stat().st_size > 1000
-    # the ledger: one entry per model and mode, holding what the forecasts spent
-    entries = [e for e in Ledger(tmp_path / "ledger.jsonl").entries() if e.kind == "forecast"]
-    assert sorted((e.config["model"], e.config["mode"]) for e in entries) == [
-        ("trained", "greedy"), ("trained", "samples"), ("untrained", "greedy"), ("untrained", "samples")]
+
+    # paired: trained - untrained is the per-system difference of the filled-in MAEs
+    d = rep["paired"]["trained - untrained"]
+    assert d["mae_diff"] == pytest.approx(rep["summary"]["trained"]["mae"] - rep["summary"]["untrained"]["mae"])
+    assert "trained - persistence" in rep["paired"] and "persistence - untrained" in rep["paired"]
+
+    # the ledger: one charge per generate call, adding up to what each model spent; the reservation closed
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    charges = [e for e in ledger.entries() if e.kind == "forecast"]
     for name in ("trained", "untrained"):
-        assert sum(e.flops for e in entries if e.config["model"] == name) == rep["summary"][name]["flops"]
-    assert all(e.tokens > 0 for e in entries)
+        mine = [e for e in charges if e.config["model"] == name]
+        assert len(mine) == 2 and sum(e.flops for e in mine) == pytest.approx(rep["summary"][name]["flops"])
+    assert ledger.reserved() == 0.0

@@ -62,10 +62,33 @@ def test_max_new_tokens_is_the_longest_prompt_step_plus_room_per_step():
 def test_decode_forecast_keeps_steps_in_place():
     enc = llmtime.EncodingConfig(alpha=2.0)
     values, bad = forecasting.decode_forecast("1.00,2.00;x;3.00,4.00;5.00,6.00;7", 3, enc)
-    assert bad == 1
+    assert bad.tolist() == [False, True, False]
     assert np.array_equal(values[[0, 2]], [[2.0, 4.0], [6.0, 8.0]]) and np.isnan(values[1]).all()
     values, bad = forecasting.decode_forecast("1.00,2.00;", 3, enc)   # stopped early: missing steps are NaN
-    assert bad == 2 and np.isnan(values[1:]).all()
+    assert bad.tolist() == [False, True, True] and np.isnan(values[1:]).all()
+
+
+def test_decode_forecast_is_strict_about_the_encoding():
+    enc = llmtime.EncodingConfig(alpha=1.0, decimals=2)
+    text = ("1.00,2.00;"      # fine
+            "123,2.00;"       # no decimal point: 1.23 written as 123, never read as 123
+            "1.2,2.00;"       # one decimal short
+            "1.000,2.00;"     # one decimal too many
+            "01.00,2.00;"     # a leading zero encode never writes
+            "-0.00,2.00;"     # a negative zero encode never writes
+            ",2.00;"          # an empty field
+            "1.00,2.00,3.00;"  # an extra field
+            "4.00,5.00;"      # fine, still at its own index
+            "6.00,7.0")       # the last step, cut off by the token limit
+    values, bad = forecasting.decode_forecast(text, 10, enc)
+    assert bad.tolist() == [False] + [True] * 7 + [False, True]
+    assert values[0].tolist() == [1.0, 2.0] and values[8].tolist() == [4.0, 5.0]
+    # a complete-looking last step without its ';' is cut off too: the next digit could have followed
+    values, bad = forecasting.decode_forecast("1.00,2.00;3.00,4.00", 2, enc)
+    assert bad.tolist() == [False, True]
+    # decimals 0: integers are the encoding; "3." or "3.0" are not
+    values, bad = forecasting.decode_forecast("3,4;3.,4;3.0,4;", 3, llmtime.EncodingConfig(alpha=1.0, decimals=0))
+    assert bad.tolist() == [False, True, True]
 
 
 def test_alphabet_is_thirteen_single_tokens(tiny):

@@ -110,6 +110,8 @@ def _field_value(f: str, decimals: int | None) -> float | None:
         return None
     if decimals is not None and len(frac) != decimals:
         return None
+    if decimals is not None and ((len(int_part) > 1 and int_part[0] == "0") or (f.startswith("-") and float(f) == 0)):
+        return None   # strict: encode never writes a leading zero or a negative zero
     return float(f)
 
 

@@ -1,4 +1,5 @@
-"""Metrics against hand-computed values on small arrays, and NaN handling."""
+"""Forecast scores against values worked out by hand on small arrays: the fill rule, coverage,
+filled-in and common-support errors, the relative score, CRPS, band coverage and paired differences."""
 
 from __future__ import annotations
 
@@ -10,76 +11,114 @@ import pytest
 
 from experiments.lib import metrics
 
+# 2 systems, 3 steps; the last prompt values are the fill and persistence's forecast
+TRUTH = np.array([[[1.0, 2.0], [2.0, 4.0], [3.0, 3.0]],
+                  [[4.0, 1.0], [5.0, 2.0], [6.0, 3.0]]])
+LAST = np.array([[0.0, 1.0], [3.0, 0.0]])
 
-def test_horizon_metrics_equal_hand_computed_values():
-    # 2 systems, 2 steps; errors chosen so every figure is easy to work out by hand
-    truth = np.array([[[1.0, 2.0], [2.0, 4.0]],
-                      [[4.0, 1.0], [5.0, 2.0]]])
-    pred = np.array([[[2.0, 2.0], [0.0, 5.0]],      # prey errors +1, -2; predator 0, +1
-                     [[1.0, 1.5], [5.0, 6.0]]])     # prey errors -3, 0;  predator +0.5, +4
-    r = metrics.horizon_metrics(pred, truth)
-    prey, predator = r["per_horizon"]["prey"], r["per_horizon"]["predator"]
-    assert prey["mae"] == pytest.approx([2.0, 1.0])                 # (1+3)/2, (2+0)/2
-    assert prey["mse"] == pytest.approx([5.0, 2.0])                 # (1+9)/2, (4+0)/2
-    assert prey["mape"] == pytest.approx([(100 + 75) / 2, (100 + 0) / 2])   # 1/1, 3/4; 2/2, 0/5
-    assert predator["mae"] == pytest.approx([0.25, 2.5])
-    # SE over 2 systems of values u, v: |u - v| / 2 (sample sd |u-v|/sqrt(2), over sqrt(2))
-    assert prey["mae_se"] == pytest.approx([1.0, 1.0])
-    assert predator["mse_se"] == pytest.approx([0.125, 7.5])       # mse 0, 0.25 and 1, 16
-    assert prey["n"] == [2, 2] and r["malformed_steps"] == 0 and r["systems"] == 2 and r["horizon"] == 2
-    # overall: per-system means over both variables and steps, then mean over systems
-    s0, s1 = (1 + 2 + 0 + 1) / 4, (3 + 0 + 0.5 + 4) / 4
-    assert r["mae_mean"] == pytest.approx((s0 + s1) / 2) and r["mae_se"] == pytest.approx(abs(s0 - s1) / 2)
-    assert r["mse_mean"] == pytest.approx(((1 + 4 + 0 + 1) / 4 + (9 + 0 + 0.25 + 16) / 4) / 2)
-    assert r["prey_mae_mean"] == pytest.approx(((1 + 2) / 2 + (3 + 0) / 2) / 2)
+
+def test_fill_rule_uses_the_last_valid_step_or_the_prompt():
+    pred = TRUTH.copy()
+    pred[0, 1] = np.nan          # after a valid step: that step's values
+    pred[1, 0] = np.nan          # before any valid step: the last prompt value
+    pred[1, 1, 0] = np.nan       # one bad value makes the whole step malformed
+    filled = metrics.fill_malformed(pred, LAST)
+    assert filled[0].tolist() == [[1.0, 2.0], [1.0, 2.0], [3.0, 3.0]]
+    assert filled[1].tolist() == [[3.0, 0.0], [3.0, 0.0], [6.0, 3.0]]
+    samples = np.stack([pred, TRUTH], axis=1)          # (N, S, H, 2): the same rule per sample
+    assert np.array_equal(metrics.fill_malformed(samples, LAST)[:, 0], filled)
+    assert np.array_equal(metrics.fill_malformed(samples, LAST)[:, 1], TRUTH)
+
+
+def test_scores_equal_hand_computed_values():
+    pred = TRUTH.copy()
+    pred[0, 1] = np.nan
+    pred[1, 0] = np.nan
+    r = metrics.forecast_scores(pred, TRUTH, LAST, short_horizon=2)
+    # filled errors: system 0 |(1,2) - (2,4)| at step 1 = 1 + 2, system 1 |(3,0) - (4,1)| at step 0 = 1 + 1
+    s0, s1 = 3 / 6, 2 / 6
+    assert r["mae"] == pytest.approx((s0 + s1) / 2) and r["mae_se"] == pytest.approx(abs(s0 - s1) / 2)
+    assert r["mse"] == pytest.approx(((1 + 4) / 6 + 2 / 6) / 2)
+    assert r["mae_h1_2"] == pytest.approx((3 / 4 + 2 / 4) / 2)        # the first two steps only
+    assert r["prey_mae"] == pytest.approx((1 / 3 + 1 / 3) / 2)
+    assert r["predator_mae"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    assert r["coverage"] == pytest.approx(4 / 6) and r["coverage_se"] == 0.0
+    assert r["malformed_steps"] == 2 and r["malformed_per_step"] == [1, 1, 0]
+    assert r["common_mae"] == 0.0 and r["common_steps"] == 4           # where it answered, it was exact
+    # persistence's MAE is 12 / 6 = 2 on both systems: ratios 0.25 and 1/6, geometric mean sqrt(1/24)
+    assert r["relative_score"] == pytest.approx(math.sqrt(0.25 / 6)) and r["relative_systems"] == 2
+    log_r = np.log([0.25, 1 / 6])
+    assert r["relative_score_se"] == pytest.approx(math.sqrt(0.25 / 6) * abs(log_r[0] - log_r[1]) / 2)
+    prey = r["per_horizon"]["prey"]
+    assert prey["mae"] == pytest.approx([0.5, 0.5, 0.0]) and prey["coverage"] == pytest.approx([0.5, 0.5, 1.0])
+    assert r["per_horizon"]["predator"]["mae"] == pytest.approx([0.5, 1.0, 0.0])
     json.dumps(r, allow_nan=False)
 
 
-def test_nan_steps_are_counted_and_left_out():
-    truth = np.ones((3, 2, 2))
-    pred = np.full((3, 2, 2), 2.0)
-    pred[0, 1] = np.nan            # a whole malformed step
-    pred[1, 1, 1] = np.nan         # one bad value: still one malformed step
-    pred[2, 1, 0] = 5.0            # error 4
-    r = metrics.horizon_metrics(pred, truth)
-    assert r["malformed_steps"] == 2
-    assert r["per_horizon"]["prey"]["n"] == [3, 2] and r["per_horizon"]["predator"]["n"] == [3, 1]
-    assert r["per_horizon"]["prey"]["mae"] == pytest.approx([1.0, (1 + 4) / 2])
-    assert r["per_horizon"]["predator"]["mae"] == pytest.approx([1.0, 1.0])
-    assert r["per_horizon"]["predator"]["mae_se"][1] is None          # one system: no SE
-    assert r["mae_mean"] == pytest.approx((1 + 1 + (1 + 1 + 4 + 1) / 4) / 3)   # systems' own valid values
-    every = metrics.horizon_metrics(np.full((2, 2, 2), np.nan), np.ones((2, 2, 2)))
-    assert every["malformed_steps"] == 4 and every["mae_mean"] is None
-    assert every["per_horizon"]["prey"]["mae"] == [None, None]
-    json.dumps(every, allow_nan=False)
-    with pytest.raises(ValueError):
-        metrics.horizon_metrics(np.ones((2, 3, 2)), np.ones((2, 2, 2)))
+def test_persistence_scores_one_and_its_own_error():
+    pred = np.repeat(LAST[:, None], 3, axis=1)
+    r = metrics.forecast_scores(pred, TRUTH, LAST)
+    assert r["relative_score"] == pytest.approx(1.0) and r["coverage"] == 1.0 and r["mae"] == pytest.approx(2.0)
+    # a forecast that never answers is filled with the last prompt value: it *is* persistence
+    silent = metrics.forecast_scores(np.full_like(TRUTH, np.nan), TRUTH, LAST)
+    assert silent["mae"] == r["mae"] and silent["relative_score"] == pytest.approx(1.0) and silent["coverage"] == 0.0
+    assert silent["common_mae"] is None and silent["common_steps"] == 0
 
 
-def test_mape_leaves_out_zero_truth():
-    truth = np.array([[[0.0, 2.0]], [[2.0, 2.0]]])
-    pred = np.array([[[1.0, 3.0]], [[3.0, 1.0]]])
-    r = metrics.horizon_metrics(pred, truth)
-    assert r["per_horizon"]["prey"]["mape"] == pytest.approx([50.0])        # only system 1: 1/2
-    assert r["per_horizon"]["prey"]["mae"] == pytest.approx([1.0])          # MAE keeps both
+def test_failing_to_answer_never_beats_answering_correctly():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        truth = rng.uniform(0, 5, (4, 6, 2))
+        last = rng.uniform(0, 5, (4, 2))
+        wrong = rng.random((4, 6)) < 0.4                  # these steps malformed ...
+        correct = truth.copy()                            # ... where the forecast would have been exact
+        answered = np.where(wrong[..., None], np.nan, correct)
+        a = metrics.forecast_scores(answered, truth, last)
+        b = metrics.forecast_scores(correct, truth, last)
+        assert a["mae"] >= b["mae"] and a["mse"] >= b["mse"]
+        assert a["coverage"] == pytest.approx(1 - wrong.mean()) and b["coverage"] == 1.0
+        # the valid-only mean that this replaces would have called them equal (both exact where answered)
+        assert a["common_mae"] == b["common_mae"] == 0.0
 
 
-def test_paired_comparison_equals_hand_computed_mean_and_se():
+def test_common_support_masks_steps_another_model_missed():
+    pred = TRUTH + 1.0
+    common = np.array([[True, False, True], [False, False, True]])
+    r = metrics.forecast_scores(pred, TRUTH, LAST, common=common)
+    assert r["common_mae"] == 1.0 and r["common_steps"] == 3 and r["mae"] == 1.0
+
+
+def test_crps_and_band_coverage():
+    # CRPS of the two-point distribution {0, 2} at y = 1: E|X - y| - E|X - X'| / 2 = 1 - 0.5
+    assert metrics.crps_ensemble(np.array([[[[0.0]], [[2.0]]]]), np.array([[[1.0]]])).item() == pytest.approx(0.5)
+    # one sample: the absolute error
+    assert metrics.crps_ensemble(np.array([[[[3.0]]]]), np.array([[[1.0]]])).item() == pytest.approx(2.0)
+    truth = np.zeros((1, 2, 2))
+    samples = np.array([-2.0, -1.0, 1.0, 2.0, 10.0])[None, :, None, None] * np.ones((1, 5, 2, 2))
+    samples[0, :, 1, 0] += 20.0                    # step 1 prey: every sample above the truth
+    r = metrics.forecast_scores(np.median(samples, axis=1), truth, np.zeros((1, 2)), samples=samples)
+    assert r["band_coverage"] == pytest.approx(3 / 4)
+    x = np.array([-2.0, -1.0, 1.0, 2.0, 10.0])
+    pairwise = np.abs(x[:, None] - x[None, :]).mean()
+    assert r["per_horizon"]["prey"]["crps"][0] == pytest.approx(np.abs(x).mean() - pairwise / 2)
+    assert r["per_horizon"]["prey"]["crps"][1] == pytest.approx(np.abs(x + 20).mean() - pairwise / 2)
+
+
+def test_paired_difference_equals_hand_computed_mean_and_se():
     truth = np.zeros((4, 2, 2))
+    last = np.full((4, 2), 10.0)
     a = np.array([1.0, 2.0, 3.0, 4.0])[:, None, None] * np.ones((4, 2, 2))
     b = np.array([2.0, 2.0, 1.0, 0.0])[:, None, None] * np.ones((4, 2, 2))
-    b[3, 1, 0] = np.nan            # system 3 loses one value from the pairing, still counts
-    r = metrics.paired_comparison(a, b, truth)
-    d = np.array([-1.0, 0.0, 2.0, 4.0])                 # |a| - |b| per system (every value equal)
-    assert r["mean_diff"] == pytest.approx(d.mean())
-    assert r["se"] == pytest.approx(d.std(ddof=1) / 2)
-    assert r["systems"] == 4
-    prey = r["per_horizon"]["prey"]
-    assert prey["n"] == [4, 3]
-    assert prey["mean_diff"] == pytest.approx([d.mean(), d[:3].mean()])
-    assert prey["se"][1] == pytest.approx(d[:3].std(ddof=1) / math.sqrt(3))
-    b[0] = np.nan                  # a system with no value valid in both drops out
-    assert metrics.paired_comparison(a, b, truth)["systems"] == 3
+    b[3, 1] = np.nan               # filled with b's step 0 (= 0): the filled-in difference is unchanged
+    r = metrics.paired_difference(a, b, truth, last, short_horizon=1)
+    d = np.array([-1.0, 0.0, 2.0, 4.0])
+    assert r["mae_diff"] == pytest.approx(d.mean()) and r["mae_diff_se"] == pytest.approx(d.std(ddof=1) / 2)
+    assert r["mae_diff_h1_1"] == pytest.approx(d.mean())
+    # common support: system 3 keeps only step 0, the others both steps: the same per-system means
+    assert r["common_mae_diff"] == pytest.approx(d.mean())
+    assert r["per_horizon"]["prey"]["mae_diff"] == pytest.approx([d.mean(), d.mean()])
+    # log(MAE_a) - log(MAE_b) per system; system 3's b is exact (log 0): that system has no ratio
+    assert r["log_relative_diff"] == pytest.approx(np.mean(np.log([1 / 2, 2 / 2, 3 / 1])))
     json.dumps(r, allow_nan=False)
 
 
@@ -93,3 +132,12 @@ def test_median_and_band_ignore_nan():
     assert band[0, :, 0, 1] == pytest.approx([2.0, 10.0])        # 10%/90% of 1..11 (linear interpolation)
     assert band[0, :, 0, 0] == pytest.approx([1.9, 9.1])          # of 1..10
     assert np.isnan(median[0, 1, 1]) and np.isnan(band[0, :, 1, 1]).all()
+
+
+def test_shapes_are_checked():
+    with pytest.raises(ValueError):
+        metrics.forecast_scores(np.ones((2, 3, 2)), TRUTH[:, :2], LAST)
+    with pytest.raises(ValueError):
+        metrics.forecast_scores(TRUTH, TRUTH, LAST[:1])
+    with pytest.raises(ValueError):
+        metrics.forecast_scores(TRUTH, TRUTH * np.nan, LAST)

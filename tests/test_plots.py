@@ -18,7 +18,7 @@ def test_plots_write_nonempty_pngs(tmp_path):
     median, band = metrics.median_and_band(truth[:, None] + rng.normal(0, 0.1, (3, 5, 4, 2)))
     forecasts["b_median"] = median
     plots.plot_examples(tmp_path / "ex.png", time, series, 8, forecasts, {"b_median": band})
-    summary = {k: metrics.horizon_metrics(v, truth) for k, v in forecasts.items()}
+    summary = metrics.compare(forecasts, truth, series[:, 7])["summary"]
     plots.plot_error_vs_horizon(tmp_path / "err.png", summary)
     for name in ("ex.png", "err.png"):
         data = (tmp_path / name).read_bytes()

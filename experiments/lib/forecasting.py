@@ -8,7 +8,7 @@ a number or a separator, and lets the output layer compute 13 logits instead of 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,7 +62,7 @@ def max_new_tokens(prompts: Sequence[str], horizon: int) -> int:
 @dataclass
 class ForecastRun:
     values: np.ndarray            # (N, S, H, 2) in original units; NaN where a step was malformed or missing
-    malformed: np.ndarray         # (N, S) malformed-or-missing steps per forecast
+    malformed: np.ndarray         # (N, S, H) True where that step was malformed or missing
     texts: list[list[str]]        # the generated text, per system and sample
     flops: float = 0.0            # what the forward passes cost by the counter, for the ledger
     matmul_2mnp: float = 0.0      # its matmul part, 2mnp convention (to check against FlopCounterMode)
@@ -89,8 +89,14 @@ def generation_flops(model: Qwen2, *, batch: int, prompt_len: int, steps: int, n
 def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: int,
              encoding: llmtime.EncodingConfig, *, batch_size: int = 16, num_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, constrained: bool = True, seed: int = 0,
-             device: torch.device | str = "cpu", progress=None) -> ForecastRun:
-    """Forecast ``horizon`` steps after each prompt; greedy when temperature is 0, else num_samples draws."""
+             device: torch.device | str = "cpu", progress=None,
+             on_call: Callable[[dict, float], None] | None = None) -> ForecastRun:
+    """Forecast ``horizon`` steps after each prompt; greedy when temperature is 0, else num_samples draws.
+
+    Generated text is decoded strictly with ``encoding`` (see ``decode_forecast``). ``on_call(call,
+    flops)`` runs after every ``generate`` call with its shape and its FLOPs by the counter, so the
+    caller can book work as it is spent.
+    """
     allowed = alphabet_ids(tokenizer) if constrained else None
     semi = torch.zeros(model.config.vocab_size, dtype=torch.long)
     semi_id = tokenizer.encode(";")[0]
@@ -103,7 +109,7 @@ def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: in
     N = len(prompts)
     S = num_samples
     values = np.full((N, S, horizon, 2), np.nan)
-    malformed = np.zeros((N, S), dtype=np.int64)
+    malformed = np.zeros((N, S, horizon), dtype=bool)
     texts: list[list[str]] = [[] for _ in range(N)]
     run = ForecastRun(values, malformed, texts)
     encoded = [tokenizer.encode(p) for p in prompts]
@@ -125,6 +131,8 @@ def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: in
         run.flops += total
         run.matmul_2mnp += mm
         run.tokens_generated += int(out.lengths.sum())
+        if on_call is not None:
+            on_call(call, total)
         for r in range(out.tokens.shape[0]):
             i, s = start + r // S, r % S
             text = tokenizer.decode(out.tokens[r, : int(out.lengths[r])].tolist(), skip_special_tokens=True)
@@ -135,11 +143,17 @@ def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: in
     return run
 
 
-def decode_forecast(text: str, horizon: int, encoding: llmtime.EncodingConfig) -> tuple[np.ndarray, int]:
-    """The first ``horizon`` ';'-separated steps of generated text in original units, (H, 2), and how
-    many of them are malformed or missing (NaN rows)."""
-    steps = text.split(";")[:horizon]
-    arr, _ = llmtime.decode(";".join(steps), alpha=encoding.alpha, n_vars=2)
+def decode_forecast(text: str, horizon: int, encoding: llmtime.EncodingConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``horizon`` steps of generated text in original units, (H, 2), and which of them are
+    malformed or missing, (H,) bool; NaN rows there.
+
+    Strict: a step counts only if a ';' ends it (the last step before a token limit or an end-of-text
+    token is cut off, hence malformed), and its fields must be written exactly as ``llmtime.encode``
+    writes them with the encoding's decimals. Step i is row i whatever happened to the others.
+    """
+    complete = text.split(";")[:-1][:horizon]   # the part after the last ';' never ended
+    arr, _ = llmtime.decode("".join(s + ";" for s in complete), alpha=encoding.alpha, n_vars=2,
+                            decimals=encoding.decimals)
     out = np.full((horizon, 2), np.nan)
-    out[: min(horizon, len(arr))] = arr[:horizon]
-    return out, int(np.isnan(out).any(axis=1).sum())
+    out[: len(arr)] = arr
+    return out, np.isnan(out).any(axis=1)

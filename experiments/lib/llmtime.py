@@ -7,6 +7,9 @@ training systems only: the given percentile of their values maps to 10, so most 
 digit before the point. Decoding never raises: the i-th ';'-separated segment always lands at row
 i, and a malformed one (wrong number of fields, a field that is not a plain decimal number, an
 empty field) becomes a row of NaN there, so one bad step never shifts the steps after it.
+Decoding with the encoding's ``decimals`` is strict: a field must be written exactly as ``encode``
+writes numbers (that many decimals, no leading zeros, no "-0"), so "123" for 1.23 or a number cut
+short is malformed instead of a value 100x too large or too small.
 
 Negative values are allowed (a '-' sign; "-0.00" is written "0.00"), though populations never are.
 Numbers >= 10 * alpha simply get more digits before the point: nothing is clipped.
@@ -26,6 +29,8 @@ from experiments.lib import files
 
 # plain ASCII decimals only: no exponent, '+', spaces, nan, inf, or the Unicode digits that \d and float() accept
 NUMBER = re.compile(r"-?[0-9]+(\.([0-9]+))?")
+# the form encode writes: no leading zeros (but a single "0" before the point)
+CANONICAL = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,15 @@ def encode(values: np.ndarray, *, alpha: float, decimals: int = 2) -> str:
 
 
 def _parse(field_text: str, decimals: int | None) -> float | None:
-    """A field's value, or None if it is not a plain decimal (with exactly ``decimals`` decimals if given)."""
+    """A field's value, or None if it is not a plain decimal. With ``decimals``, also None unless it
+    is written exactly as ``encode`` writes: that many decimals, no leading zero, no negative zero."""
     m = NUMBER.fullmatch(field_text)
     if m is None:
         return None
-    if decimals is not None and len(m.group(2) or "") != decimals:
-        return None
     v = float(field_text)
+    if decimals is not None and (len(m.group(2) or "") != decimals or not CANONICAL.fullmatch(field_text)
+                                 or (v == 0 and field_text.startswith("-"))):
+        return None
     return v if np.isfinite(v) else None   # hundreds of digits overflow to inf
 
 
@@ -116,8 +123,9 @@ def decode(text: str, *, alpha: float, n_vars: int = 2, decimals: int | None = N
     """Text -> (steps, n_vars) in original units (x * alpha), with NaN rows for malformed steps.
 
     Never raises on malformed text. The i-th ';'-separated segment is row i; "a;b;" is two steps
-    and "" none. With ``decimals`` a field must have exactly that many decimals, which makes any
-    number cut short (by a token limit, say) malformed instead of silently wrong.
+    and "" none. With ``decimals`` a field must be written as ``encode`` writes it, with exactly that
+    many decimals, which makes any number cut short (by a token limit, say) or missing its point
+    malformed instead of silently wrong.
     """
     if not isinstance(text, str):
         text = "" if text is None else str(text)

@@ -1,12 +1,27 @@
-"""Forecast errors per horizon step, paired comparisons and sample bands, NaN-aware.
+"""Forecast scores that cannot be gamed by failing to answer: coverage, filled-in errors, a scale-free
+score, CRPS, and paired differences, each with its standard error over systems.
 
-A NaN forecast value means the model produced no usable number there (a malformed or missing step
-of a language-model forecast). Errors are computed over valid values only and the number of
-malformed steps is reported beside them, so a model cannot look good by failing to answer.
+A forecast is (N systems, H steps, 2 variables) in original units, NaN where the language model wrote
+no usable number (a malformed step, or one it never reached). The rules:
 
-Standard errors are across systems (sample standard deviation with ddof=1 over sqrt(n)): systems
-are the independent units; horizon steps of one system are strongly correlated. Everything
-returned is plain Python (lists, floats, ints, None for an undefined value) so it goes into JSON.
+- ``coverage``: the fraction of (system, step) pairs that decoded.
+- Filled-in errors (``mae``, ``mse``): every step counts. A malformed step is filled with that
+  forecast's last valid step before it, or the last prompt value if there is none (what a user
+  holding the forecast would do). A model that fails to answer scores what its fallback scores.
+- ``common_mae``: MAE over the steps valid in *every* forecast compared (the common support), so a
+  paired view that only compares numbers every model actually wrote.
+- ``relative_score``: each system's filled-in MAE divided by last-value persistence's MAE on the same
+  system, aggregated over systems by the geometric mean (Chronos's relative score): scale-free, so a
+  few large-valued systems cannot dominate. Below 1 beats persistence. Systems on which persistence is
+  exact (MAE 0) have no ratio and are left out (``relative_systems`` counts those used).
+- With samples (N, S, H, 2): ``crps``, the continuous ranked probability score of the filled-in samples
+  as an empirical distribution (LLMTIME's metric; lower is better), and ``band_coverage``, the fraction
+  of true values inside the samples' 10-90% quantile band (0.8 for a calibrated band).
+
+Standard errors are across systems (sample sd, ddof=1, over sqrt(n)): each system is one independent
+unit, its steps are strongly correlated. The SE of the geometric mean comes from the SE of the mean log
+ratio by the delta method (se = score * se_log). Everything returned is plain Python (None for an
+undefined figure) so it goes into JSON.
 """
 
 from __future__ import annotations
@@ -17,99 +32,183 @@ from typing import Any
 import numpy as np
 
 VARIABLES = ("prey", "predator")
+FILL_RULE = ("a malformed or missing step is filled with the forecast's last valid step before it, or the last "
+             "prompt value if there is none; filled-in MAE/MSE/CRPS count every step")
 
 
 def _float(x: float) -> float | None:
-    """JSON has no NaN: an undefined figure (no valid values, or one system for an SE) is None."""
     x = float(x)
     return x if np.isfinite(x) else None
 
 
 def _floats(a: np.ndarray) -> list[float | None]:
-    return [_float(v) for v in a]
+    return [_float(v) for v in np.asarray(a, dtype=np.float64)]
 
 
-def _mean_se(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, standard error, count) over ``axis`` ignoring non-finite values; NaN where undefined."""
-    x = np.where(np.isfinite(x), x, np.nan)  # an inf forecast counts as invalid, like a malformed one
+def mean_se(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, standard error, count) over ``axis``, ignoring NaN; NaN where undefined (no value; one value for SE)."""
+    x = np.where(np.isfinite(x), x, np.nan)
     n = np.isfinite(x).sum(axis=axis)
     with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
         mean = np.nanmean(x, axis=axis)
         se = np.nanstd(x, axis=axis, ddof=1) / np.sqrt(n)
-    mean, se = np.where(n > 0, mean, np.nan), np.where(n > 1, se, np.nan)
-    return mean, se, n
+    return np.where(n > 0, mean, np.nan), np.where(n > 1, se, np.nan), n
 
 
-def _check(pred: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check(pred: np.ndarray, truth: np.ndarray, last_prompt: np.ndarray) -> tuple[np.ndarray, ...]:
     pred, truth = np.asarray(pred, dtype=np.float64), np.asarray(truth, dtype=np.float64)
-    if pred.shape != truth.shape or pred.ndim != 3 or pred.shape[2] != 2:
-        raise ValueError(f"forecast {pred.shape} and truth {truth.shape} must both be (N, H, 2)")
-    if not np.isfinite(truth).all():
-        raise ValueError("truth must be finite (NaN marks a malformed forecast step, never a true value)")
-    return pred, truth
+    last_prompt = np.asarray(last_prompt, dtype=np.float64)
+    sample_axis_dropped = pred.shape if pred.ndim == 3 else pred.shape[:1] + pred.shape[2:]
+    if truth.ndim != 3 or truth.shape[2] != 2 or pred.ndim not in (3, 4) or sample_axis_dropped != truth.shape:
+        raise ValueError(f"forecast {pred.shape} must be (N, H, 2) or (N, S, H, 2) with truth {truth.shape} (N, H, 2)")
+    if last_prompt.shape != (truth.shape[0], 2):
+        raise ValueError(f"last prompt values {last_prompt.shape} must be (N, 2) for truth {truth.shape}")
+    if not (np.isfinite(truth).all() and np.isfinite(last_prompt).all()):
+        raise ValueError("truth and prompt must be finite (NaN marks a malformed forecast step, never a true value)")
+    return pred, truth, last_prompt
 
 
-def horizon_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    """Per-horizon-step and overall errors of ``pred`` against ``truth``, both (N, H, 2).
+def valid_steps(pred: np.ndarray) -> np.ndarray:
+    """[..., H] True where a step decoded: both variables finite."""
+    return np.isfinite(np.asarray(pred, dtype=np.float64)).all(axis=-1)
 
-    Returns ``per_horizon[variable][metric]`` (lists of H) for metric in mae, mse, mape (each with a
-    ``_se`` across systems) and ``n`` (systems valid at that step); ``{metric}_mean`` and
-    ``{metric}_se`` overall and ``{variable}_{metric}_mean`` per variable; ``malformed_steps`` (the
-    (system, step) pairs with any NaN), ``systems`` and ``horizon``.
 
-    Overall means are means over systems of each system's mean over its valid values, and their
-    SE is across those per-system means: each system weighs the same however many steps it got right.
-    MAPE is 100 |pred - truth| / truth (percent); truth values of 0 are left out of it (no relative
-    error exists there). Values near 0 make it large, which is what MAPE means, so read it with MAE.
-    """
-    pred, truth = _check(pred, truth)
-    N, H, _ = pred.shape
-    err = pred - truth                                   # NaN where the forecast is NaN
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ape = np.where(truth != 0, 100.0 * np.abs(err) / np.abs(truth), np.nan)
-    per_metric = {"mae": np.abs(err), "mse": err ** 2, "mape": ape}
-    out: dict[str, Any] = {"systems": N, "horizon": H,
-                           "malformed_steps": int((~np.isfinite(pred)).any(axis=2).sum()),
-                           "per_horizon": {}}
-    for v, name in enumerate(VARIABLES):
-        block: dict[str, list] = {}
-        for metric, values in per_metric.items():
-            mean, se, n = _mean_se(values[:, :, v], axis=0)
-            block[metric], block[f"{metric}_se"] = _floats(mean), _floats(se)
-            if metric == "mae":
-                block["n"] = [int(k) for k in n]
-            system_mean, _, _ = _mean_se(values[:, :, v], axis=1)
-            out[f"{name}_{metric}_mean"] = _float(_mean_se(system_mean)[0])
-        out["per_horizon"][name] = block
-    for metric, values in per_metric.items():
-        system_mean, _, _ = _mean_se(values.reshape(N, -1), axis=1)   # both variables together
-        mean, se, _ = _mean_se(system_mean)
-        out[f"{metric}_mean"], out[f"{metric}_se"] = _float(mean), _float(se)
+def fill_malformed(pred: np.ndarray, last_prompt: np.ndarray) -> np.ndarray:
+    """(..., H, 2) forecasts with every invalid step replaced by the last valid step before it, or by
+    ``last_prompt`` (N, 2) where there is none. Leading axes: (N, H, 2) or (N, S, H, 2)."""
+    pred = np.asarray(pred, dtype=np.float64)
+    last = np.asarray(last_prompt, dtype=np.float64)
+    last = last if pred.ndim == 3 else np.broadcast_to(last[:, None], pred.shape[:2] + (2,))
+    out = np.empty_like(pred)
+    ok = valid_steps(pred)
+    current = last.copy()
+    for h in range(pred.shape[-2]):
+        current = np.where(ok[..., h, None], pred[..., h, :], current)
+        out[..., h, :] = current
     return out
 
 
-def paired_comparison(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
-    """Mean difference of absolute error, ``|a - truth| - |b - truth|`` (negative: a is better).
+def crps_ensemble(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """CRPS of the empirical distribution of ``samples`` (N, S, H, 2) at ``truth`` (N, H, 2) -> (N, H, 2):
+    E|X - y| - E|X - X'| / 2, the exact CRPS of the S-point distribution (lower is better; equals
+    the absolute error when S = 1)."""
+    spread = np.abs(samples[:, :, None] - samples[:, None, :]).mean(axis=(1, 2))
+    return np.abs(samples - truth[:, None]).mean(axis=1) - 0.5 * spread
 
-    Paired: at each step only the systems where both forecasts are valid enter, so the difference
-    is between the two models on the same values. Per horizon step and variable: ``mean_diff``,
-    ``se`` and ``n`` (systems). Overall: each system's mean difference over the values valid in both
-    forecasts, then ``mean_diff``, ``se`` across systems and ``systems`` (those with any such value).
+
+def _summary(values: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean and SE over systems of each system's mean over everything else; (N, ...) -> figures."""
+    per_system = values.reshape(values.shape[0], -1)
+    m, s, _ = mean_se(mean_se(per_system, axis=1)[0])
+    return _float(m), _float(s)
+
+
+def forecast_scores(pred: np.ndarray, truth: np.ndarray, last_prompt: np.ndarray, *,
+                    common: np.ndarray | None = None, samples: np.ndarray | None = None,
+                    short_horizon: int = 10, band: tuple[float, float] = (0.1, 0.9)) -> dict[str, Any]:
+    """Every score of one forecaster: ``pred`` (N, H, 2), NaN where malformed, against ``truth`` (N, H, 2),
+    with ``last_prompt`` (N, 2) the last prompt step (the fill and persistence's forecast).
+
+    ``common`` (N, H) marks the common support for ``common_mae`` (default: this forecast's own valid
+    steps). ``samples`` (N, S, H, 2) adds ``crps`` and ``band_coverage``.
+
+    Overall figures: ``{metric}`` and ``{metric}_se`` over all H steps and both variables, the same
+    per variable (``prey_mae``, ...), ``{metric}_h1_{k}`` over the first k = ``short_horizon`` steps
+    (when H > k), plus ``malformed_steps`` (count), ``systems``, ``horizon``. Per horizon step:
+    ``per_horizon[variable]`` with lists of H values (``mae``, ``mae_se``, ``mse``, ``mse_se``,
+    ``coverage``, ``malformed`` and, with samples, ``crps``, ``crps_se``).
     """
-    pred_a, truth = _check(pred_a, truth)
-    pred_b, _ = _check(pred_b, truth)
-    diff = np.abs(pred_a - truth) - np.abs(pred_b - truth)   # NaN unless both are valid
-    N = diff.shape[0]
-    out: dict[str, Any] = {"per_horizon": {}}
+    pred, truth, last_prompt = _check(pred, truth, last_prompt)
+    N, H, _ = truth.shape
+    ok = valid_steps(pred)                                              # (N, H)
+    filled = fill_malformed(pred, last_prompt)
+    err = filled - truth
+    per_value = {"mae": np.abs(err), "mse": err ** 2}
+    if samples is not None:
+        samples, _, _ = _check(samples, truth, last_prompt)
+        filled_samples = fill_malformed(samples, last_prompt)
+        per_value["crps"] = crps_ensemble(filled_samples, truth)
+        lo, hi = np.quantile(filled_samples, band, axis=1)
+        per_value["band_coverage"] = ((truth >= lo) & (truth <= hi)).astype(np.float64)
+    out: dict[str, Any] = {"systems": N, "horizon": H, "malformed_steps": int((~ok).sum())}
+    out["coverage"], out["coverage_se"] = _summary(ok.astype(np.float64))
+    horizons = {"": H} | ({f"_h1_{short_horizon}": short_horizon} if H > short_horizon else {})
+    for suffix, k in horizons.items():
+        for metric, values in per_value.items():
+            out[f"{metric}{suffix}"], out[f"{metric}{suffix}_se"] = _summary(values[:, :k])
     for v, name in enumerate(VARIABLES):
-        mean, se, n = _mean_se(diff[:, :, v], axis=0)
-        out["per_horizon"][name] = {"mean_diff": _floats(mean), "se": _floats(se), "n": [int(k) for k in n]}
-        system_mean, _, _ = _mean_se(diff[:, :, v], axis=1)
-        out[f"{name}_mean_diff"] = _float(_mean_se(system_mean)[0])
-    system_mean, _, _ = _mean_se(diff.reshape(N, -1), axis=1)
-    mean, se, n = _mean_se(system_mean)
-    out.update(mean_diff=_float(mean), se=_float(se), systems=int(n))
+        for metric, values in per_value.items():
+            out[f"{name}_{metric}"], out[f"{name}_{metric}_se"] = _summary(values[:, :, v])
+
+    # the common support: errors only where every compared forecast wrote a number
+    support = ok if common is None else np.asarray(common, dtype=bool) & ok
+    masked = np.where(support[..., None], np.abs(err), np.nan)
+    out["common_mae"], out["common_mae_se"] = _summary_masked(masked)
+    out["common_steps"] = int(support.sum())
+
+    # scale-free: each system's MAE over persistence's, geometric mean over systems
+    pers = np.abs(last_prompt[:, None] - truth).mean(axis=(1, 2))      # (N,)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.where(pers > 0, np.log(np.abs(err).mean(axis=(1, 2)) / pers), np.nan)
+    m, s, n = mean_se(log_ratio)
+    out["relative_score"] = _float(np.exp(m))
+    out["relative_score_se"] = _float(np.exp(m) * s)
+    out["relative_systems"] = int(n)
+
+    per_h: dict[str, dict[str, list]] = {}
+    for v, name in enumerate(VARIABLES):
+        block: dict[str, list] = {}
+        for metric, values in per_value.items():
+            mean, se, _ = mean_se(values[:, :, v])
+            block[metric], block[f"{metric}_se"] = _floats(mean), _floats(se)
+        block["coverage"] = _floats(ok.mean(axis=0))
+        per_h[name] = block
+    out["per_horizon"] = per_h
+    out["malformed_per_step"] = [int(x) for x in (~ok).sum(axis=0)]
+    return out
+
+
+def _summary_masked(masked: np.ndarray) -> tuple[float | None, float | None]:
+    """Like ``_summary`` but NaN values are left out of each system's mean (a system with none drops out)."""
+    per_system = mean_se(masked.reshape(masked.shape[0], -1), axis=1)[0]
+    m, s, _ = mean_se(per_system)
+    return _float(m), _float(s)
+
+
+def paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray, last_prompt: np.ndarray, *,
+                      common: np.ndarray | None = None, short_horizon: int = 10) -> dict[str, Any]:
+    """a - b on the same systems (negative: a is better), each with its SE over systems:
+
+    ``mae_diff`` filled-in MAE (every step; ``mae_diff_h1_{k}`` the first k steps), ``common_mae_diff``
+    over the steps valid in both (and in ``common`` if given), ``log_relative_diff`` the mean difference
+    of log(MAE / persistence's MAE) (exp of it is the ratio of the two relative scores), and per
+    horizon step ``per_horizon[variable]["mae_diff"/"se"]`` of the filled-in absolute errors.
+    """
+    pred_a, truth, last_prompt = _check(pred_a, truth, last_prompt)
+    pred_b, _, _ = _check(pred_b, truth, last_prompt)
+    N, H, _ = truth.shape
+    ea = np.abs(fill_malformed(pred_a, last_prompt) - truth)
+    eb = np.abs(fill_malformed(pred_b, last_prompt) - truth)
+    diff = ea - eb
+    out: dict[str, Any] = {"systems": N}
+    out["mae_diff"], out["mae_diff_se"] = _summary(diff)
+    if H > short_horizon:
+        k = short_horizon
+        out[f"mae_diff_h1_{k}"], out[f"mae_diff_h1_{k}_se"] = _summary(diff[:, :k])
+    support = valid_steps(pred_a) & valid_steps(pred_b)
+    if common is not None:
+        support &= np.asarray(common, dtype=bool)
+    out["common_mae_diff"], out["common_mae_diff_se"] = _summary_masked(np.where(support[..., None], diff, np.nan))
+    pers = np.abs(last_prompt[:, None] - truth).mean(axis=(1, 2))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lr = np.where(pers > 0, np.log(ea.mean(axis=(1, 2))) - np.log(eb.mean(axis=(1, 2))), np.nan)
+    m, s, _ = mean_se(lr)
+    out["log_relative_diff"], out["log_relative_diff_se"] = _float(m), _float(s)
+    out["per_horizon"] = {}
+    for v, name in enumerate(VARIABLES):
+        mean, se, _ = mean_se(diff[:, :, v])
+        out["per_horizon"][name] = {"mae_diff": _floats(mean), "se": _floats(se)}
     return out
 
 
@@ -121,7 +220,45 @@ def median_and_band(samples: np.ndarray, quantiles: tuple[float, float] = (0.1, 
     if samples.ndim != 4 or samples.shape[3] != 2:
         raise ValueError(f"samples {samples.shape} must be (N, S, H, 2)")
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # all-NaN steps: NaN is the right answer
+        warnings.simplefilter("ignore", RuntimeWarning)
         median = np.nanmedian(samples, axis=1)
         band = np.nanquantile(samples, list(quantiles), axis=1).transpose(1, 0, 2, 3)
     return median, band
+
+
+def compare(forecasts: dict[str, np.ndarray], truth: np.ndarray, last_prompt: np.ndarray, *,
+            samples: dict[str, np.ndarray] | None = None, reference: str = "untrained", focus: str = "trained",
+            short_horizon: int = 10) -> dict[str, Any]:
+    """Score every forecaster on the same systems and pair them up.
+
+    ``forecasts``: name -> (N, H, 2), NaN where malformed; ``samples``: name -> (N, S, H, 2) for the
+    forecasters that are the median of samples (adds CRPS and band coverage). The common support is
+    the steps valid in *every* forecast given. Paired differences: every forecaster minus
+    ``reference`` (when present), and ``focus`` minus every other (when present), named "a - b".
+    Returns {"summary": name -> forecast_scores, "paired": "a - b" -> paired_difference,
+    "common_support": {"steps", "of"}}.
+    """
+    samples = samples or {}
+    common = np.logical_and.reduce([valid_steps(p) for p in forecasts.values()])
+    summary = {name: forecast_scores(pred, truth, last_prompt, common=common, samples=samples.get(name),
+                                     short_horizon=short_horizon) for name, pred in forecasts.items()}
+    pairs = [(a, reference) for a in forecasts if a != reference and reference in forecasts]
+    pairs += [(focus, b) for b in forecasts if b not in (focus, reference) and focus in forecasts]
+    paired = {f"{a} - {b}": paired_difference(forecasts[a], forecasts[b], truth, last_prompt, common=common,
+                                              short_horizon=short_horizon) for a, b in pairs}
+    support = {"steps": int(common.sum()), "of": int(common.size)}
+    return {"summary": summary, "paired": paired, "common_support": support}
+
+
+# One line per figure of ``forecast_scores`` / ``paired_difference``, written into forecast_metrics.json.
+DEFINITIONS = {
+    "coverage": "fraction of (system, step) pairs whose forecast decoded (strictly, with the run's encoding)",
+    "mae, mse": "filled-in errors over every step and both variables: " + FILL_RULE,
+    "mae_h1_10": "the same over the first 10 steps",
+    "common_mae": "MAE over the steps that decoded in every forecast compared (the common support)",
+    "relative_score": "geometric mean over systems of MAE / last-value persistence's MAE on that system (< 1 beats it)",
+    "crps, band_coverage": "median-of-samples forecasts: CRPS of the filled-in samples; fraction of true values "
+                           "inside their 10-90% band",
+    "*_se": "standard error over systems (per-system figures, sample sd / sqrt(n))",
+    "paired 'a - b'": "per-system differences a - b (negative: a is better), mean and SE over systems",
+}

@@ -68,7 +68,7 @@ def spans_decades(values: list[float | None], factor: float = 100.0) -> bool:
 
 def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, Any]], metric: str = "mae") -> None:
     """``metric`` (default MAE) against horizon step for every model in ``summary`` (name ->
-    ``metrics.horizon_metrics`` result), prey and predator in two panels, +-1 standard error shaded."""
+    ``metrics.forecast_scores`` result), prey and predator in two panels, +-1 standard error shaded."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), squeeze=False)
     for v, name in enumerate(VARIABLES):
