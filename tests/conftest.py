@@ -59,6 +59,18 @@ def build_checkpoint(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.fl
     return path
 
 
+def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of these lengths, left-padded with 151643: ids and attention mask [B, max(lengths)]."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), 151643, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n:] = torch.randint(0, 151643, (n,), generator=g)
+        mask[i, T - n:] = 1
+    return ids, mask
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return qwen_tokenizer_dir()

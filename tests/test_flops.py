@@ -3,6 +3,7 @@ mode), torch's FlopCounterMode, and a small config derived by hand — plus the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -19,6 +20,7 @@ import torch
 import flops
 from flops.verify import dispatch_count, flop_counter_mode_total
 from qwen_min import KVCache, Qwen2, QwenConfig
+from qwen_min.fastpath import fast_inference
 from tests.conftest import QWEN25_05B, TINY
 
 
@@ -36,13 +38,12 @@ def random_model(cfg: dict, seed: int = 0) -> Qwen2:
     return model.requires_grad_(False).eval()
 
 
-def attention_scaling_gap(config: QwenConfig, B: int, T: int, S: int) -> int:
+def attention_scaling_gap(config: QwenConfig, B: int, T: int, S: int, folded: bool = False) -> int:
     """torch's math SDPA multiplies q [B,H,T,hd] and k by hd^-1/4, where k is GQA-repeated to
-    [B,H,S,hd] for T > 1 and, when one token is decoded, stays [B,Hkv,S,hd] (the query heads are
-    folded onto the KV heads); the analytic count multiplies the scores [B,H,T,S] by 1/sqrt(hd).
-    Dispatch - analytic, per layer:"""
+    [B,H,S,hd], or, in fastpath's folded one-token decode (``folded``), stays [B,Hkv,S,hd]; the
+    analytic count multiplies the scores [B,H,T,S] by 1/sqrt(hd). Dispatch - analytic, per layer:"""
     H, hd = config.num_attention_heads, config.head_dim
-    k_heads = config.num_key_value_heads if T == 1 else H
+    k_heads = config.num_key_value_heads if folded else H
     return B * (H * T * hd + k_heads * S * hd - H * T * S)
 
 
@@ -150,16 +151,20 @@ def test_kv_cached_decoding_vs_prefill():
     diffs = [b - a for a, b in zip(att, att[1:], strict=False)]
     assert diffs[0] > 0 and len(set(diffs)) == 1  # linear in the context length
 
-    # one real decode step after a real prefill, priced by the ops that run
+    # one real decode step after a real prefill, priced by the ops that run: the plain model, and
+    # generate's fast path (folded attention, in-place SwiGLU), which differ only in the scaling gap
     ids = torch.randint(0, 300, (B, c + 1), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(model.config, B, c + 1, dtype=torch.float32)
-    with torch.no_grad():
-        model.hidden(ids[:, :c], cache=cache)
-    d = dispatch_count(model, ids[:, c:], cache=cache, last_only=True)
     a = flops.count(model, batch=B, seq_len=1, past_len=c, mode="decode")
     L = model.config.num_hidden_layers
-    assert not d.unknown
-    assert d.total == a.forward - a.by_component["sampling"] + L * attention_scaling_gap(model.config, B, 1, c + 1)
+    for folded in (False, True):
+        cache = KVCache(model.config, B, c + 1, dtype=torch.float32)
+        with torch.no_grad():
+            model.hidden(ids[:, :c], cache=cache)
+        with fast_inference(model) if folded else contextlib.nullcontext():
+            d = dispatch_count(model, ids[:, c:], cache=cache, last_only=True)
+        assert not d.unknown
+        gap = attention_scaling_gap(model.config, B, 1, c + 1, folded=folded)
+        assert d.total == a.forward - a.by_component["sampling"] + L * gap
 
 
 def test_train_step_and_real_lora_backward():
