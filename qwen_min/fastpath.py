@@ -1,7 +1,7 @@
 """Inference speed devices, kept out of the model file and opted into explicitly.
 
 ``qwen_min/model.py`` is the math of Qwen2.5 with one plain code path per layer. The devices here
-compute the same function faster on a CPU; ``generate`` opts into them, and so can any other
+compute the same function in less time on a CPU; ``generate`` opts into them, and so can any other
 no-grad caller::
 
     with fast_inference(model, rows=32):   # rows: the batch size of the decode steps
