@@ -7,7 +7,7 @@ import torch
 
 import qwen_min
 from qwen_min.generate import sample_next
-from tests.conftest import left_padded
+from tests.conftest import hf_model, left_padded
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,8 @@ def model(tiny_ckpt):
 
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "tiny_untied_ckpt"])
 def test_greedy_batched_left_padded_equals_transformers(ckpt, request):
-    from transformers import Qwen2ForCausalLM
-
     path = request.getfixturevalue(ckpt)
-    ours = qwen_min.from_pretrained(path, dtype=torch.float32)
-    theirs = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours, theirs = qwen_min.from_pretrained(path, dtype=torch.float32), hf_model(path)
     ids, mask = left_padded([5, 17, 11, 17])
     out = qwen_min.generate(ours, ids, 40, attention_mask=mask)
     ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
@@ -33,10 +30,7 @@ def test_greedy_batched_left_padded_equals_transformers(ckpt, request):
 def test_greedy_bf16_equals_transformers(tiny_ckpt):
     """bf16 exercises generate's CPU fast path (qwen_min.fastpath: folded GQA attention, in-place SwiGLU,
     prepacked weights, reused output buffer) and argmax on bf16 logits."""
-    from transformers import Qwen2ForCausalLM
-
-    ours = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
-    theirs = Qwen2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).eval()
+    ours, theirs = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16), hf_model(tiny_ckpt, torch.bfloat16)
     ids, mask = left_padded([12, 30, 21, 30], seed=7)
     out = qwen_min.generate(ours, ids, 40, attention_mask=mask)
     ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
