@@ -1,6 +1,6 @@
 """The study's cost table, in one place. Every other file in ``flops/`` prices work through these names.
 
-The rules (from the study's brief):
+The rules:
 
     addition, subtraction, negation                      1
     multiplication, division, inverse (1/x)              1

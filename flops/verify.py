@@ -29,9 +29,9 @@ Ops inside ``RotaryEmbedding`` (computing cos/sin) are free by the rules and rep
 Anything else is collected in ``unknown`` — a test keeps that empty, so no executed op goes unpriced.
 
 Known, exact difference from the analytic count: torch's math SDPA scales q and k by hd^-1/4 each
-(B*H*T*hd + B*H*S*hd multiplications, k after the GQA repeat; B*Hkv*S*hd for k when one token is
-decoded, where the query heads are folded onto their KV head) where the analytic counter scales the
-scores (B*H*T*S).
+(B*H*T*hd + B*H*S*hd multiplications, k after the GQA repeat) where the analytic counter scales the
+scores (B*H*T*S). Under ``qwen_min.fastpath.fast_inference`` a decoded token's query heads are folded
+onto their KV head, so no repeat happens and k costs B*Hkv*S*hd instead; the count is of what runs.
 
 ``flop_counter_mode_total`` runs the same pass under ``torch.utils.flop_counter.FlopCounterMode``,
 which counts only matmuls, at 2*m*n*p each: converted, 2mnp = m*p*(2n-1) + m*p, so it must equal the

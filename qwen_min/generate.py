@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from qwen_min.fastpath import fast_inference, reused_output
 from qwen_min.model import KVCache, Qwen2
 
 
@@ -40,7 +39,7 @@ def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None =
     """
     if temperature == 0.0:
         # The first maximal index, as argmax, and the same in any float dtype (bf16 -> fp32 is
-        # exact); max().indices is the faster kernel for bf16 on CPU (7 ms vs 18 ms at 64 x 151936).
+        # exact); on CPU, max().indices has the quicker bf16 kernel.
         return logits.max(-1).indices
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
@@ -53,47 +52,6 @@ def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None =
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def can_prepack(weight: Tensor) -> bool:
-    """True where oneDNN can prepack this weight: a bf16 CPU tensor on a CPU with bf16 support."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def prepack(weight: Tensor, rows: int) -> Callable[[Tensor, Tensor | None], Tensor]:
-    """x [..., in] -> x @ weight.T (+ bias), with weight [out, in] reordered once into oneDNN's
-    blocked layout for inputs of about ``rows`` rows. Needs ``can_prepack(weight)``.
-
-    A bf16 matmul on CPU otherwise reorders its weight on every call. Decoding multiplies the
-    same weights by a few rows per step, hundreds of times, so the reorder is a large share of
-    each matmul: prepacked, a 0.5B decode step at 32 rows is about 25% faster. Results are
-    bit-identical (tested); the cost is one reordered copy of the weight while it is alive.
-    """
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), rows)
-    return lambda x, bias=None: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-
-
-@contextmanager
-def prepacked_layers(model: Qwen2, rows: int) -> Iterator[None]:
-    """For the duration, every ``nn.Linear`` in the transformer blocks (LoRA's base layers
-    included; fp32 adapters are left alone) computes with a ``prepack``-ed copy of its weight.
-
-    The packed function is set as the module's ``forward`` instance attribute, which takes
-    precedence over the class's method; leaving the block deletes it again. Meant for decoding
-    under no_grad: the packed copies are not parameters and get no gradient.
-    """
-    swapped: list[nn.Linear] = []
-    try:
-        for module in model.layers.modules():
-            # (a module already swapped belongs to an enclosing call, which will undo it)
-            if type(module) is nn.Linear and "forward" not in vars(module) and can_prepack(module.weight):
-                module.forward = partial(prepack(module.weight, rows), bias=module.bias)
-                swapped.append(module)
-        yield
-    finally:
-        for module in swapped:
-            del module.forward
 
 
 @torch.no_grad()
@@ -121,8 +79,8 @@ def generate(
     True for it (e.g. "50 semicolons produced"); generation ends when every row has stopped.
     ``allowed_token_ids`` restricts decoding to those tokens and then only computes their logits.
     ``num_samples`` > 1 draws that many continuations per prompt from one shared prefill.
-    With bf16 weights on a CPU, the decoding steps use oneDNN-prepacked copies of the weights
-    (``prepack``): bit-identical results, one extra copy of the weights in memory while it runs.
+    Runs under ``qwen_min.fastpath.fast_inference``: with bf16 weights on a CPU, the decoding steps
+    use oneDNN-prepacked copies of the weights (one extra copy of the weights in memory while it runs).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -155,7 +113,9 @@ def generate(
     if attention_mask is not None and not bool(attention_mask.all()):
         mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
         mask[:, :T] = attention_mask
-    logits = next_logits(input_ids, None if mask is None else mask[:, :T], cache, lambda h: F.linear(h, weight))
+    # The prompt goes through with the plain weights (many rows: oneDNN's reorder is amortised).
+    with fast_inference(model):
+        logits = next_logits(input_ids, None if mask is None else mask[:, :T], cache, lambda h: F.linear(h, weight))
     if num_samples > 1:  # one prefill, then every sample continues from a copy of its prompt's cache
         cache = cache.repeat_interleave(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
@@ -166,13 +126,10 @@ def generate(
     logprobs = torch.zeros(rows, max_new_tokens, device=device) if return_logprobs else None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
-    # The prompt went through with the plain weights (many rows: the reorder is amortised);
-    # the decoding steps, a few rows each, use prepacked ones. The output layer instead writes
-    # into one reused buffer: a fresh [rows, 151936] tensor per step costs more in page faults
-    # on CPU than prepacking saves. (Each step's logits are used up before the next step.)
-    out = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=device)
-    head = lambda h: torch.mm(h, weight.t(), out=out)  # noqa: E731
-    with prepacked_layers(model, rows) if max_new_tokens > 1 else nullcontext():
+    # The decoding steps, a few rows each, also use prepacked weights (when there are any), and
+    # their output layer writes into one reused buffer.
+    head = reused_output(weight, rows)
+    with fast_inference(model, rows if max_new_tokens > 1 else None):
         for t in range(max_new_tokens):
             choice = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             chosen = allowed[choice] if allowed is not None else choice

@@ -1,19 +1,21 @@
 """Checkpoints: find them (local folder or Hugging Face Hub), read safetensors, write them back.
 
 Reading is frugal: the model is built on the meta device, its storage allocated once, and every
-tensor is read from the file straight into its parameter (through a small staging buffer only when
-the dtype changes). No second full copy of the weights ever exists, and the file is read with plain
-reads rather than mmap so its pages do not count towards the process's resident memory.
+tensor is copied from the file (read with the ``safetensors`` package) straight into its parameter,
+converting the dtype on the way. No second full copy of the weights ever exists.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from qwen_min.config import QwenConfig
 from qwen_min.model import Qwen2
@@ -21,13 +23,6 @@ from qwen_min.model import Qwen2
 # Only these files are fetched from the Hub: no PyTorch .bin, no ONNX, no README images.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found, parsed or matched against the model."""
@@ -90,53 +85,21 @@ def name_map(config: QwenConfig) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# safetensors, read by hand: 8-byte little-endian header length, JSON header, raw little-endian data
+# Reading safetensors files
 
 
-def read_safetensors_header(path: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ...], int, int]], int]:
-    """{name: (dtype, shape, begin, end)} with absolute file offsets, every entry checked against the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise CheckpointError(f"{path}: truncated or corrupt safetensors file (header of {n} bytes, file {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    header.pop("__metadata__", None)
-    entries = {}
-    for name, info in header.items():
-        try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (8 + n + int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: tensor {name}: malformed header entry {info!r} ({e})") from None
-        numel = 1
-        for s in shape:
-            numel *= s
-        if end - begin != numel * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name}: {end - begin} bytes for shape {shape} {info['dtype']}")
-        if end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name} ends at byte {end}, file has {size}")
-        entries[name] = (dtype, shape, begin, end)
-    return entries, size
+@contextmanager
+def _open_safetensors(path: Path) -> Iterator[Any]:
+    """safetensors' own reader on ``path``; a file it cannot parse is a CheckpointError naming it.
 
-
-def _read_into(f, begin: int, end: int, dtype: torch.dtype, dest: torch.Tensor) -> None:
-    """Read bytes [begin, end) of f as ``dtype`` into ``dest`` (same shape), converting if needed."""
-    f.seek(begin)
-    direct = dest.dtype == dtype and dest.device.type == "cpu" and dest.is_contiguous()
-    # Either the parameter's own bytes, or a staging buffer for this one tensor.
-    staging = dest.view(-1).view(torch.uint8) if direct else torch.empty(end - begin, dtype=torch.uint8)
-    if end > begin and f.readinto(memoryview(staging.numpy()).cast("B")) != end - begin:
-        raise CheckpointError(f"{f.name}: unexpected end of file reading bytes {begin}..{end}")
-    if not direct:
-        dest.copy_(staging.view(dtype).view(dest.shape))
+    safetensors checks the header (its length, JSON, dtypes, and that the tensors' byte ranges
+    cover the file exactly), so a truncated or corrupt file fails here, before any data is read.
+    """
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: truncated or corrupt safetensors file ({e})") from None
 
 
 def _weight_files(directory: Path) -> list[Path]:
@@ -166,11 +129,11 @@ def load_weights(model: Qwen2, directory: Path) -> None:
     config = model.config
     expected = name_map(config)
     params = dict(model.named_parameters(remove_duplicate=False))
-    found: dict[str, tuple[Path, torch.dtype, tuple[int, ...], int, int]] = {}
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}  # checkpoint name -> (file, shape), from the headers
     for file in _weight_files(directory):
-        entries, _ = read_safetensors_header(file)
-        for name, (dtype, shape, begin, end) in entries.items():
-            found[name] = (file, dtype, shape, begin, end)
+        with _open_safetensors(file) as f:
+            for name in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
+                found[name] = (file, tuple(f.get_slice(name).get_shape()))
 
     missing = [n for n in expected if n not in found]
     if missing:
@@ -183,20 +146,25 @@ def load_weights(model: Qwen2, directory: Path) -> None:
         raise CheckpointError(f"{directory}: unexpected tensor(s) {', '.join(unexpected[:10])} "
                               f"(not part of a Qwen2 model with this config.json)")
     for hf_name, ours in list(expected.items()) + [(n, "lm_head.weight") for n in ignorable if n in found]:
+        file, shape = found[hf_name]
         want = tuple(params[ours].shape)
-        if found[hf_name][2] != want:
-            raise CheckpointError(f"{found[hf_name][0]}: tensor {hf_name} has shape {found[hf_name][2]}, "
-                                  f"the config.json implies {want}")
+        if shape != want:
+            raise CheckpointError(f"{file}: tensor {hf_name} has shape {shape}, the config.json implies {want}")
 
-    by_file: dict[Path, list[str]] = {}
+    by_file: dict[Path, set[str]] = {}
     for hf_name in expected:
-        by_file.setdefault(found[hf_name][0], []).append(hf_name)
+        by_file.setdefault(found[hf_name][0], set()).add(hf_name)
     with torch.no_grad():
         for file, names in by_file.items():
-            with open(file, "rb", buffering=0) as f:
-                for hf_name in sorted(names, key=lambda n: found[n][3]):  # read the file front to back
-                    _, dtype, _, begin, end = found[hf_name]
-                    _read_into(f, begin, end, dtype, params[expected[hf_name]].data)
+            with _open_safetensors(file) as f:
+                order = [n for n in f.offset_keys() if n in names]  # the file front to back
+            for hf_name in order:
+                # One tensor at a time, converted to the parameter's dtype on the copy. A fresh handle
+                # for each: safe_open maps the file into memory, and every page read through a mapping
+                # stays in the process's resident set until the mapping closes, so one handle for the
+                # whole file would hold a second copy of the weights' size by the end.
+                with _open_safetensors(file) as f:
+                    params[expected[hf_name]].copy_(f.get_tensor(hf_name))
 
 
 def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,

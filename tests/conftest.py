@@ -59,6 +59,87 @@ def build_checkpoint(path: Path, *, seed: int = 0, dtype: torch.dtype = torch.fl
     return path
 
 
+def left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of these lengths, left-padded with 151643: ids and attention mask [B, max(lengths)]."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), 151643, dtype=torch.long)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n:] = torch.randint(0, 151643, (n,), generator=g)
+        mask[i, T - n:] = 1
+    return ids, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, ids and LoRA helpers shared by the model, generation and lora tests
+
+PEFT_TOL = 1e-5  # max |logit difference| in fp32 between our LoRA and PEFT's on the same weights
+
+
+def ours_from(path: Path, dtype: torch.dtype = torch.float32):
+    """qwen_min's model from a checkpoint folder."""
+    import qwen_min
+
+    return qwen_min.from_pretrained(path, dtype=dtype)
+
+
+def hf_model(path: Path, dtype: torch.dtype = torch.float32):
+    """transformers' Qwen2ForCausalLM from the same folder, in eval mode (the oracle)."""
+    from transformers import Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def random_ids(shape: tuple[int, int] = (2, 24), seed: int = 0, vocab: int = 151936) -> torch.Tensor:
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def meta_qwen05():
+    """The Qwen2.5-0.5B architecture on the meta device: shapes, no memory."""
+    from qwen_min import Qwen2, QwenConfig
+
+    with torch.device("meta"):
+        return Qwen2(QwenConfig(**QWEN25_05B))
+
+
+def peft_lora(hf, r: int, alpha: float, targets, **kw):
+    """PEFT's LoRA on a transformers model, dropout 0, in eval mode."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(hf, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                                         task_type="CAUSAL_LM", **kw)).eval()
+
+
+@torch.no_grad()
+def randomize_lora(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-zero B (and lm_head bias) so the adapters matter; A is re-drawn too."""
+    import lora
+
+    g = torch.Generator().manual_seed(seed)
+    for layer in lora.lora_layers(model).values():
+        layer.lora_A.weight.copy_(torch.randn(layer.lora_A.weight.shape, generator=g) * 0.1)
+        layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.1)
+    if (bias := lora.lm_head_bias(model)) is not None:
+        bias.copy_(torch.randn(bias.shape, generator=g))
+
+
+@torch.no_grad()
+def copy_lora_into_peft(model: torch.nn.Module, peft_model) -> None:
+    """Our A and B values into PEFT's layers of the same (checkpoint) name."""
+    import lora
+
+    hf = peft_model.base_model.model
+    for name, layer in lora.lora_layers(model).items():
+        target = hf.get_submodule("model." + name)
+        target.lora_A["default"].weight.copy_(layer.lora_A.weight)
+        target.lora_B["default"].weight.copy_(layer.lora_B.weight)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir() -> Path:
     return qwen_tokenizer_dir()

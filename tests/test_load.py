@@ -150,6 +150,15 @@ def test_truncated_safetensors(broken, keep):
         qwen_min.from_pretrained(broken)
 
 
+def test_corrupt_safetensors_header(broken):
+    f = broken / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[8:10] = b"[["  # the JSON header no longer parses
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt"):
+        qwen_min.from_pretrained(broken)
+
+
 def test_missing_shard_and_missing_weights(tmp_path, broken):
     (broken / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):

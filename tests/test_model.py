@@ -9,23 +9,14 @@ import torch
 
 import qwen_min
 from qwen_min import ConfigError, KVCache, QwenConfig
-
-
-def _hf(path, dtype=torch.float32):
-    from transformers import Qwen2ForCausalLM
-
-    return Qwen2ForCausalLM.from_pretrained(path, dtype=dtype).eval()
-
-
-def _ids(vocab: int, shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+from tests.conftest import hf_model, random_ids
 
 
 @pytest.mark.parametrize("ckpt", ["tiny_ckpt", "tiny_untied_ckpt"])
 def test_fp32_logits_match_transformers(ckpt, request):
     path = request.getfixturevalue(ckpt)
-    ours, theirs = qwen_min.from_pretrained(path, dtype=torch.float32), _hf(path)
-    ids = _ids(ours.config.vocab_size, (3, 40))
+    ours, theirs = qwen_min.from_pretrained(path, dtype=torch.float32), hf_model(path)
+    ids = random_ids((3, 40))
     with torch.no_grad():
         diff = (ours(ids) - theirs(ids).logits).abs().max().item()
     print(f"{ckpt}: fp32 max |diff| = {diff:.3g}")
@@ -39,11 +30,11 @@ def test_qwen25_05b_config_logits_match_transformers(qwen05_ckpt):
                                      num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
                                      rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True)
     assert ours.lm_head.weight is ours.embed_tokens.weight
-    ids = _ids(151936, (2, 64))
+    ids = random_ids((2, 64))
     with torch.no_grad():
         a = ours(ids)
         del ours
-        theirs = _hf(qwen05_ckpt)
+        theirs = hf_model(qwen05_ckpt)
         b = theirs(ids).logits
     diff = (a - b).abs().max().item()
     print(f"Qwen2.5-0.5B config: fp32 max |diff| = {diff:.3g}")
@@ -51,9 +42,9 @@ def test_qwen25_05b_config_logits_match_transformers(qwen05_ckpt):
 
 
 def test_bf16_logits_within_bf16_tolerance(tiny_ckpt):
-    ours, theirs = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16), _hf(tiny_ckpt, torch.bfloat16)
-    ref = _hf(tiny_ckpt)  # fp32 truth
-    ids = _ids(151936, (2, 32))
+    ours, theirs = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.bfloat16), hf_model(tiny_ckpt, torch.bfloat16)
+    ref = hf_model(tiny_ckpt)  # fp32 truth
+    ids = random_ids((2, 32))
     with torch.no_grad():
         a, b, truth = ours(ids).float(), theirs(ids).logits.float(), ref(ids).logits
     assert ours.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
@@ -65,7 +56,7 @@ def test_bf16_logits_within_bf16_tolerance(tiny_ckpt):
 
 def test_left_padded_batch_matches_transformers(tiny_ckpt, hf_tiny):
     ours = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
-    ids = _ids(151936, (3, 24))
+    ids = random_ids((3, 24))
     mask = torch.ones(3, 24, dtype=torch.long)
     mask[0, :7] = 0
     mask[1, :1] = 0
@@ -82,7 +73,7 @@ def test_left_padded_batch_matches_transformers(tiny_ckpt, hf_tiny):
 
 def test_kv_cached_decoding_equals_full_recompute(tiny_untied_ckpt):
     model = qwen_min.from_pretrained(tiny_untied_ckpt, dtype=torch.float32)
-    ids = _ids(151936, (2, 30))
+    ids = random_ids((2, 30))
     with torch.no_grad():
         full = model(ids)
         cache = KVCache(model.config, 2, 30, dtype=torch.float32)
@@ -97,7 +88,7 @@ def test_cache_overflow_is_an_error(tiny_ckpt):
     model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
     cache = KVCache(model.config, 1, 8, dtype=torch.float32)
     with pytest.raises(ValueError, match="KV cache holds 8 positions"):
-        model(_ids(151936, (1, 9)), cache=cache)
+        model(random_ids((1, 9)), cache=cache)
 
 
 def _config_dict(**changes):

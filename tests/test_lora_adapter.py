@@ -1,0 +1,293 @@
+"""lora/adapter.py: adapters on disk in PEFT's layout (ours loaded by PEFT, PEFT's loaded here), the
+lm_head bias file, merged export, and every kind of adapter that does not fit the model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import lora
+import qwen_min
+from qwen_min import Qwen2
+from tests.conftest import (
+    PEFT_TOL,
+    copy_lora_into_peft,
+    hf_model,
+    maxdiff,
+    ours_from,
+    peft_lora,
+    random_ids,
+    randomize_lora,
+)
+
+
+def _attach_bias_like_a_peft_user(peft_model, folder) -> None:
+    """The snippet from lora/adapter.py's docstring, verbatim."""
+    from safetensors.torch import load_file
+
+    model = peft_model
+    bias = load_file(f"{folder}/lm_head_bias.safetensors")["lm_head.bias"]
+    model.get_output_embeddings().bias = torch.nn.Parameter(bias.to(model.dtype), requires_grad=False)
+
+
+def test_saved_adapter_loads_in_peft_and_matches_peft_own_format(tiny_ckpt, tmp_path):
+    from peft import PeftModel
+
+    ours = ours_from(tiny_ckpt)
+    lora.apply_lora(ours, rank=4, alpha=8)
+    randomize_lora(ours)
+    lora.save_adapter(ours, tmp_path / "ours", base_model_name_or_path="Qwen/Qwen2.5-0.5B-Instruct")
+    theirs = PeftModel.from_pretrained(hf_model(tiny_ckpt), tmp_path / "ours").eval()
+    ids = random_ids()
+    with torch.no_grad():
+        diff = maxdiff(ours(ids), theirs(input_ids=ids).logits)
+    print(f"our adapter in PeftModel.from_pretrained: logits max |diff| = {diff:.3g}")
+    assert diff <= PEFT_TOL
+
+    # PEFT saving the very same adapter writes the same tensors under the same keys, and the same config.
+    theirs.save_pretrained(tmp_path / "peft")
+    files = {}
+    for who in ("ours", "peft"):
+        with safe_open(str(tmp_path / who / "adapter_model.safetensors"), "pt") as f:
+            files[who] = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert files["ours"].keys() == files["peft"].keys()
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in files["ours"]
+    for k, t in files["ours"].items():
+        assert t.dtype == files["peft"][k].dtype and torch.equal(t, files["peft"][k]), k
+    mine = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    peft_cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert mine["base_model_name_or_path"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    for key, value in mine.items():
+        if key == "target_modules":
+            assert sorted(value) == sorted(peft_cfg[key])
+        elif key != "base_model_name_or_path":
+            assert value == peft_cfg[key], key
+    assert {"peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type",
+            "fan_in_fan_out"} <= mine.keys()
+
+
+def test_peft_adapter_loads_here(tiny_untied_ckpt, tmp_path):
+    targets = ("q_proj", "k_proj", "o_proj", "down_proj")
+    theirs = peft_lora(hf_model(tiny_untied_ckpt), 6, 16, targets)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=g)
+    theirs.save_pretrained(tmp_path / "peft")
+    ids = random_ids()
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+
+    ours = ours_from(tiny_untied_ckpt)
+    names = lora.load_adapter(ours, tmp_path / "peft")
+    assert len(names) == ours.config.num_hidden_layers * len(targets)
+    layer = lora.lora_layers(ours)["layers.1.self_attn.k_proj"]
+    assert (layer.rank, layer.alpha, layer.scaling) == (6, 16.0, 16 / 6)
+    with torch.no_grad():
+        diff = maxdiff(ours(ids), want)
+    print(f"PEFT adapter loaded here: logits max |diff| = {diff:.3g}")
+    assert diff <= PEFT_TOL
+    counts = lora.trainable_parameters(ours)
+    assert counts["total"] == counts["lora_A"] + counts["lora_B"] == theirs.get_nb_trainable_parameters()[0]
+
+    # A regex target_modules string (PEFT's other form) selects the same layers.
+    cfg_path = tmp_path / "peft" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["target_modules"] = r"model\.layers\.\d+\.(self_attn\.(q|k|o)_proj|mlp\.down_proj)"
+    cfg_path.write_text(json.dumps(cfg))
+    again = ours_from(tiny_untied_ckpt)
+    assert lora.load_adapter(again, tmp_path / "peft") == names
+    # Loading into a model whose LoRA already matches just overwrites the values.
+    lora.load_adapter(again, tmp_path / "peft")
+    with torch.no_grad():
+        assert maxdiff(again(ids), want) <= PEFT_TOL
+
+
+def test_lm_head_bias_saved_alongside_and_reproduced_by_peft_user(tiny_ckpt, tmp_path):
+    from peft import PeftModel
+
+    ours = ours_from(tiny_ckpt)
+    lora.apply_lora(ours, rank=2, train_lm_head_bias=True)
+    assert ours.lm_head.weight is ours.embed_tokens.weight  # still tied
+    randomize_lora(ours)
+    folder = tmp_path / "adapter"
+    lora.save_adapter(ours, folder)
+    with safe_open(str(folder / "lm_head_bias.safetensors"), "pt") as f:
+        assert list(f.keys()) == ["lm_head.bias"] and f.get_tensor("lm_head.bias").dtype == torch.float32
+
+    peft_model = PeftModel.from_pretrained(hf_model(tiny_ckpt), folder).eval()
+    _attach_bias_like_a_peft_user(peft_model, folder)
+    ids = random_ids()
+    with torch.no_grad():
+        a = ours(ids)
+        diff = maxdiff(a, peft_model(input_ids=ids).logits)
+    print(f"LoRA + lm_head bias vs PEFT + attached bias: logits max |diff| = {diff:.3g}")
+    assert diff <= PEFT_TOL
+
+    back = ours_from(tiny_ckpt)
+    lora.load_adapter(back, folder)
+    assert back.lm_head.weight is back.embed_tokens.weight
+    assert lora.trainable_parameters(back)["lm_head_bias"] == 151936
+    with torch.no_grad():
+        assert torch.equal(back(ids), a)
+
+    # A new save without the bias removes the stale bias file.
+    plain = ours_from(tiny_ckpt)
+    lora.apply_lora(plain, rank=2)
+    lora.save_adapter(plain, folder)
+    assert not (folder / "lm_head_bias.safetensors").exists()
+
+
+def test_bias_only_adapter_round_trip(tiny_ckpt, tmp_path):
+    """rank 0 with the lm_head bias: saved as r=0 with only the bias file, loaded back to the same logits."""
+    ours = ours_from(tiny_ckpt)
+    lora.apply_lora(ours, rank=0, train_lm_head_bias=True)
+    randomize_lora(ours)
+    lora.save_adapter(ours, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 0
+    back = ours_from(tiny_ckpt)
+    assert lora.load_adapter(back, tmp_path / "a") == []
+    assert torch.equal(lora.lm_head_bias(back), lora.lm_head_bias(ours))
+    ids = random_ids()
+    with torch.no_grad():
+        assert torch.equal(back(ids), ours(ids))
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_ckpt", "tiny_untied_ckpt"])
+def test_export_merged_loads_in_qwen_min_and_transformers(ckpt, request, tmp_path):
+    path = request.getfixturevalue(ckpt)
+    ours = ours_from(path)
+    lora.apply_lora(ours, rank=4, alpha=8, targets=("q_proj", "v_proj", "down_proj"))
+    randomize_lora(ours)
+    state = {n: t.clone() for n, t in ours.state_dict().items()}
+    layers = lora.lora_layers(ours)
+    ids = random_ids()
+    with torch.no_grad():
+        want = ours(ids)
+
+    lora.export_merged(ours, tmp_path / "merged")
+
+    # The caller's model is untouched: same modules, same values, not merged.
+    assert lora.lora_layers(ours) == layers and not any(m.merged for m in layers.values())
+    assert all(torch.equal(t, state[n]) for n, t in ours.state_dict().items())
+    # PEFT's merged model on the same adapters is the oracle for the exported weights.
+    theirs = peft_lora(hf_model(path), 4, 8, ("q_proj", "v_proj", "down_proj"))
+    copy_lora_into_peft(ours, theirs)
+    with torch.no_grad():
+        peft_logits = theirs.merge_and_unload()(input_ids=ids).logits
+        d_ours = maxdiff(ours_from(tmp_path / "merged")(ids), want)
+        d_hf = maxdiff(hf_model(tmp_path / "merged")(input_ids=ids).logits, peft_logits)
+    print(f"{ckpt} merged export: qwen_min vs unmerged LoRA {d_ours:.3g}, transformers vs PEFT merged {d_hf:.3g}")
+    assert d_ours <= PEFT_TOL and d_hf <= PEFT_TOL
+
+
+def test_load_adapter_on_meta_model_applies_structure(tiny_ckpt, tmp_path):
+    ours = ours_from(tiny_ckpt)
+    lora.apply_lora(ours, rank=4, train_lm_head_bias=True)
+    lora.save_adapter(ours, tmp_path / "a")
+    with torch.device("meta"):
+        shape = Qwen2(ours.config)
+    lora.load_adapter(shape, tmp_path / "a")
+    assert lora.trainable_parameters(shape) == lora.trainable_parameters(ours)
+
+
+@pytest.fixture
+def saved_adapter(tiny_ckpt, tmp_path):
+    """An adapter with rank 4, alpha 8, q and v, saved from the tiny model."""
+    model = ours_from(tiny_ckpt)
+    lora.apply_lora(model, rank=4, alpha=8)
+    randomize_lora(model)
+    return lora.save_adapter(model, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    (dict(rank=8, alpha=8), "rank 8 vs r=4"),
+    (dict(rank=4, alpha=8, targets=("q_proj", "k_proj")), r"targets \['k_proj', 'q_proj'\] vs \['q_proj', 'v_proj'\]"),
+    (dict(rank=4, alpha=4), "alpha 4 vs lora_alpha=8"),
+    (dict(rank=4, alpha=8, train_lm_head_bias=True), "lm_head bias present vs absent"),
+])
+def test_load_adapter_into_mismatched_lora(tiny_ckpt, saved_adapter, kw, message):
+    model = ours_from(tiny_ckpt)
+    lora.apply_lora(model, **kw)
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(lora.AdapterError, match=f"does not match the adapter.*{message}"):
+        lora.load_adapter(model, saved_adapter)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_load_adapter_shape_mismatch_leaves_model_untouched(tiny_untied_ckpt, saved_adapter):
+    model = ours_from(tiny_untied_ckpt)  # hidden 128, the adapter was made for hidden 64
+    with pytest.raises(lora.AdapterError, match=r"q_proj.lora_A.weight has shape \(4, 64\); the model's "
+                                                r"layers.0.self_attn.q_proj \(128 -> 256\) with r=4 needs \(4, 128\)"):
+        lora.load_adapter(model, saved_adapter)
+    assert not lora.lora_layers(model)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def _edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(use_dora=True), "use_dora=True is not supported"),
+    (dict(use_rslora=True), "use_rslora=True is not supported"),
+    (dict(bias="all"), "bias='all' is not supported"),
+    (dict(layers_to_transform=[0]), r"layers_to_transform=\[0\] is not supported"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save=.*is not supported"),
+    (dict(peft_type="IA3"), "peft_type is 'IA3'; only 'LORA'"),
+    (dict(r=8), r"lora_A.weight has shape \(4, 64\).*with r=8 needs \(8, 64\)"),
+    (dict(target_modules=["q_proj", "v_proj", "k_proj"]), "missing tensor.*k_proj.lora_A.weight"),
+    (dict(target_modules=["q_proj"]), "v_proj.lora_A.weight.*match no LoRA layer"),
+    (dict(target_modules=r"model\.layers\.0\.self_attn\.(q|v)_proj"), "in some layers only"),
+])
+def test_load_adapter_bad_config(tiny_ckpt, saved_adapter, changes, message):
+    _edit_config(saved_adapter, **changes)
+    model = ours_from(tiny_ckpt)
+    with pytest.raises(lora.AdapterError, match=message):
+        lora.load_adapter(model, saved_adapter)
+    assert not lora.lora_layers(model)
+
+
+def test_adapter_errors_misc(tiny_ckpt, saved_adapter, tmp_path):
+    model = ours_from(tiny_ckpt)
+    with pytest.raises(lora.AdapterError, match="adapter_config.json: no such file"):
+        lora.load_adapter(model, tmp_path / "nowhere")
+    with pytest.raises(lora.AdapterError, match="nothing to save"):
+        lora.save_adapter(model, tmp_path / "empty")
+    lora.apply_lora(model, rank=4, alpha=8)
+    lora.merge_lora(model)
+    with pytest.raises(lora.AdapterError, match="merged.*unmerge_lora"):
+        lora.load_adapter(model, saved_adapter)
+    biased = ours_from(tiny_ckpt)
+    lora.apply_lora(biased, rank=2, train_lm_head_bias=True)
+    with pytest.raises(lora.AdapterError, match="cannot export a merged Qwen2 checkpoint with a trained lm_head bias"):
+        lora.export_merged(biased, tmp_path / "merged")
+    with pytest.raises(qwen_min.CheckpointError, match="no Qwen2 checkpoint name"):
+        qwen_min.save_pretrained(biased, tmp_path / "raw")
+
+
+@pytest.mark.slow
+def test_qwen25_05b_adapter_roundtrip_with_peft(qwen05_ckpt, tmp_path):
+    from peft import PeftModel
+
+    ours = ours_from(qwen05_ckpt)
+    lora.apply_lora(ours, rank=8)
+    assert lora.trainable_parameters(ours)["total"] == 540_672
+    randomize_lora(ours)
+    lora.save_adapter(ours, tmp_path / "a")
+    ids = random_ids((1, 32))
+    with torch.no_grad():
+        a = ours(ids)
+    del ours
+    theirs = PeftModel.from_pretrained(hf_model(qwen05_ckpt), tmp_path / "a").eval()
+    with torch.no_grad():
+        diff = maxdiff(a, theirs(input_ids=ids).logits)
+    print(f"Qwen2.5-0.5B config, rank 8: logits max |diff| vs PEFT = {diff:.3g}")
+    assert diff <= PEFT_TOL
