@@ -275,7 +275,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, lv_data_f
                                           r"1\.0000e\+09 are left"),
     (["--val-systems", 0], r"the validation split \(0 systems\): no windows to score"),
     (["--eval-windows", 0], r"--eval-windows 0: the validation subset .* would be empty"),
-], ids=["over budget", "no validation systems", "empty validation subset"])
+    (["--rank", 0], r"nothing to train: --rank 0 without --train-lm-head-bias"),
+], ids=["over budget", "no validation systems", "empty validation subset", "nothing to train"])
 def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_work(tmp_path, tiny_ckpt, lv_data_file,
                                                                                    extra, refusal):
     # A checkpoint folder without weights: anything that tried to load the model would fail differently.
