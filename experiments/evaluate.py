@@ -3,9 +3,11 @@
     python experiments/evaluate.py --split test                          # the untrained model
     python experiments/evaluate.py --adapter runs/train/adapter --split val
 
-The encoding (alpha, decimals) and the split come from the adapter's run folder when there is one,
-so a trained model is scored on exactly the numbers it was trained to continue. The FLOPs of the
-forward passes go to the ledger. Writes --out/eval_metrics.json.
+With --adapter, the encoding (alpha, decimals), the splits and the data file come from the adapter
+folder itself (its data file checked by SHA-256; --allow-other-data scores another, with a warning
+in the results), so a trained model is scored on exactly the numbers it was trained to continue;
+its own training split is refused. The planned FLOPs are reserved in the ledger before any model
+work and each batch is charged as it is done. Writes --out/eval_metrics.json.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -37,36 +38,43 @@ def main(argv: list[str] | None = None) -> dict:
     out = runs.start_run(args, "evaluate")
     runs.seed_everything(args.seed)
     device = runs.pick_device(args.device)
-    # the trained run's splits.json / encoding.json, so the model sees the numbers it was trained on
-    run_data = runs.prepare_data(args, out, reuse=runs.adapter_run_dir(args.adapter))
+    run_data = runs.prepare_data(args, out)  # with --adapter: its splits, encoding and (checked) data file
     texts = run_data.texts(args.split, args.max_systems)
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    windows = data.training_windows(texts, tokenizer, context_length=args.context_length,
-                                    stride=args.context_length - 1)
+    L = args.context_length
+    windows = data.training_windows(texts, tokenizer, context_length=L, stride=L - 1)
+    what = f"the {args.split} split ({len(texts)} systems)"
+    training.require_scored(windows, what)
 
-    # ---- plan, checked against the ledger before any model work
+    # ---- plan (every position scored: an upper bound), reserved before any model work
     shape = planning.meta_model(planning.model_config(args.model, args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
-    planned = flops.count(shape, batch=len(windows.input_ids), seq_len=args.context_length, mode="forward").total
-    ledger = flops.Ledger(args.ledger, budget=args.budget)
-    ledger.check(planned, name=args.name)
+    n = len(windows.input_ids)
+    planned = flops.count(shape, batch=n, seq_len=L, mode="forward").total
+    reservation = runs.reserve(args, planned, kind="eval",
+                                   config={"split": args.split, "adapter": args.adapter, "windows": n})
+    with training.Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
+        model, _ = runs.load_model(args, device)
+        if args.adapter:
+            lora.load_adapter(model, args.adapter)
+        model.eval()
+        costs = planning.ScoredCosts(shape, args.batch_size, L)
 
-    model, _ = runs.load_model(args, device)
-    if args.adapter:
-        lora.load_adapter(model, args.adapter)
-    model.eval()
-    t0 = time.time()
-    loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, args.batch_size, device)
-    ledger.append(name=args.name, kind="eval", flops=planned, tokens=len(windows.input_ids) * args.context_length,
-                  steps=0, seconds=time.time() - t0,
-                  config={"split": args.split, "adapter": args.adapter, "windows": len(windows.input_ids)})
+        def charge_batch(rows: int, scored: int) -> None:
+            booking.charge(costs.evaluation(rows, scored), kind="eval", tokens=rows * L,
+                           config={"split": args.split, "adapter": args.adapter, "windows": rows, "of": n})
+
+        loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, args.batch_size, device,
+                                             what=what, after_batch=charge_batch)
     result = {"split": args.split, "adapter": args.adapter, "model": args.model, "loss": loss,
-              "scored_tokens": tokens, "windows": len(windows.input_ids), "systems": len(texts), "flops": planned}
+              "scored_tokens": tokens, "windows": n, "systems": len(texts), "flops": booking.charged,
+              "flops_planned": planned, "data": run_data.data_path, "data_sha256": run_data.sha256,
+              "warnings": run_data.warnings}
     files.write_json(out / "eval_metrics.json", result)
     print(json.dumps(result, indent=1))
     return result
 
 
 if __name__ == "__main__":
-    main()
+    training.run_as_script(main)

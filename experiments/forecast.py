@@ -39,10 +39,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-import flops
 import lora
 import qwen_min
-from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs
+from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs, training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,8 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = runs.start_run(args, "forecast")
     runs.seed_everything(args.seed)
     device = runs.pick_device(args.device)
-    # the trained run's splits.json / encoding.json, so the model sees the numbers it was trained on
-    run_data = runs.prepare_data(args, out, reuse=runs.adapter_run_dir(args.adapter))
+    # with --adapter: its own splits, encoding and (checksum-checked) data file, wherever it was moved
+    run_data = runs.prepare_data(args, out)
     enc = run_data.encoding
     C, H = args.context_steps, args.horizon
     systems = run_data.systems(args.split, args.max_systems)
@@ -95,17 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
         shape, n_prompts=len(prompts), prompt_len=max(len(tokenizer.encode(p)) for p in prompts),
         new_tokens=forecasting.max_new_tokens(prompts, H), batch_size=args.forecast_batch, samples=args.samples,
         vocab=None if args.unconstrained else len(forecasting.ALPHABET))
-    ledger = flops.Ledger(args.ledger, budget=args.budget)
-    try:
-        reservation = ledger.reserve(planned, name=args.name, kind="forecast",
-                                     config={"models": [m for m, _ in models], "systems": len(systems)})
-    except flops.BudgetExceeded as e:
-        raise SystemExit(f"refused before any model work: {e}") from None
+    reservation = runs.reserve(args, planned, kind="forecast",
+                               config={"models": [m for m, _ in models], "systems": len(systems)})
     print(f"plan: at most {planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
 
     # ---- the language models, greedy and (--samples) sampled; each generate call charged as it ends
     results: dict[str, dict[str, forecasting.ForecastRun]] = {}
-    with reservation:
+    with training.Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
         model, _ = runs.load_model(args, device)
         for label, adapter in models:
             if adapter:
@@ -119,8 +114,9 @@ def main(argv: list[str] | None = None) -> dict:
                         model, tokenizer, prompts, H, enc, batch_size=args.forecast_batch, num_samples=S,
                         temperature=0.0 if mode == "greedy" else args.temperature, top_p=args.top_p,
                         constrained=not args.unconstrained, seed=args.seed, device=device, progress=bar,
-                        on_call=lambda call, f, cfg=config: reservation.charge(
-                            f, tokens=call["batch"] * call["num_samples"] * call["steps"], config={**cfg, **call}))
+                        on_call=lambda call, f, cfg=config: booking.charge(
+                            f, kind="forecast", tokens=call["batch"] * call["num_samples"] * call["steps"],
+                            config={**cfg, **call}))
 
     # ---- baselines on the same prompts
     forecasts = {k: v["greedy"].values[:, 0] for k, v in results.items()}
@@ -140,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in results.items():
         scores["summary"][k]["flops"] = sum(r.flops for r in v.values())
     report = {"systems": systems.tolist(), "split": args.split, "context_steps": C, "horizon": H,
+              "data": {"path": run_data.data_path, "sha256": run_data.sha256}, "warnings": run_data.warnings,
               "encoding": asdict(enc), "fill_rule": metrics.FILL_RULE, "definitions": metrics.DEFINITIONS, **scores}
     files.write_json(out / "forecast_metrics.json", report)
     save_forecasts(out / "forecasts.h5", enc, systems, truth, series[:, :C], run_data.time, forecasts, bands, results)

@@ -157,4 +157,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    training.run_as_script(main)  # a run interrupted by a signal closes its reservation, then the sweep dies of it

@@ -4,6 +4,7 @@ leaves a readable checkpoint."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -33,8 +34,7 @@ def test_a_resumed_run_continues_exactly(tmp_path):
         _step(model, opt)
     best = training.trainable_copy(model)
     _step(model, opt)
-    state = RunState(step=4, epoch=1, position=6, best_val=0.25, best_step=3, bad_evals=1, tokens=80, flops=1.5e9,
-                     logged_step=2, logged_flops=7e8)
+    state = RunState(step=4, epoch=1, position=6, best_val=0.25, best_step=3, bad_evals=1, tokens=80, flops=1.5e9)
     checkpoint.save(tmp_path / "checkpoint", model, opt, state, best)
     for _ in range(2):
         _step(model, opt)
@@ -43,6 +43,7 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     with torch.no_grad():
         resumed[1].weight.normal_()            # ... and other trained weights
     torch.manual_seed(123)                     # ... and another RNG state
+    assert checkpoint.read_state(tmp_path / "checkpoint") == state   # the state alone, before any model exists
     state_back, best_back = checkpoint.load(tmp_path / "checkpoint", resumed, resumed_opt)
     assert state_back == state
     assert best_back.keys() == best.keys() and all(torch.equal(best[k], best_back[k]) for k in best)
@@ -70,3 +71,14 @@ def test_a_crash_between_the_renames_leaves_the_previous_checkpoint(tmp_path):
     assert checkpoint.load(folder, model, opt)[0].step == 2
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.load(tmp_path / "elsewhere", model, opt)
+
+
+def test_a_checkpoint_of_the_older_format_still_resumes(tmp_path):
+    # Older checkpoints also held the ledger position, always equal to (step, flops) when saved.
+    model, opt = _model_and_opt(0)
+    folder = tmp_path / "checkpoint"
+    checkpoint.save(folder, model, opt, RunState(step=3, flops=30.0), {})
+    fields = json.loads((folder / "state.json").read_text())
+    (folder / "state.json").write_text(json.dumps({**fields, "logged_step": 3, "logged_flops": 30.0}))
+    assert checkpoint.read_state(folder) == RunState(step=3, flops=30.0)
+    assert checkpoint.load(folder, model, opt)[0] == RunState(step=3, flops=30.0)

@@ -4,7 +4,9 @@ numbers, and the ledger charged per generate call."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 
 import h5py
 import numpy as np
@@ -72,3 +74,23 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
         mine = [e for e in charges if e.config["model"] == name]
         assert len(mine) == 2 and sum(e.flops for e in mine) == pytest.approx(rep["summary"][name]["flops"])
     assert ledger.reserved() == 0.0
+
+    # the adapter folder copied elsewhere (its run folder gone) forecasts the same systems with the same
+    # encoding, whatever --seed and --splits say, and writes the same trained forecasts
+    moved = tmp_path / "elsewhere" / "my_adapter"
+    shutil.copytree(run / "adapter", moved)
+    shutil.rmtree(run)
+    again = forecast.main(script_argv(tiny_ckpt, lv_data_file, tmp_path / "fc2", "--adapter", moved,
+                                      "--max-systems", N, "--context-steps", C, "--horizon", H, "--no-untrained",
+                                      "--no-baselines", "--seed", 7, "--splits", 0.5, 0.25, 0.25))
+    assert again["systems"] == rep["systems"] and again["encoding"] == rep["encoding"]
+    with h5py.File(out / "forecasts.h5") as f, h5py.File(tmp_path / "fc2" / "forecasts.h5") as g:
+        assert np.array_equal(f["trained/forecast"][()], g["trained/forecast"][()], equal_nan=True)
+    # another data file is refused, naming both files' checksums
+    other = tmp_path / "other.h5"
+    shutil.copy(lv_data_file, other)
+    with h5py.File(other, "a") as f:
+        f["trajectories"][0, 0, 0] += 1.0
+    theirs, mine = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (lv_data_file, other))
+    with pytest.raises(SystemExit, match=f"sha256 {mine}.*sha256 {theirs}"):
+        forecast.main(script_argv(tiny_ckpt, other, tmp_path / "fc3", "--adapter", moved, "--no-untrained"))

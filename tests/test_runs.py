@@ -1,10 +1,14 @@
 """The run folder: the command line saved, the data split and encoded once and then reused by every
-later script that works on the same run."""
+later script that works on the same run; an adapter folder that carries its own splits, encoding and
+data checksum wherever it goes, and refuses other data and its own training systems."""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -16,6 +20,14 @@ def _args(lv_data_file, out, *extra: str) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     runs.add_common_args(p, out_default="unused")
     return p.parse_args(["--data", str(lv_data_file), "--out", str(out), *extra])
+
+
+def _eval_args(out, *extra) -> argparse.Namespace:
+    """evaluate.py's and forecast.py's vocabulary (no --data unless given)."""
+    p = argparse.ArgumentParser()
+    runs.add_common_args(p, out_default="unused")
+    runs.add_adapter_args(p)
+    return p.parse_args(["--out", str(out), *map(str, extra)])
 
 
 def test_start_run_saves_the_command_line_and_names_the_run(tmp_path, lv_data_file):
@@ -53,3 +65,78 @@ def test_saved_splits_beyond_the_data_are_refused(tmp_path, lv_data_file):
                                                 "test": np.array([2])})
     with pytest.raises(ValueError, match="outside the 40 systems"):
         runs.prepare_data(_args(lv_data_file, tmp_path), tmp_path)
+
+
+def _trained_adapter(tmp_path, lv_data_file) -> tuple[runs.RunData, object]:
+    """A training run's data and an adapter folder saved in it, as train.py leaves them (the weights aside)."""
+    run = tmp_path / "train-run"
+    run.mkdir()
+    trained = runs.prepare_data(_args(lv_data_file, run, "--seed", "3", "--percentile", "80"), run)
+    adapter = run / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    runs.save_adapter_files(adapter, trained)
+    return trained, adapter
+
+
+def _same_splits(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_an_adapter_folder_moved_anywhere_brings_its_splits_encoding_and_data_file(tmp_path, lv_data_file):
+    trained, adapter = _trained_adapter(tmp_path, lv_data_file)
+    assert json.loads((adapter / "data.json").read_text()) == {
+        "path": str(lv_data_file.resolve()), "sha256": hashlib.sha256(lv_data_file.read_bytes()).hexdigest(),
+        "systems": 40}
+    moved = tmp_path / "elsewhere" / "adapter"
+    shutil.copytree(adapter, moved)
+    shutil.rmtree(adapter.parent)   # no run folder to fall back on
+    # other --seed and --percentile, no --data: the adapter's own systems, scaling and data file
+    got = runs.prepare_data(_eval_args(tmp_path / "eval", "--adapter", moved, "--seed", 9, "--percentile", 50),
+                            tmp_path / "eval")
+    assert _same_splits(got.splits, trained.splits) and got.encoding == trained.encoding
+    assert got.data_path == str(lv_data_file.resolve()) and got.warnings == []
+    assert (got.adapter_info.folder, got.adapter_info.source) == (moved, moved)
+    assert got.adapter_info.data["sha256"] == got.sha256
+
+
+def test_another_data_file_is_refused_naming_both_unless_allowed(tmp_path, lv_data_file):
+    _, adapter = _trained_adapter(tmp_path, lv_data_file)
+    traj, time, params = lotka_volterra.generate_dataset(40, seed=6)
+    other = lotka_volterra.save_h5(tmp_path / "other.h5", traj, time, params)
+    mine, theirs = (hashlib.sha256(f.read_bytes()).hexdigest() for f in (other, lv_data_file))
+    want = (rf"data file {re.escape(str(other))} \(sha256 {mine}\) is not the one adapter {re.escape(str(adapter))} "
+            rf"was trained on: {re.escape(str(lv_data_file.resolve()))} \(sha256 {theirs}\)")
+    with pytest.raises(SystemExit, match=want + "; pass --allow-other-data"):
+        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other), tmp_path / "e")
+    got = runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other, "--allow-other-data"),
+                            tmp_path / "e")
+    assert len(got.warnings) == 1 and re.fullmatch(want, got.warnings[0])
+    assert np.array_equal(got.trajectories, traj)
+
+
+def test_the_adapters_own_training_split_and_a_missing_data_file_are_refused(tmp_path, lv_data_file):
+    _, adapter = _trained_adapter(tmp_path, lv_data_file)
+    with pytest.raises(SystemExit, match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
+        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--split", "train"), tmp_path / "e")
+    recorded = json.loads((adapter / "data.json").read_text())
+    (adapter / "data.json").write_text(json.dumps({**recorded, "path": str(tmp_path / "gone.h5")}))
+    with pytest.raises(SystemExit, match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
+        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter), tmp_path / "e")
+    with pytest.raises(SystemExit, match="not an adapter folder"):
+        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")
+
+
+def test_an_older_adapter_falls_back_to_its_run_folder_with_a_note(tmp_path, lv_data_file, capsys):
+    trained, adapter = _trained_adapter(tmp_path, lv_data_file)
+    for f in ("splits.json", "data.json"):   # as older train.py left it: encoding.json only
+        (adapter / f).unlink()
+    got = runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file, "--seed", 9),
+                            tmp_path / "e")
+    assert _same_splits(got.splits, trained.splits) and got.encoding == trained.encoding
+    assert got.adapter_info.source == adapter.parent and "has no data.json" in got.warnings[0]
+    assert f"come from the run folder {adapter.parent}" in capsys.readouterr().out
+    alone = tmp_path / "alone" / "adapter"
+    shutil.copytree(adapter, alone)
+    got = runs.prepare_data(_eval_args(tmp_path / "e2", "--adapter", alone, "--data", lv_data_file), tmp_path / "e2")
+    assert got.adapter_info.source is None and "made afresh" in got.warnings[0]

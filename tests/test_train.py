@@ -1,10 +1,15 @@
-"""The training script end to end on a tiny checkpoint: it learns, resumes exactly, runs data
-parallel, compiles, and refuses what the budget cannot pay for."""
+"""The training script end to end on a tiny checkpoint: it learns, resumes exactly after SIGKILLs at
+random moments with every FLOP that ran charged once, closes its reservation on SIGTERM and SIGINT,
+stops on a loss that is not finite, runs data parallel, compiles, and refuses what the budget
+cannot pay for or what has nothing to score."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import random
+import signal
 import socket
 import subprocess
 import sys
@@ -16,8 +21,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from experiments import train
+import flops
+import lora
+import qwen_min
+from experiments import forecast, train
+from experiments.lib import checkpoint, planning, training, validation
 from flops import Ledger
+from qwen_min import QwenConfig
 from tests.conftest import script_argv
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,8 +35,7 @@ TRAIN_PY = str(ROOT / "experiments" / "train.py")
 
 
 def _losses(run: Path, kind: str = "train") -> dict[int, float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if r["kind"] == kind}
+    return {r["step"]: r["loss"] for r in _rows(run) if r["kind"] == kind}
 
 
 def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, lv_data_file):
@@ -41,16 +50,26 @@ def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, lv_dat
     assert losses[30] < 0.5 * losses[1], losses
     for f in ("metrics.jsonl", "metrics.csv", "summary.json", "splits.json", "encoding.json", "train_args.json",
               "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/lm_head_bias.safetensors",
+              "adapter/encoding.json", "adapter/splits.json", "adapter/data.json",
               "checkpoint/state.json", "checkpoint/state.safetensors"):
         assert (out / f).is_file(), f
+    for f in ("encoding.json", "splits.json"):
+        assert (out / "adapter" / f).read_text() == (out / f).read_text()
+    assert json.loads((out / "adapter" / "data.json").read_text()) == {
+        "path": str(lv_data_file.resolve()), "sha256": hashlib.sha256(lv_data_file.read_bytes()).hexdigest(),
+        "systems": 40}
     assert (out / "metrics.csv").read_text().count("\n") == 30 + 1 + 1  # header, 30 steps, final val
     assert summary["data"] == str(lv_data_file)  # which data file the run read, also when it was the default
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in adapter.items())
-    entries = Ledger(out.parent / "ledger.jsonl").entries()
-    assert [e.kind for e in entries] == ["train", "train", "train", "eval"]
-    assert sum(e.steps for e in entries) == 30
+    ledger = Ledger(out.parent / "ledger.jsonl")
+    entries = ledger.entries()   # a charge per step, then per batch of the final evaluation
+    assert [(e.kind, e.steps, e.config["to_step"]) for e in entries[:30]] == [("train", 1, s) for s in range(1, 31)]
+    assert {e.kind for e in entries[30:]} == {"eval"} and sum(e.config["windows"] for e in entries[30:]) >= 2
     assert summary["flops"] == pytest.approx(sum(e.flops for e in entries))
+    [reservation] = ledger.reservations()
+    assert reservation.status == "closed" and reservation.charged == pytest.approx(summary["flops"])
+    assert reservation.planned >= reservation.charged
 
 
 def _free_port() -> int:
@@ -63,36 +82,171 @@ def _env() -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def test_resume_after_a_kill_continues_exactly(tmp_path, tiny_ckpt, lv_data_file):
-    common = ["--max-systems", 6, "--context-length", 128, "--batch-size", 2, "--lr", 0.05, "--max-steps", 24,
-              "--checkpoint-every", 4, "--eval-every", 4, "--val-systems", 2, "--eval-windows", 4,
-              "--train-lm-head-bias"]
-    straight = tmp_path / "a" / "run"
-    train.main(script_argv(tiny_ckpt, lv_data_file, straight, *common))
+# Every kind of run below: 40 steps of 2 x 32 tokens, the 2-window validation subset scored at step 0
+# and every 4 steps (selection by its loss, no forecasts), a checkpoint every 3.
+SMALL = ["--max-systems", 6, "--context-length", 32, "--batch-size", 2, "--lr", 0.05, "--max-steps", 40,
+         "--checkpoint-every", 3, "--eval-every", 4, "--val-systems", 1, "--eval-windows", 2, "--select-by", "loss",
+         "--val-forecast-systems", 0]
 
-    killed = tmp_path / "b" / "run"
-    cmd = [sys.executable, TRAIN_PY, *script_argv(tiny_ckpt, lv_data_file, killed, *common)]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "state.json"
-    deadline = time.time() + 240
+
+def _rows(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _shape(ckpt: Path) -> qwen_min.Qwen2:
+    shape = planning.meta_model(QwenConfig.from_json(ckpt / "config.json"))
+    lora.apply_lora(shape, rank=4)
+    return shape
+
+
+def _work_logged(rows: list[dict], shape: qwen_min.Qwen2) -> list[tuple[str, int, float]]:
+    """(kind, step, FLOPs) of each training step and subset evaluation the metrics rows show, in the
+    order they ran, priced by the counter at the tokens each row says were scored."""
+    def cost(r: dict) -> float:
+        train_row = r["kind"] == "train"
+        return flops.count(shape, batch=2, seq_len=32, mode="train" if train_row else "forward",
+                           scored_tokens=r["scored_tokens"]).total
+    return [("train" if r["kind"] == "train" else "eval", r["step"], cost(r)) for r in rows if r["kind"] != "val_full"]
+
+
+def _work_charged(ledger: Ledger, reservation: str) -> list[tuple[str, int, float]]:
+    """The same, as charged to the ledger under one reservation (the final evaluation's batches apart)."""
+    return [(e.kind, e.config["to_step"] if e.kind == "train" else e.config["step"], e.flops)
+            for e in ledger.entries() if e.reservation == reservation and "of" not in e.config]
+
+
+def _start(run: Path, ckpt: Path, data: Path, *extra) -> subprocess.Popen:
+    argv = [sys.executable, TRAIN_PY, *script_argv(ckpt, data, run, *SMALL, *extra)]
+    return subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_until_trained(ledger: Ledger, proc: subprocess.Popen, steps: int) -> str:
+    """The reservation of ``proc`` once it has charged ``steps`` training steps."""
+    deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 8:
-            proc.kill()
-            break
+        mine = [r.id for r in ledger.reservations() if r.processes[0]["pid"] == proc.pid]
+        if mine and sum(e.steps for e in ledger.entries() if e.reservation == mine[0]) >= steps:
+            return mine[0]
         time.sleep(0.02)
-    proc.wait()
-    at = json.loads(state.read_text())["step"]
-    assert 8 <= at < 24, "the run was not killed mid-way"
-    train.main(script_argv(tiny_ckpt, lv_data_file, killed, *common, "--resume"))
+    proc.kill()
+    raise AssertionError(f"train.py (pid {proc.pid}) did not charge {steps} steps: exit status {proc.wait()}")
 
-    a, b = _losses(straight), _losses(killed)
-    assert sorted(b) == list(range(1, 25))  # steps logged after the checkpoint were dropped, then re-run
-    assert all(abs(a[s] - b[s]) <= 1e-6 * abs(a[s]) for s in range(at + 1, 25)), (a, b)
-    assert _losses(straight, "val") == pytest.approx(_losses(killed, "val"), rel=1e-6)
-    entries = [e for e in Ledger(killed.parent / "ledger.jsonl").entries() if e.kind == "train"]
-    assert sum(e.steps for e in entries) == 24  # each step counted once
-    ledger_a = Ledger(straight.parent / "ledger.jsonl")
-    assert Ledger(killed.parent / "ledger.jsonl").spent() == pytest.approx(ledger_a.spent(), rel=1e-12)
+
+def _resume_step(run: Path) -> int | None:
+    try:
+        return checkpoint.read_state(run / "checkpoint").step
+    except FileNotFoundError:
+        return None
+
+
+def test_sigkills_at_random_moments_then_resume_the_same_losses_every_flop_charged_once(tmp_path, tiny_ckpt,
+                                                                                      lv_data_file):
+    straight = tmp_path / "a" / "run"
+    assert _start(straight, tiny_ckpt, lv_data_file).wait() == 0
+    run = tmp_path / "b" / "run"
+    ledger = Ledger(run.parent / "ledger.jsonl")
+    rng = random.Random(7)
+    processes = []   # (reservation, step it started from, the metrics rows it wrote)
+    for _ in range(3):
+        at = _resume_step(run)   # None: killed before its first checkpoint, so the next one starts afresh
+        proc = _start(run, tiny_ckpt, lv_data_file, *(["--resume"] if at is not None else []))
+        rid = _wait_until_trained(ledger, proc, steps=rng.randint(1, 8))
+        time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        assert proc.wait() == -signal.SIGKILL
+        processes.append((rid, at or 0, [r for r in _rows(run) if at is None or r["step"] > at]))
+    at = _resume_step(run)
+    assert _start(run, tiny_ckpt, lv_data_file, "--resume").wait() == 0   # to the end
+    rows = _rows(run)
+    processes.append((ledger.reservations()[-1].id, at, [r for r in rows if r["step"] > at]))
+
+    # the same run as the uninterrupted one: every step, loss and evaluation
+    a, b = _rows(straight), rows
+    assert [(r["step"], r["kind"]) for r in a] == [(r["step"], r["kind"]) for r in b]
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]) for x, y in zip(a, b, strict=True)), (a, b)
+    assert json.loads((run / "summary.json").read_text())["steps"] == 40
+
+    # the ledger: each process's steps and evaluations, each charged once, at the counter's price
+    shape = _shape(tiny_ckpt)
+    step = flops.count(shape, batch=2, seq_len=32, mode="train").total   # every position scored: the most
+    final = [e for e in ledger.entries() if e.reservation == processes[-1][0] and "of" in e.config]
+    n_val = sum(e.config["windows"] for e in final)
+    assert sum(e.flops for e in final) == pytest.approx(flops.count(
+        shape, batch=n_val, seq_len=32, mode="forward", scored_tokens=rows[-1]["scored_tokens"]).total, rel=1e-9)
+    ran = sum(e.flops for e in final)
+    for i, (rid, _, wrote) in enumerate(processes):
+        logged, charged = _work_logged(wrote, shape), _work_charged(ledger, rid)
+        assert logged, f"process {i} logged nothing"
+        if i < 3 and len(charged) == len(logged) + 1:
+            # killed between a charge and its metrics row: that work ran and is charged; its row was never written
+            kind, at, cost = charged.pop()
+            assert at - logged[-1][1] in (0, 1) and 0 < cost <= step
+            ran += cost
+        assert charged == logged, f"process {i}"
+        ran += sum(cost for *_, cost in logged)
+    assert ledger.spent() == pytest.approx(ran, rel=1e-12)   # and nothing else
+
+    # killed runs' reservations settled, the last one closed; each reserved what was left of its plan
+    records = ledger.reservations()
+    assert [r.status for r in records] == ["settled"] * 3 + ["closed"]
+    subset = flops.count(shape, batch=2, seq_len=32, mode="forward").total
+    full = flops.count(shape, batch=n_val, seq_len=32, mode="forward").total
+    for r, (_, start, _) in zip(records, processes, strict=True):
+        evals = 10 - start // 4 + (start == 0)   # at steps 0, 4, ..., 40 not run before the checkpoint
+        assert r.planned == pytest.approx((40 - start) * step + evals * subset + full, rel=1e-12)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_charges_what_ran_closes_the_reservation_and_ends_the_process(tmp_path, tiny_ckpt, lv_data_file,
+                                                                                sig):
+    run = tmp_path / "run"
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    proc = _start(run, tiny_ckpt, lv_data_file)
+    rid = _wait_until_trained(ledger, proc, steps=5)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == -sig   # died of the signal, as without a handler
+    [record] = ledger.reservations()
+    assert (record.id, record.status, record.reason) == (rid, "closed", "closed by its run")
+    assert _work_charged(ledger, rid) == _work_logged(_rows(run), _shape(tiny_ckpt))   # exactly: nothing lost
+    assert not (run / "summary.json").exists()
+
+
+@pytest.mark.parametrize("where", ["training", "validation"])
+def test_a_loss_that_is_not_finite_stops_the_run_keeping_the_last_checkpoint_and_the_best_adapter(
+        tmp_path, tiny_ckpt, lv_data_file, monkeypatch, where):
+    if where == "training":   # the third step's loss (and so its gradients and weights) becomes NaN
+        real, steps = qwen_min.chunked_cross_entropy, []
+
+        def cross_entropy(*args, **kwargs):
+            loss = real(*args, **kwargs)
+            steps.extend([1] if torch.is_grad_enabled() else [])   # training steps only, not evaluations
+            return loss * float("nan") if torch.is_grad_enabled() and len(steps) == 3 else loss
+
+        monkeypatch.setattr(qwen_min, "chunked_cross_entropy", cross_entropy)
+        stop, kept = r"step 3: the training loss is nan", 2
+    else:   # the third evaluation of the validation subset (steps 0, 2, then 4) scores NaN
+        real, evaluations = training.windows_loss, []
+
+        def windows_loss(*args, **kwargs):
+            evaluations.append(1)
+            loss, n = real(*args, **kwargs)
+            return (float("nan") if len(evaluations) == 3 else loss), n
+
+        monkeypatch.setattr(training, "windows_loss", windows_loss)
+        stop, kept = r"step 4: the validation-subset loss is nan", 3
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
+                                              r".*adapter holds the best adapter so far \(step 2\)"):
+        train.main(script_argv(tiny_ckpt, lv_data_file, out, *SMALL, "--eval-every", 2, "--checkpoint-every", 1))
+    assert checkpoint.read_state(out / "checkpoint").step == kept   # the NaN state was not saved over it
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    lora.load_adapter(model, out / "adapter")
+    params = dict(model.named_parameters())
+    best = load_file(out / "checkpoint" / "best.safetensors")   # the evaluation of step 2
+    assert best and all(torch.equal(params[k], v) for k, v in best.items())
+    assert not (out / "summary.json").exists()
+    [record] = Ledger(tmp_path / "ledger.jsonl").reservations()
+    assert record.status == "closed" and record.charged > 0
 
 
 def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, lv_data_file):
@@ -118,7 +272,15 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, lv_data_f
         Ledger(one.parent / "ledger.jsonl").spent(kind="train"), rel=1e-9)
 
 
-def test_over_budget_run_is_refused_before_any_model_work(tmp_path, tiny_ckpt, lv_data_file):
+@pytest.mark.parametrize("extra, refusal", [
+    (["--budget", 1e9, "--max-steps", 5], r"refused before any model work: run 'run' plans .* FLOPs but only "
+                                          r"1\.0000e\+09 are left"),
+    (["--val-systems", 0], r"the validation split \(0 systems\): no windows to score"),
+    (["--eval-windows", 0], r"--eval-windows 0: the validation subset .* would be empty"),
+    (["--rank", 0], r"nothing to train: --rank 0 without --train-lm-head-bias"),
+], ids=["over budget", "no validation systems", "empty validation subset", "nothing to train"])
+def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_work(tmp_path, tiny_ckpt, lv_data_file,
+                                                                                   extra, refusal):
     # A checkpoint folder without weights: anything that tried to load the model would fail differently.
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -126,12 +288,11 @@ def test_over_budget_run_is_refused_before_any_model_work(tmp_path, tiny_ckpt, l
         if not f.name.endswith(".safetensors"):
             (bare / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=r"refused before any model work: run 'run' plans .* FLOPs but only "
-                                         r"1\.0000e\+09 are left"):
-        train.main(script_argv(bare, lv_data_file, out, "--budget", 1e9, "--max-steps", 5, "--max-systems", 2,
-                               "--val-systems", 2))
+    with pytest.raises(SystemExit, match=refusal):
+        train.main(script_argv(bare, lv_data_file, out, "--max-systems", 2, "--val-systems", 2, *extra))
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
     assert Ledger(out.parent / "ledger.jsonl").entries() == []
+    assert Ledger(out.parent / "ledger.jsonl").reservations() == []
 
 
 def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
@@ -144,3 +305,52 @@ def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert a[4] < a[1]  # it learns
     assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
+
+
+@pytest.mark.parametrize("scores", [(1.0, 0.8, 0.6, 0.9, 0.7), (0.5, 0.8, 0.6, 0.9, 0.7), None],
+                         ids=["step-6-best", "untrained-best", "by-loss"])
+def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, tiny_ckpt, lv_data_file, monkeypatch,
+                                                                    scores):
+    # evaluations at steps 0, 3, 6, 9, 12 forecast 4 validation systems; the relative scores are
+    # scripted (a tiny random model writes no valid number), everything else is the real run
+    real, seen, weights = validation.score_forecasts, [], []
+
+    def score(model, *args, **kwargs):
+        figures = real(model, *args, **kwargs)
+        seen.append(figures)
+        weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return figures | ({"relative_score": scores[len(seen) - 1]} if scores else {})
+
+    monkeypatch.setattr(validation, "score_forecasts", score)
+    run = tmp_path / "run"
+    summary = train.main(script_argv(tiny_ckpt, lv_data_file, run, "--max-systems", 6, "--context-length", 64,
+                                     "--batch-size", 2, "--lr", 0.3, "--max-steps", 12, "--eval-every", 3,
+                                     "--val-systems", 2, "--eval-windows", 2, "--val-forecast-systems", 4,
+                                     "--context-steps", 8, "--horizon", 3, "--patience", 0,
+                                     *(["--select-by", "loss"] if scores is None else [])))
+    rows = _rows(run)
+    val = {r["step"]: r["loss"] for r in rows if r["kind"] == "val"}
+    assert sorted(val) == [0, 3, 6, 9, 12] and len(seen) == 5
+    by = dict(zip(sorted(val), scores, strict=True)) if scores else val
+    best_step = min(by, key=lambda s: (by[s], s))
+    assert summary["best_step"] == best_step
+    assert summary["best_val"]["relative_score" if scores else "val_loss"] == by[best_step]
+    kept = weights[sorted(val).index(best_step)]
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    lora.load_adapter(model, run / "adapter")
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[k], v) for k, v in kept.items())
+    if best_step == 0:   # the untrained model kept: every LoRA B still zero, so the model is the base model
+        assert all(not v.any() for k, v in kept.items() if "lora_B" in k)
+
+    # the forecasts scored at step 0 are forecast.py's of the untrained model on the same systems
+    rep = forecast.main(script_argv(tiny_ckpt, lv_data_file, tmp_path / "fc", "--split", "val", "--max-systems", 4,
+                                    "--context-steps", 8, "--horizon", 3, "--no-baselines"))
+    first = next(r for r in rows if r["kind"] == "val_forecast")
+    for k in ("mae", "coverage"):
+        assert first[k] == pytest.approx(rep["summary"]["untrained"][k], rel=1e-12)
+
+    # every evaluation's forecasts charged as kind eval, one generate call each
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    calls = [e for e in ledger.entries() if e.kind == "eval" and "forecast" in e.config]
+    assert [e.config["step"] for e in calls] == [0, 3, 6, 9, 12]

@@ -1,18 +1,22 @@
 """The pieces of train.py's loop, each alone: early stopping, the batch order and learning rate, the
-validation loss against transformers, the metrics files on resume, and the ledger entries."""
+validation loss against transformers (and its refusal to score nothing), the metrics files on
+resume, and the ledger bookings: charged as work ends, closed on any way out, signals held off
+while a charge is written."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qwen_min
-from experiments.lib import runs, training
-from experiments.lib.training import MetricsLog, RunState
+from experiments.lib import data, training
+from experiments.lib.training import Booking, Interrupted, MetricsLog, RunState
 from flops import Ledger
 
 
@@ -89,24 +93,77 @@ def test_metrics_log_drops_the_rows_after_the_resumed_step(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "metrics.csv").exists()
 
 
-def test_ledger_charges_every_step_once_across_a_resume(tmp_path):
-    ledger = Ledger(tmp_path / "ledger.jsonl", budget=1e15)
-    args = runs.train_parser().parse_args(["--name", "r", "--batch-size", "2", "--context-length", "8"])
+def test_windows_loss_refuses_to_score_nothing(tiny_ckpt):
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    calls = []
+    with pytest.raises(ValueError, match=r"the test subset: no token to score \(2 windows, every label padding\)"):
+        training.windows_loss(model, ids, torch.full_like(ids, -100), 2, torch.device("cpu"), what="the test subset",
+                              after_batch=lambda rows, scored: calls.append(rows))
+    assert calls == []   # refused before any work
+    empty = data.Windows(*(torch.zeros(0, 8, dtype=torch.long),) * 3)
+    with pytest.raises(SystemExit, match=r"the validation split \(0 systems\): no windows to score"):
+        training.require_scored(empty, "the validation split (0 systems)")
+    padding = data.Windows(ids, torch.full_like(ids, -100), torch.zeros_like(ids))
+    with pytest.raises(SystemExit, match=r"x: its 2 windows hold no token to score \(all padding\)"):
+        training.require_scored(padding, "x")
 
-    def run_to(state: RunState, step: int) -> None:   # steps of 10 FLOPs each
-        state.flops += 10.0 * (step - state.step)
-        state.step = step
 
-    state = RunState()
-    run_to(state, 4)
-    training.charge_ledger(ledger, state, args, world=1, seconds=1.0)
-    checkpointed = RunState(**vars(state))          # what the checkpoint of step 4 holds
-    run_to(state, 6)                                 # ... killed here, before the next entry
-    state = checkpointed
-    run_to(state, 6)
-    training.charge_ledger(ledger, state, args, world=1, seconds=1.0)
-    training.charge_ledger(ledger, state, args, world=1, seconds=1.0)   # nothing new: no entry
-    entries = ledger.entries()
-    assert [(e.config["from_step"], e.config["to_step"], e.steps, e.flops, e.tokens) for e in entries] == [
-        (0, 4, 4, 40.0, 4 * 2 * 8), (4, 6, 2, 20.0, 2 * 2 * 8)]
-    assert ledger.spent(name="r") == 60.0
+def test_check_finite_names_the_step():
+    training.check_finite(3.5, "training", 7)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(SystemExit, match=rf"step 7: the validation loss is {bad}"):
+            training.check_finite(bad, "validation", 7)
+
+
+def _charges(ledger: Ledger) -> list[tuple]:
+    return [(e.kind, e.flops, e.steps, e.tokens, e.config) for e in ledger.entries()]
+
+
+def test_booking_charges_each_step_as_it_ends_and_closes_with_the_rest_released(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", budget=1000.0)
+    r = ledger.reserve(500.0, name="r", kind="train")
+    with Booking(r, step_tokens=16) as booking:
+        booking.step(10.0, 1)
+        assert _charges(ledger) == [("train", 10.0, 1, 16, {"from_step": 0, "to_step": 1})]
+        booking.step(10.0, 2)
+        booking.charge(4.0, kind="eval", tokens=8, config={"step": 2})
+    assert _charges(ledger)[1:] == [("train", 10.0, 1, 16, {"from_step": 1, "to_step": 2}),
+                                    ("eval", 4.0, 0, 8, {"step": 2})]
+    assert booking.charged == 24.0
+    [rec] = ledger.reservations()
+    assert (rec.status, rec.charged) == ("closed", 24.0) and ledger.remaining() == 1000.0 - 24.0
+
+
+def test_booking_every_n_steps_charges_what_is_pending_on_flush_and_on_an_exception(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", budget=1000.0)
+    with pytest.raises(RuntimeError, match="boom"), Booking(ledger.reserve(500.0, name="r", kind="train"),
+                                                            every=3, step_tokens=4) as booking:
+        for step in range(1, 8):
+            booking.step(1.0, step)
+            if step == 4:
+                booking.flush()   # as before a checkpoint: nothing pending in it
+        raise RuntimeError("boom")
+    assert [(c[2], c[4]) for c in _charges(ledger)] == [
+        (3, {"from_step": 0, "to_step": 3}), (1, {"from_step": 3, "to_step": 4}),
+        (3, {"from_step": 4, "to_step": 7})]
+    assert ledger.reservations()[0].status == "closed" and ledger.spent() == 7.0
+
+
+def test_a_signal_waits_for_a_held_block_then_the_booking_closes_and_restores_the_handlers(tmp_path):
+    ledger = Ledger(tmp_path / "ledger.jsonl", budget=1000.0)
+    before = signal.getsignal(signal.SIGTERM)
+    after_kill = []
+    with pytest.raises(Interrupted) as caught, Booking(ledger.reserve(500.0, name="r", kind="train")) as booking:
+        with booking.held():
+            os.kill(os.getpid(), signal.SIGTERM)   # delivered now, acted on at the end of the block
+            after_kill.append("charged")
+            booking.step(10.0, 1)
+        after_kill.append("not reached")
+    assert after_kill == ["charged"] and caught.value.signum == signal.SIGTERM
+    assert ledger.spent() == 10.0 and ledger.reservations()[0].status == "closed"
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(Interrupted, match="SIGINT"), Booking(None) as nothing:   # another rank: charges nothing
+        nothing.step(10.0, 1)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert ledger.spent() == 10.0

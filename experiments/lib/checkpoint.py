@@ -3,7 +3,10 @@ atomically so a kill at any moment leaves a complete checkpoint behind.
 
     checkpoint/state.safetensors  trainable weights, AdamW moments, the torch RNG state
     checkpoint/best.safetensors   the best adapter so far (early stopping)
-    checkpoint/state.json         RunState: step, data position, early stopping, FLOPs, ledger position
+    checkpoint/state.json         RunState: step, data position, early stopping, FLOPs
+
+A checkpoint is written only when every FLOP it holds has been charged to the ledger (train.py
+flushes its charges first), so a run resumed from it owes nothing for what came before.
 """
 
 from __future__ import annotations
@@ -42,14 +45,32 @@ def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _current(folder: Path) -> Path:
+    """The checkpoint folder to read: ``folder``, or ``folder``.old when a save was cut short between its renames."""
+    old = folder.with_name(folder.name + ".old")
+    if not (folder / "state.json").is_file() and (old / "state.json").is_file():
+        return old
+    if not (folder / "state.json").is_file():
+        raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+    return folder
+
+
+# Fields of older checkpoints, which charged the ledger only at checkpoints and kept its position;
+# they always equalled (step, flops) when saved, so dropping them loses nothing.
+_RETIRED = ("logged_step", "logged_flops")
+
+
+def read_state(folder: Path) -> RunState:
+    """The saved run state alone (no tensors): what a resumed run plans its remaining FLOPs from."""
+    fields = json.loads((_current(folder) / "state.json").read_text())
+    return RunState(**{k: v for k, v in fields.items() if k not in _RETIRED})
+
+
 def load(folder: Path, model: torch.nn.Module,
          opt: torch.optim.Optimizer) -> tuple[RunState, dict[str, torch.Tensor]]:
     """Restore the trainable weights, AdamW's moments and the RNG state in place; the run's state and
     the best adapter so far are returned."""
-    if not (folder / "state.json").is_file() and (folder.with_name(folder.name + ".old") / "state.json").is_file():
-        folder = folder.with_name(folder.name + ".old")
-    if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+    folder = _current(folder)
     tensors = load_file(str(folder / "state.safetensors"))
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -61,5 +82,4 @@ def load(folder: Path, model: torch.nn.Module,
             opt.state[p] = {k.rsplit(".", 1)[1]: v.to(p.device) if v.dim() else v
                             for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")}
     torch.set_rng_state(tensors["rng.torch"])
-    state = RunState(**json.loads((folder / "state.json").read_text()))
-    return state, load_file(str(folder / "best.safetensors"))
+    return read_state(folder), load_file(str(folder / "best.safetensors"))

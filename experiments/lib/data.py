@@ -61,6 +61,10 @@ class Windows:
     labels: torch.Tensor          # [N, L]: labels[:, t] = input_ids[:, t + 1]; -100 = not scored
     attention_mask: torch.Tensor  # [N, L]: 1 real token, 0 padding (on the right)
 
+    def head(self, n: int) -> Windows:
+        """The first ``n`` windows (e.g. the fixed validation subset scored at every evaluation)."""
+        return Windows(self.input_ids[:n], self.labels[:n], self.attention_mask[:n])
+
 
 def window_starts(n_tokens: int, context_length: int, stride: int) -> list[int]:
     """Window starts covering every token: 0, stride, 2*stride, ... and one flush with the end."""

@@ -38,15 +38,20 @@ def meta_model(config: QwenConfig) -> Qwen2:
 @dataclass
 class TrainPlan:
     step: float       # one optimizer step, every position scored (an upper bound)
-    eval: float       # one evaluation of the validation subset
+    eval: float       # one evaluation: the validation subset, and the validation forecasts (their token limit)
     full_eval: float  # the final evaluation of the whole validation split
-    total: float      # the run as configured: every step and every evaluation, on every rank
+    steps: int        # optimizer steps still to run
+    evals: int        # evaluations of the validation subset among them
+    total: float      # what is left of the run as configured: those steps and evaluations, on every rank
 
 
-def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1) -> tuple[TrainPlan, Qwen2]:
-    """FLOPs of a train.py run as configured, and the LoRA-wrapped model structure they were counted on:
-    every step, every periodic evaluation of the validation subset, and the final full evaluation
-    (evaluations run on every rank)."""
+def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1, *, from_step: int = 0,
+               forecast: tuple[int, int, int] | None = None) -> tuple[TrainPlan, Qwen2]:
+    """FLOPs of a train.py run as configured, from optimizer step ``from_step`` on (a resumed run),
+    and the LoRA-wrapped model structure they were counted on: every step left, every evaluation
+    among them (one at step 0, then every --eval-every steps), and the final full evaluation
+    (evaluations run on every rank). ``forecast``: (prompts, prompt tokens, token limit) of the
+    validation forecasts each evaluation makes, in one greedy generate call."""
     shape = meta_model(model_config(args.model, args.revision))
     lora.apply_lora(shape, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
                     train_lm_head_bias=args.train_lm_head_bias)
@@ -54,10 +59,18 @@ def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1) -> 
     step = flops.count(shape, batch=args.batch_size, seq_len=L, mode="train").total
     subset = min(args.eval_windows, n_val_windows)
     evaluation = flops.count(shape, batch=subset, seq_len=L, mode="forward").total if subset else 0.0
+    if forecast:
+        n, prompt_len, new_tokens = forecast
+        evaluation += forecast_flops(shape, n_prompts=n, prompt_len=prompt_len, new_tokens=new_tokens, batch_size=n,
+                                     samples=0, vocab=len(forecasting.ALPHABET))
     full = flops.count(shape, batch=n_val_windows, seq_len=L, mode="forward").total
-    n_evals = args.max_steps // args.eval_every if args.eval_every else 0
-    total = args.max_steps * step + world * (n_evals * evaluation + full)
-    return TrainPlan(step, evaluation, full, total), shape
+    steps = max(0, args.max_steps - from_step)
+    every = args.eval_every
+    # the evaluations at steps 0, every, 2 every, ... up to max_steps not yet run (a resumed run's
+    # checkpoint at ``from_step`` was written after that step's evaluation)
+    evals = args.max_steps // every - min(from_step, args.max_steps) // every + (from_step == 0) if every else 0
+    total = steps * step + world * (evals * evaluation + full)
+    return TrainPlan(step, evaluation, full, steps, evals, total), shape
 
 
 class ScoredCosts:

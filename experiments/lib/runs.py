@@ -3,21 +3,26 @@
 
 A run folder holds everything the run wrote: ``<script>_args.json`` (the exact command line),
 splits.json and encoding.json (so a later script sees the same systems and the same scaling), and
-the script's own results.
+the script's own results. A saved adapter folder holds its own copies, and data.json (the data
+file's path and SHA-256), so it decodes its forecasts again wherever it is moved.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+import flops
 import qwen_min
 from experiments.lib import data, files, llmtime, lotka_volterra
 from qwen_min import Qwen2, Tokenizer
@@ -55,6 +60,9 @@ def add_common_args(p: argparse.ArgumentParser, *, out_default: str) -> None:
     b.add_argument("--budget", type=float, default=1e17, help="total FLOP budget of the ledger (default: %(default)g)")
     b.add_argument("--ledger", default=DEFAULT_LEDGER, help="FLOP ledger file shared by all experiments")
     b.add_argument("--name", default=None, help="experiment name in the ledger (default: the run folder's name)")
+    b.add_argument("--reservation", default=None,
+                   help="charge an open ledger reservation made by another process (study.py passes its own) "
+                        "instead of reserving anew")
 
 
 def add_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -62,6 +70,12 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                    help="a saved LoRA adapter folder (PEFT layout); none: the untrained model")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which systems to use")
     p.add_argument("--max-systems", type=int, default=None, help="use only the first N systems of the split")
+    p.add_argument("--allow-other-data", action="store_true",
+                   help="score an adapter on a data file other than the one it was trained on (its SHA-256 "
+                        "differs); refused without this flag, recorded as a warning in the results with it")
+
+
+SELECT_BY = ("forecast", "loss")  # what picks the best adapter: validation forecasts' relative score, or CE
 
 
 def train_parser(description: str | None = None) -> argparse.ArgumentParser:
@@ -83,6 +97,17 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--eval-windows", type=int, default=64, help="windows in the fixed validation subset")
     t.add_argument("--patience", type=int, default=10, help="stop after N evaluations without improvement (0: never)")
     t.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps")
+    v = p.add_argument_group("model selection (each evaluation: step 0, then every --eval-every steps)")
+    v.add_argument("--select-by", choices=SELECT_BY, default="forecast",
+                   help="keep the adapter with the best validation forecasts' relative score (forecast) or the "
+                        "lowest validation-subset cross-entropy (loss); step 0, the untrained model, is a candidate")
+    v.add_argument("--val-forecast-systems", type=int, default=8,
+                   help="validation systems forecast (greedy) at every evaluation (0: none; needs --select-by loss)")
+    v.add_argument("--context-steps", type=int, default=50, help="time steps in a validation forecast's prompt")
+    v.add_argument("--horizon", type=int, default=50, help="time steps a validation forecast predicts")
+    t.add_argument("--charge-every", type=int, default=1,
+                   help="charge the FLOP ledger every N optimizer steps (default 1: a SIGKILL loses at most the "
+                        "step in flight from the ledger; more: fewer ledger lines, up to N steps lost)")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint exactly")
     t.add_argument("--max-systems", type=int, default=None, help="use only the first N training systems")
     t.add_argument("--val-systems", type=int, default=None, help="use only the first N validation systems")
@@ -109,6 +134,24 @@ def start_run(args: argparse.Namespace, script: str) -> Path:
     return out
 
 
+def reserve(args: argparse.Namespace, planned: float, *, kind: str, config: dict[str, Any]) -> flops.Reservation:
+    """Hold the run's planned FLOPs in the ledger, or refuse it (SystemExit) before any model work.
+
+    With --reservation the FLOPs were reserved by the process that started this run (a study, for all
+    its runs at once): this run charges that reservation under its own name and leaves it open."""
+    ledger = flops.Ledger(args.ledger, budget=args.budget)
+    try:
+        if args.reservation:
+            reservation = ledger.attach(args.reservation)
+            reservation.name, reservation.kind = args.name, kind
+            return reservation
+        return ledger.reserve(planned, name=args.name, kind=kind, config=config)
+    except (flops.BudgetExceeded, flops.LedgerDamaged) as e:
+        raise SystemExit(f"refused before any model work: {e}") from None
+    except (KeyError, ValueError) as e:  # no such reservation, or it is closed
+        raise SystemExit(f"--reservation {args.reservation}: {e}") from None
+
+
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         return torch.device(name)
@@ -130,12 +173,25 @@ def seed_everything(seed: int) -> None:
 
 
 @dataclass
+class AdapterInfo:
+    """Where a saved adapter's splits, encoding and data file were found."""
+
+    folder: Path               # the adapter folder
+    source: Path | None        # the folder splits.json and encoding.json were read from: ``folder`` itself, or
+                               # (an adapter saved before adapters held them) the run folder it was saved in
+    data: dict | None          # its data.json {"path", "sha256", "systems"}; None for such older adapters
+
+
+@dataclass
 class RunData:
     trajectories: np.ndarray          # (N, T, 2) in original units
     time: np.ndarray                  # (T,)
     splits: dict[str, np.ndarray]     # "train"/"val"/"test" -> system indices
     encoding: llmtime.EncodingConfig  # alpha, decimals, percentile
     data_path: str
+    sha256: str = ""                  # of the data file
+    warnings: list[str] = field(default_factory=list)  # for the run's results file (also printed)
+    adapter_info: AdapterInfo | None = None            # with --adapter: where its provenance came from
 
     def systems(self, split: str, max_systems: int | None = None) -> np.ndarray:
         idx = self.splits[split]
@@ -149,11 +205,37 @@ class RunData:
 def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Path | None = None) -> RunData:
     """Load (or generate) the data, split it by system, fit alpha on train; save splits and encoding in ``out``.
 
-    When ``reuse`` (default: ``out``) already holds splits.json and encoding.json (a resumed run,
-    or the folder of the trained run whose adapter is evaluated) they are used again, so the same
-    systems and the same scaling are used again.
+    When ``reuse`` (default: ``out``) already holds splits.json and encoding.json (a resumed run)
+    they are used again, so the same systems and the same scaling are used again.
+
+    With ``args.adapter`` (evaluate.py, forecast.py) the adapter folder itself decides, wherever it
+    was moved: its splits.json and encoding.json are used, --data defaults to the file in its
+    data.json, and a file whose SHA-256 differs from the recorded one is refused (SystemExit naming
+    both files and checksums) unless ``args.allow_other_data``, which turns the refusal into a
+    warning in ``.warnings``. Scoring the adapter's own training split (``args.split`` "train") is
+    refused. An adapter folder without data.json (saved by an older train.py) falls back to its run
+    folder's files, with a printed note (also in ``.warnings``).
     """
-    path = args.data or str(lotka_volterra.default_dataset())
+    warnings: list[str] = []
+    info = adapter_info(args.adapter, warnings) if getattr(args, "adapter", None) else None
+    if info:
+        if getattr(args, "split", None) == "train":
+            raise SystemExit(f"--split train: adapter {info.folder} was trained on these systems; score val or "
+                             f"test")
+        reuse = info.source or reuse
+    path = args.data or (info.data["path"] if info and info.data else None)
+    if path is None:
+        path = str(lotka_volterra.default_dataset())
+    elif not Path(path).is_file():
+        where = "" if args.data else f" (recorded in {info.folder / 'data.json'}; pass --data)"
+        raise SystemExit(f"data file {path} not found{where}")
+    digest = file_sha256(path)
+    if info and info.data and digest != info.data["sha256"]:
+        msg = (f"data file {path} (sha256 {digest}) is not the one adapter {info.folder} was trained on: "
+               f"{info.data['path']} (sha256 {info.data['sha256']})")
+        if not getattr(args, "allow_other_data", False):
+            raise SystemExit(f"{msg}; pass --allow-other-data to score it anyway")
+        _warn(warnings, msg)
     trajectories, time = lotka_volterra.load_h5(path)
     reuse = reuse or out
     if reuse and (reuse / "splits.json").is_file():
@@ -169,7 +251,49 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
     if out:
         data.save_splits(out / "splits.json", splits)
         encoding.save(out / "encoding.json")
-    return RunData(trajectories, time, splits, encoding, path)
+    return RunData(trajectories, time, splits, encoding, path, digest, warnings, info)
+
+
+def _warn(warnings: list[str], msg: str) -> None:
+    print(f"warning: {msg}", flush=True)
+    warnings.append(msg)
+
+
+ADAPTER_FILES = ("encoding.json", "splits.json", "data.json")
+
+
+def save_adapter_files(folder: Path, run_data: RunData) -> None:
+    """Beside a saved adapter's weights, what decodes its forecasts again: encoding.json, splits.json
+    and data.json (the data file's absolute path, its SHA-256 and its number of systems)."""
+    run_data.encoding.save(folder / "encoding.json")
+    data.save_splits(folder / "splits.json", run_data.splits)
+    files.write_json(folder / "data.json", {"path": str(Path(run_data.data_path).resolve()),
+                                            "sha256": run_data.sha256, "systems": len(run_data.trajectories)})
+
+
+def adapter_info(adapter: str | os.PathLike, warnings: list[str]) -> AdapterInfo:
+    """Read an adapter folder's provenance (see ``prepare_data``); notes go to ``warnings``."""
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise SystemExit(f"--adapter {folder}: not an adapter folder (no adapter_config.json)")
+    if (folder / "data.json").is_file():
+        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+        if missing:
+            raise SystemExit(f"--adapter {folder}: has data.json but not {', '.join(missing)}")
+        recorded = json.loads((folder / "data.json").read_text())
+        for key, kind in (("path", str), ("sha256", str), ("systems", int)):
+            if not isinstance(recorded.get(key), kind):
+                raise SystemExit(f"{folder / 'data.json'}: field {key!r} must be a {kind.__name__}, "
+                                 f"found {recorded.get(key)!r}")
+        return AdapterInfo(folder, folder, recorded)
+    run = adapter_run_dir(str(folder))
+    if run:
+        _warn(warnings, f"adapter {folder} has no data.json (saved by an older train.py): its splits and encoding "
+                        f"come from the run folder {run}, and its data file is not checked")
+    else:
+        _warn(warnings, f"adapter {folder} has no data.json and no run folder beside it: the splits and encoding are "
+                        f"made afresh from --seed/--splits/--percentile and may not be those it was trained on")
+    return AdapterInfo(folder, run, None)
 
 
 def adapter_run_dir(adapter: str | None) -> Path | None:
@@ -177,6 +301,14 @@ def adapter_run_dir(adapter: str | None) -> Path | None:
     if adapter and (Path(adapter).parent / "splits.json").is_file():
         return Path(adapter).parent
     return None
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Qwen2, Tokenizer]:

@@ -1,17 +1,21 @@
 """The pieces of train.py's loop, each small enough to test alone: the run's state, the batch order
-and learning rate, the validation loss, early stopping, the metrics files, the ledger entries and
-the data-parallel plumbing.
+and learning rate, the validation loss, early stopping, the metrics files, the ledger bookings
+(reserve, charge as work ends, close on any exit, signals included) and the data-parallel plumbing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
 import os
-from collections.abc import Iterable
-from dataclasses import dataclass
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,18 +36,21 @@ class RunState:
     step: int = 0                 # optimizer steps taken
     epoch: int = 0                # data epoch, and ...
     position: int = 0             # ... windows of its permutation already used
-    best_val: float = math.inf    # early stopping: the best validation-subset loss so far,
+    best_val: float = math.inf    # early stopping: the best validation score so far (--select-by),
     best_step: int = 0            # the step it was measured at,
     bad_evals: int = 0            # and evaluations since then without improvement
+    best_scores: dict = field(default_factory=dict)  # every validation figure of that evaluation
     tokens: int = 0               # tokens trained on (every position of every window)
-    flops: float = 0.0            # FLOPs spent by steps and evaluations
-    logged_step: int = 0          # step and FLOPs already written to the ledger
-    logged_flops: float = 0.0
+    flops: float = 0.0            # FLOPs of the steps and evaluations that led to this state
+    # Nothing about the ledger: a checkpoint is written only once every FLOP in it is charged (see
+    # Booking), so a resumed run owes nothing for the work before it, and what it re-runs it charges anew.
 
-    def record_val(self, loss: float) -> bool:
-        """Early stopping's bookkeeping for one evaluation; True when it is the best so far (keep this adapter)."""
-        if loss < self.best_val:
-            self.best_val, self.best_step, self.bad_evals = loss, self.step, 0
+    def record_val(self, score: float, figures: dict | None = None) -> bool:
+        """Early stopping's bookkeeping for one evaluation (lower ``score`` is better, ``figures`` all
+        it measured); True when it is the best so far (keep this adapter)."""
+        if score < self.best_val:
+            self.best_val, self.best_step, self.bad_evals = score, self.step, 0
+            self.best_scores = dict(figures or {})
             return True
         self.bad_evals += 1
         return False
@@ -66,27 +73,63 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
 
 def prepare_windows(args: argparse.Namespace, out: Path | None) -> tuple[runs.RunData, data.Windows, data.Windows]:
     """The run's data (saved in ``out``) cut into training windows (stride --stride, default half a
-    window) and validation windows (each transition scored once)."""
+    window) and validation windows (each transition scored once). Refused (SystemExit, before any
+    model work) when either has nothing to score, or the batch or the evaluated subset is empty."""
     run_data = runs.prepare_data(args, out)
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     L = args.context_length
     train = data.training_windows(run_data.texts("train", args.max_systems), tokenizer, context_length=L,
                                   stride=args.stride or L // 2)
     val = data.training_windows(run_data.texts("val", args.val_systems), tokenizer, context_length=L, stride=L - 1)
+    require_scored(train, f"the training split ({len(run_data.systems('train', args.max_systems))} systems)")
+    require_scored(val, f"the validation split ({len(run_data.systems('val', args.val_systems))} systems)")
+    if len(train.input_ids) < args.batch_size:
+        raise SystemExit(f"only {len(train.input_ids)} training windows for batch size {args.batch_size}: "
+                         f"lower --batch-size")
+    if args.eval_every and args.eval_windows < 1:
+        raise SystemExit(f"--eval-windows {args.eval_windows}: the validation subset scored every "
+                         f"--eval-every {args.eval_every} steps would be empty")
     return run_data, train, val
+
+
+def require_scored(windows: data.Windows, what: str) -> None:
+    """Refuse to score nothing: a mean over zero tokens is no loss (0.0 would even win early stopping)."""
+    if not len(windows.input_ids):
+        raise SystemExit(f"{what}: no windows to score")
+    if not bool((windows.labels != -100).any()):
+        raise SystemExit(f"{what}: its {len(windows.input_ids)} windows hold no token to score (all padding)")
 
 
 @torch.no_grad()
 def windows_loss(model: Qwen2, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                 device: torch.device) -> tuple[float, int]:
-    """Mean next-token cross-entropy over every scored label (padding excluded), and their count."""
+                 device: torch.device, *, what: str = "the windows",
+                 after_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+    """Mean next-token cross-entropy over every scored label (padding excluded), and their count.
+
+    ``after_batch(rows, scored_tokens)`` is called as each batch is done (to charge it). No scored
+    label at all is an error naming ``what``, raised before any work."""
+    if not bool((labels != -100).any()):
+        raise ValueError(f"{what}: no token to score ({len(input_ids)} windows, every label padding)")
     total, count = 0.0, 0
     for i in range(0, len(input_ids), batch_size):
         ids, y = input_ids[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
         h = model.hidden(ids)  # right padding: causal attention already keeps real tokens off the pads
         total += qwen_min.chunked_cross_entropy(h, model.lm_head, y, reduction="sum").item()
-        count += int((y != -100).sum())
-    return total / max(count, 1), count
+        scored = int((y != -100).sum())
+        count += scored
+        if after_batch:
+            after_batch(len(ids), scored)
+    return total / count, count
+
+
+class Diverged(SystemExit):
+    """A loss that is not a finite number: the run stops (exit status 1, with the message), keeping the
+    last good checkpoint and the best adapter so far."""
+
+
+def check_finite(loss: float, what: str, step: int) -> None:
+    if not math.isfinite(loss):
+        raise Diverged(f"step {step}: the {what} loss is {loss}")
 
 
 def trainable_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -114,7 +157,7 @@ class MetricsLog:
     ``write`` False (data-parallel ranks other than 0): nothing is written.
     """
 
-    CSV_FIELDS = ("step", "kind", "loss", "lr", "tokens", "flops", "tokens_per_s")
+    CSV_FIELDS = ("step", "kind", "loss", "relative_score", "mae", "coverage", "lr", "tokens", "flops", "tokens_per_s")
 
     def __init__(self, out: Path, *, resume_step: int | None = None, write: bool = True,
                  wandb_run: Any = None) -> None:
@@ -130,8 +173,9 @@ class MetricsLog:
         for row in rows:
             self._csv_row(row)
 
-    def __call__(self, state: RunState, kind: str, loss: float, lr: float, **extra: float) -> None:
-        """One row: the step, the loss of this kind (train, val, val_full), and the run's totals so far."""
+    def __call__(self, state: RunState, kind: str, loss: float | None, lr: float, **extra: float | None) -> None:
+        """One row: the step, the loss of this kind (train, val, val_full; None for val_forecast, whose
+        figures are in ``extra``), and the run's totals so far."""
         if not self.write:
             return
         row = {"step": state.step, "kind": kind, "loss": loss, "lr": lr, "tokens": state.tokens,
@@ -140,7 +184,9 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         self._csv_row(row)
         if self.wandb_run:
-            self.wandb_run.log({f"{kind}/loss": loss, "flops": state.flops}, step=state.step)
+            figures = {"loss": loss, **extra}
+            self.wandb_run.log({f"{kind}/{k}": v for k, v in figures.items() if v is not None} | {"flops": state.flops},
+                               step=state.step)
 
     def _csv_row(self, row: dict) -> None:
         new = not self.csv.exists()
@@ -160,21 +206,106 @@ def start_wandb(args: argparse.Namespace) -> Any:
     return wandb.init(project="qwen-lora-ts", name=args.name, config=vars(args), resume="allow")
 
 
-def charge_ledger(ledger: flops.Ledger, state: RunState, args: argparse.Namespace, *, world: int,
-                  seconds: float) -> None:
-    """One ledger entry for the steps and evaluations since the last entry. What was charged is
-    part of the state the checkpoint keeps, so after a kill and --resume every step is charged once
-    (steps re-run after the checkpoint were never charged)."""
-    flops_since = state.flops - state.logged_flops
-    steps = state.step - state.logged_step
-    if flops_since > 0:
-        ledger.append(name=args.name, kind="train", flops=flops_since,
-                      tokens=steps * args.batch_size * args.context_length, steps=steps,
-                      config={"rank": args.rank, "lr": args.lr, "context_length": args.context_length,
-                              "batch_size": args.batch_size, "from_step": state.logged_step,
-                              "to_step": state.step, "world_size": world},
-                      seconds=seconds)
-    state.logged_step, state.logged_flops = state.step, state.flops
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it): the run
+    charges what it spent and closes its reservation on the way out; ``run_as_script`` then ends the
+    process by the same signal, with the exit status that signal always gives."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class Booking:
+    """A run's charges to its ledger reservation, made as the work ends, so a kill loses at most the
+    work in flight: training steps (every ``every`` steps, pending in between), evaluations and
+    evaluation batches at once. ``reservation`` None (a data-parallel rank other than 0): nothing is charged.
+
+    As a context manager: SIGINT and SIGTERM raise Interrupted, except inside ``held()``, where they
+    wait for the block's end (a charge and the metrics row it pays for, a checkpoint: each done
+    whole). Leaving the block in any way (the end, an exception, a signal) charges what is pending
+    and closes the reservation, releasing what was not spent. Work interrupted in flight was not
+    completed and is not charged (after --resume it runs, and is charged, again).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, reservation: flops.Reservation | None, *, every: int = 1, step_tokens: int = 0) -> None:
+        if every < 1:
+            raise ValueError(f"charge every {every} steps: must be at least 1")
+        self.reservation, self.every, self.step_tokens = reservation, every, step_tokens
+        self.charged = 0.0                   # by this process
+        self.pending_steps, self.pending_flops, self.to_step = 0, 0.0, 0
+        self.since = time.time()
+        self._depth, self._signal, self._previous = 0, None, {}
+
+    def __enter__(self) -> Booking:
+        if threading.current_thread() is threading.main_thread():  # (handlers can only be set there)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        try:
+            with self.held():
+                self.flush()
+                if self.reservation and self.reservation.owner:  # (a study's reservation: the study closes it)
+                    self.reservation.close()
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._depth:
+            self._signal = signum  # raised when the held block ends
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block that SIGINT and SIGTERM do not cut short; they take effect once it is done."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._signal is not None:
+                signum, self._signal = self._signal, None
+                raise Interrupted(signum)
+
+    def charge(self, amount: float, *, kind: str, tokens: int = 0, steps: int = 0,
+               config: dict[str, Any] | None = None) -> None:
+        """Charge work that has just ended."""
+        if self.reservation is None or not amount:
+            return
+        with self.held():
+            now = time.time()
+            self.reservation.charge(amount, kind=kind, tokens=tokens, steps=steps, seconds=now - self.since,
+                                    config=config)
+            self.charged += amount
+            self.since = now
+
+    def step(self, amount: float, step: int) -> None:
+        """Optimizer step ``step`` is done: charged now, or with the next ``every``-th."""
+        self.pending_steps, self.pending_flops, self.to_step = self.pending_steps + 1, self.pending_flops + amount, step
+        if self.pending_steps >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Charge the pending steps (before every checkpoint, so a checkpoint never holds uncharged work)."""
+        if self.pending_steps:
+            n, f = self.pending_steps, self.pending_flops
+            self.charge(f, kind="train", steps=n, tokens=n * self.step_tokens,
+                        config={"from_step": self.to_step - n, "to_step": self.to_step})
+            self.pending_steps, self.pending_flops = 0, 0.0
+
+
+def run_as_script(main: Callable[[], object]) -> None:
+    """Run a script's main; if a signal interrupted it (after it closed its booking), die of that signal."""
+    try:
+        main()
+    except Interrupted as e:
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
 
 
 # ---------------------------------------------------------------------------------------------
