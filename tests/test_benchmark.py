@@ -1,0 +1,147 @@
+"""The benchmark's account of where it ran and where the time goes (experiments/benchmark.py), on the
+tiny checkpoint: the figures themselves are the benchmark's business, not a unit test's."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwen_min
+from experiments import benchmark
+
+CPU = torch.device("cpu")
+
+
+def proc_cpuinfo() -> tuple[str, set[str]]:
+    """Model name and flags of the first processor, read the plain way."""
+    text = Path("/proc/cpuinfo").read_text()
+    model = next(line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name"))
+    flags = next(line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags"))
+    return model, set(flags)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
+def test_environment_reports_this_machine(monkeypatch):
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    env = benchmark.environment(CPU)
+    model, flags = proc_cpuinfo()
+    assert env["cpu"] == model
+    assert set(env["isa_flags"]) == {"amx_bf16", "avx512_bf16", "avx512f", "avx2"}
+    assert env["isa_flags"] == {f: f in flags for f in env["isa_flags"]}
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert env["ONEDNN_MAX_CPU_ISA"] is None and env["device"] == "cpu" and env["gpu"] is None
+    if torch.backends.mkldnn.is_available():
+        assert env["onednn"] is not None and env["onednn"][0].isdigit()
+        kernel = env["onednn_dispatch"]["bf16_matmul_kernel"]
+        if "avx512_bf16" in flags and "amx_bf16" not in flags:
+            assert "avx512_core_bf16" in kernel
+        if "amx_bf16" in flags:
+            assert "amx" in kernel
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN's dispatch")
+def test_onednn_isa_cap_is_recorded_and_obeyed(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA=AVX512_CORE (below AVX-512 BF16) must show in the record and keep oneDNN
+    off the bf16 and AMX kernels in the measured child."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
+    env = benchmark.environment(CPU)
+    assert env["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
+    kernel = env["onednn_dispatch"]["bf16_matmul_kernel"] or ""
+    assert "avx512_core_bf16" not in kernel and "amx" not in kernel
+
+
+@pytest.mark.parametrize("name, shapes, phase", [
+    ("aten::mm", [[4, 64], [64, 128]], "matmul"),
+    ("aten::addmm", [[128], [4, 64], [64, 128], [], []], "matmul"),
+    ("aten::linear", [[4, 64], [128, 64]], "matmul"),
+    ("mkldnn::_linear_pointwise", [[4, 64], [128, 64], [], [], [], []], "matmul"),
+    ("aten::linear", [[4, 64], [151936, 64]], "output layer/loss"),    # the vocabulary-sized output layer
+    ("aten::mm", [[4, 64], [64, 151936], [4, 151936]], "output layer/loss"),
+    ("aten::scaled_dot_product_attention", [], "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", [], "attention"),
+    ("aten::_scaled_dot_product_efficient_attention", [], "attention"),
+    ("aten::rms_norm", [], "norms/rotary"),
+    ("phase:norms/rotary", [], "norms/rotary"),
+    ("aten::mul", [], "elementwise"),
+    ("aten::silu_", [], "elementwise"),
+    ("aten::rsqrt", [], "elementwise"),
+    ("aten::cross_entropy_loss", [], "output layer/loss"),
+    ("aten::log_softmax", [], "output layer/loss"),
+    ("aten::copy_", [], "allocation/copy"),
+    ("aten::empty", [], "allocation/copy"),
+    ("aten::_to_copy", [], "allocation/copy"),
+    ("aten::view", [], None),
+    ("aten::something_new", [], None),
+])
+def test_phase_of_known_operators(name, shapes, phase):
+    assert benchmark.phase_of(name, shapes, vocab=151936) == phase
+
+
+def check_breakdown(b: dict) -> None:
+    assert set(b["ms"]) == set(b["fraction"]) == set(benchmark.PHASES)
+    assert math.isclose(sum(b["fraction"].values()), 1.0, rel_tol=1e-9)
+    assert math.isclose(sum(b["ms"].values()), b["total_ms"], rel_tol=1e-9)
+    assert all(v >= 0 for v in b["ms"].values())
+
+
+def test_forward_breakdown_ours(tiny_ckpt):
+    import qwen_min.model
+
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32, device=CPU)
+    ids = torch.randint(0, 1000, (2, 16))
+    rotary = qwen_min.model.apply_rotary
+
+    def fwd() -> None:
+        with torch.no_grad():
+            model(ids)
+
+    b = benchmark.profile_phases(fwd, model, CPU, model.config.vocab_size)
+    check_breakdown(b)
+    assert b["steps"] == 1
+    for phase in ("matmul", "attention", "norms/rotary", "output layer/loss"):
+        assert b["ms"][phase] > 0, phase
+    # The profiling scopes are gone afterwards: no hooks left, the rotary function restored.
+    assert qwen_min.model.apply_rotary is rotary
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_forward_breakdown_transformers(hf_tiny):
+    ids = torch.randint(0, 1000, (2, 16))
+
+    def fwd() -> None:
+        with torch.no_grad():
+            hf_tiny(input_ids=ids)
+
+    b = benchmark.profile_phases(fwd, hf_tiny, CPU, hf_tiny.config.vocab_size)
+    check_breakdown(b)
+    for phase in ("matmul", "attention", "norms/rotary", "output layer/loss"):
+        assert b["ms"][phase] > 0, phase
+
+
+def test_decode_step_breakdown(tiny_ckpt, hf_tiny):
+    """5 new tokens: the prompt's model call, then 4 decode steps, the figures per step."""
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32, device=CPU)
+    prompts = torch.randint(0, 1000, (3, 8))
+    mask = torch.ones_like(prompts)
+    mask[0, :3] = 0
+    fns = benchmark.generate_fns(model, hf_tiny, prompts, mask, 5)
+    for fn, m in zip(fns, (model, hf_tiny), strict=True):
+        b = benchmark.profile_phases(fn, m, CPU, model.config.vocab_size, per_decode_step=True)
+        check_breakdown(b)
+        assert b["steps"] == 4
+        assert b["ms"]["matmul"] > 0 and b["ms"]["output layer/loss"] > 0
+
+
+def test_decode_step_needs_a_generation(tiny_ckpt):
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32, device=CPU)
+
+    def fwd() -> None:
+        with torch.no_grad():
+            model(torch.zeros(1, 4, dtype=torch.long))
+
+    with pytest.raises(ValueError, match="1 model call"):
+        benchmark.profile_phases(fwd, model, CPU, model.config.vocab_size, per_decode_step=True)
+
