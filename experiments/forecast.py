@@ -45,21 +45,7 @@ from experiments.lib import baselines, data, files, forecasting, llmtime, metric
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    runs.add_common_args(p, out_default="runs/forecast")
-    runs.add_adapter_args(p)
-    f = p.add_argument_group("forecasting")
-    f.add_argument("--context-steps", type=int, default=50, help="time steps in the prompt (C)")
-    f.add_argument("--horizon", type=int, default=50, help="time steps to forecast (H)")
-    f.add_argument("--samples", type=int, default=0, help="sampled forecasts per system (0: greedy only)")
-    f.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    f.add_argument("--top-p", type=float, default=1.0)
-    f.add_argument("--forecast-batch", type=int, default=16, help="prompts per generate call")
-    f.add_argument("--unconstrained", action="store_true",
-                   help="let the model emit any token (default: only digits , . ;)")
-    f.add_argument("--no-untrained", action="store_true", help="with --adapter, skip the untrained model")
-    f.add_argument("--no-baselines", action="store_true")
-    return p.parse_args(argv)
+    return runs.forecast_parser(__doc__).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,10 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = planning.meta_model(planning.model_config(args.model, args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
-    planned = len(models) * planning.forecast_flops(
-        shape, n_prompts=len(prompts), prompt_len=max(len(tokenizer.encode(p)) for p in prompts),
-        new_tokens=forecasting.max_new_tokens(prompts, H), batch_size=args.forecast_batch, samples=args.samples,
-        vocab=None if args.unconstrained else len(forecasting.ALPHABET))
+    planned = len(models) * planning.forecast_plan(args, shape, tokenizer, prompts)
     reservation = runs.reserve(args, planned, kind="forecast",
                                config={"models": [m for m, _ in models], "systems": len(systems)})
     print(f"plan: at most {planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)

@@ -20,41 +20,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flops
+from experiments.lib import plots, reporting
 from experiments.lib.runs import DEFAULT_LEDGER
-
-
-def md_table(rows: list[dict], fields: list[str]) -> str:
-    def fmt(v) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else "" if v is None else str(v)
-
-    lines = ["| " + " | ".join(fields) + " |", "|" + "---|" * len(fields)]
-    lines += ["| " + " | ".join(fmt(r.get(k)) for k in fields) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def loss_curves(train_runs: list[Path], path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[plot]'): no loss-curve plot")
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for run in train_runs:
-        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
-        for kind, style in (("train", "-"), ("val", "o--")):
-            pts = [(r["step"], r["loss"]) for r in rows if r["kind"] == kind]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), style, label=f"{run.name} {kind}", alpha=0.8, markersize=3)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -79,26 +46,32 @@ def main(argv: list[str] | None = None) -> Path:
     train_runs = sorted(d.parent for d in runs.rglob("summary.json") if (d.parent / "metrics.jsonl").is_file())
     train_runs = [d for d in train_runs if out not in d.parents]
     if train_runs:
-        rows = [dict(json.loads((d / "summary.json").read_text()), run=str(d)) for d in train_runs]
-        sections += ["\n## Training runs\n", md_table(rows, ["run", "lr", "rank", "context_length", "steps",
-                                                             "best_step", "val_loss", "flops"])]
-        if loss_curves(train_runs, out / "loss_curves.png"):
+        summaries = [(d, json.loads((d / "summary.json").read_text())) for d in train_runs]
+        rows = [[str(d), s["lr"], s["rank"], s["context_length"], s["steps"], s["select_by"], s["best_step"],
+                 s["best_val"].get("relative_score"), s["val_loss"], f"{s['flops']:.3e}"] for d, s in summaries]
+        sections += ["\n## Training runs\n", reporting.md_table(
+            ["run", "lr", "rank", "context", "steps", "kept by", "best step", "val relative score", "val CE",
+             "FLOPs"], rows)]
+        try:
+            plots.plot_loss_curves(out / "loss_curves.png", train_runs)
             sections.append("\n![loss curves](loss_curves.png)")
+        except ImportError as e:
+            print(f"no loss-curve plot: {e}")
 
     # ---- evaluations
     evals = sorted(runs.rglob("eval_metrics.json"))
     if evals:
-        rows = [dict(json.loads(f.read_text()), run=str(f.parent)) for f in evals]
-        sections += ["\n## Cross-entropy\n", md_table(rows, ["run", "split", "adapter", "loss", "scored_tokens"])]
+        rows = [[str(f.parent)] + [m.get(k) for k in ("split", "adapter", "loss", "scored_tokens")]
+                for f in evals for m in [json.loads(f.read_text())]]
+        sections += ["\n## Cross-entropy\n", reporting.md_table(["run", "split", "adapter", "CE", "scored tokens"],
+                                                                  rows)]
 
     # ---- forecasts
     for f in sorted(runs.rglob("forecast_metrics.json")):
         if out in f.parents:
             continue
         m = json.loads(f.read_text())
-        rows = [{"model": name, **{k: v for k, v in s.items() if not isinstance(v, (list, dict))}}
-                for name, s in m.get("summary", {}).items()]
-        sections += [f"\n## Forecasts: {f.parent}\n", md_table(rows, list(rows[0]) if rows else ["model"])]
+        sections += [f"\n## Forecasts: {f.parent}\n", reporting.forecast_table(m)]
         for png in sorted(f.parent.glob("*.png")):
             target = out / f"{f.parent.name}_{png.name}"
             shutil.copy(png, target)

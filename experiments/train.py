@@ -96,7 +96,7 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
     t_step = time.time()
     stopped_early = False
     try:
-        if args.eval_every and state.step == 0:  # the untrained model: the first candidate
+        if args.eval_every and args.eval_at_start and state.step == 0:  # the untrained model: a candidate
             evaluate(model, state, training.lr_at(0, args.lr, args.warmup_steps))
         while state.step < args.max_steps:
             if state.position + args.batch_size > n_train:  # epoch done: the next permutation

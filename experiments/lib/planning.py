@@ -18,7 +18,7 @@ from huggingface_hub import hf_hub_download
 import flops
 import lora
 from experiments.lib import forecasting
-from qwen_min import Qwen2, QwenConfig
+from qwen_min import Qwen2, QwenConfig, Tokenizer
 
 
 def model_config(model: str | os.PathLike, revision: str | None = None) -> QwenConfig:
@@ -49,7 +49,7 @@ def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1, *, 
                forecast: tuple[int, int, int] | None = None) -> tuple[TrainPlan, Qwen2]:
     """FLOPs of a train.py run as configured, from optimizer step ``from_step`` on (a resumed run),
     and the LoRA-wrapped model structure they were counted on: every step left, every evaluation
-    among them (one at step 0, then every --eval-every steps), and the final full evaluation
+    among them (at step 0 with --eval-at-start, then every --eval-every steps), and the final full evaluation
     (evaluations run on every rank). ``forecast``: (prompts, prompt tokens, token limit) of the
     validation forecasts each evaluation makes, in one greedy generate call."""
     shape = meta_model(model_config(args.model, args.revision))
@@ -68,7 +68,8 @@ def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1, *, 
     every = args.eval_every
     # the evaluations at steps 0, every, 2 every, ... up to max_steps not yet run (a resumed run's
     # checkpoint at ``from_step`` was written after that step's evaluation)
-    evals = args.max_steps // every - min(from_step, args.max_steps) // every + (from_step == 0) if every else 0
+    at_start = from_step == 0 and args.eval_at_start
+    evals = args.max_steps // every - min(from_step, args.max_steps) // every + at_start if every else 0
     total = steps * step + world * (evals * evaluation + full)
     return TrainPlan(step, evaluation, full, steps, evals, total), shape
 
@@ -108,3 +109,10 @@ def forecast_flops(shape: Qwen2, *, n_prompts: int, prompt_len: int, new_tokens:
             total += forecasting.generation_flops(shape, batch=n, prompt_len=prompt_len, steps=new_tokens,
                                                   num_samples=S, vocab=vocab, sampled=sampled, padded=True)[0]
     return total
+
+
+def forecast_plan(args: argparse.Namespace, shape: Qwen2, tokenizer: Tokenizer, prompts: list[str]) -> float:
+    """An upper bound of one model's forecasts as forecast.py's ``args`` make them."""
+    return forecast_flops(shape, n_prompts=len(prompts), prompt_len=max(len(tokenizer.encode(p)) for p in prompts),
+                          new_tokens=forecasting.max_new_tokens(prompts, args.horizon), batch_size=args.forecast_batch,
+                          samples=args.samples, vocab=None if args.unconstrained else len(forecasting.ALPHABET))

@@ -1,4 +1,4 @@
-"""PNG plots for forecast.py: example forecasts with their bands, and error against horizon.
+"""PNG plots: example forecasts with their bands, error against horizon, training curves.
 
 matplotlib is an optional dependency (``pip install -e '.[plot]'``), imported only when a plot is
 drawn and always with the file-only Agg backend, so forecasting works on machines without it or
@@ -7,7 +7,9 @@ without a display.
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,4 +90,28 @@ def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, 
     axes[0, 0].legend(fontsize=8, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_loss_curves(path: str | os.PathLike, runs: list[Path]) -> None:
+    """Training and validation-subset cross-entropy against step for every training run folder in
+    ``runs`` (its metrics.jsonl), and beside them each run's validation forecasts' relative score."""
+    plt = _pyplot()
+    fig, (ax, ax_f) = plt.subplots(1, 2, figsize=(12, 4))
+    for run in runs:
+        rows = [json.loads(x) for x in (Path(run) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        label = f"{Path(run).parent.name}/{Path(run).name}" if Path(run).parent.name != "." else Path(run).name
+        for kind, style, key, axis in (("train", "-", "loss", ax), ("val", "o--", "loss", ax),
+                                       ("val_forecast", "o-", "relative_score", ax_f)):
+            pts = [(r["step"], r[key]) for r in rows if r["kind"] == kind and r.get(key) is not None]
+            if pts:
+                axis.plot(*zip(*pts, strict=True), style, label=f"{label} {kind}", alpha=0.8, markersize=3)
+    ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)", title="training and validation CE")
+    ax_f.set(xlabel="optimizer step", ylabel="relative score (< 1 beats persistence)",
+             title="validation forecasts")
+    for a in (ax, ax_f):
+        if a.lines:
+            a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)

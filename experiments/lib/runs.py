@@ -103,6 +103,8 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "lowest validation-subset cross-entropy (loss); step 0, the untrained model, is a candidate")
     v.add_argument("--val-forecast-systems", type=int, default=8,
                    help="validation systems forecast (greedy) at every evaluation (0: none; needs --select-by loss)")
+    v.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate the untrained model at step 0 too, so it is a candidate (default: yes)")
     v.add_argument("--context-steps", type=int, default=50, help="time steps in a validation forecast's prompt")
     v.add_argument("--horizon", type=int, default=50, help="time steps a validation forecast predicts")
     t.add_argument("--charge-every", type=int, default=1,
@@ -117,6 +119,25 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
                         "fuse into fewer kernels, paid for by a one-time compilation at the first steps; fused "
                         "kernels round differently, so losses are close to the eager run's, not bit for bit "
                         "equal")
+    return p
+
+
+def forecast_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """forecast.py's command line (study.py prices the forecasts it will start with it)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p, out_default="runs/forecast")
+    add_adapter_args(p)
+    f = p.add_argument_group("forecasting")
+    f.add_argument("--context-steps", type=int, default=50, help="time steps in the prompt (C)")
+    f.add_argument("--horizon", type=int, default=50, help="time steps to forecast (H)")
+    f.add_argument("--samples", type=int, default=0, help="sampled forecasts per system (0: greedy only)")
+    f.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
+    f.add_argument("--top-p", type=float, default=1.0)
+    f.add_argument("--forecast-batch", type=int, default=16, help="prompts per generate call")
+    f.add_argument("--unconstrained", action="store_true",
+                   help="let the model emit any token (default: only digits , . ;)")
+    f.add_argument("--no-untrained", action="store_true", help="with --adapter, skip the untrained model")
+    f.add_argument("--no-baselines", action="store_true")
     return p
 
 

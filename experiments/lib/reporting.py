@@ -1,0 +1,144 @@
+"""Markdown for report.py and study.py: tables of runs and forecast scores, and the study's report.md.
+
+The study's test comparison puts the untrained model and the baselines (zeroshot_test/) beside the
+final adapter (final_test/), all forecast on the same test systems from the same prompts, and
+scores them together with ``metrics.compare``, so the paired differences are system by system.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+import flops
+from experiments.lib import files, metrics, plots
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def md_table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def pm(value: float | None, se: float | None) -> str:
+    """value ± standard error."""
+    return "–" if value is None else f"{value:.4f} ± {se:.4f}" if se is not None else f"{value:.4f}"
+
+
+def forecast_table(scores: dict[str, Any]) -> str:
+    """Per forecaster: filled-in MAE (first 10 steps and all), coverage, relative score, CRPS; then the
+    paired differences of the trained model against every other."""
+    rows = [[name, pm(r.get("mae_h1_10", r["mae"]), r.get("mae_h1_10_se", r["mae_se"])), pm(r["mae"], r["mae_se"]),
+             fmt(r["coverage"], 3), pm(r["relative_score"], r["relative_score_se"]),
+             pm(r.get("crps"), r.get("crps_se"))] for name, r in scores["summary"].items()]
+    table = md_table(["forecaster", "MAE h1–10", "MAE h1–H", "coverage", "relative score", "CRPS"], rows)
+    paired = [[pair, pm(d.get("mae_diff_h1_10"), d.get("mae_diff_h1_10_se")), pm(d["mae_diff"], d["mae_diff_se"]),
+               pm(d["common_mae_diff"], d["common_mae_diff_se"])]
+              for pair, d in scores.get("paired", {}).items() if pair.startswith("trained")]
+    if not paired:
+        return table
+    return table + "\n\nPaired differences, system by system (negative: the first is better):\n\n" + md_table(
+        ["a - b", "MAE h1–10", "MAE h1–H", "common-support MAE"], paired)
+
+
+def read_forecasts(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict]:
+    """(forecasts, samples, bands, arrays) of a forecasts.h5: name -> (N, H, 2), (N, S, H, 2), (N, 2, H, 2),
+    and the shared arrays (system_ids, truth, prompt, time)."""
+    forecasts, samples, bands = {}, {}, {}
+    with h5py.File(path) as f:
+        arrays = {k: f[k][()] for k in ("system_ids", "truth", "prompt", "time")}
+        for name, g in f.items():
+            if isinstance(g, h5py.Group):
+                forecasts[name] = g["forecast"][()]
+                if "band" in g:
+                    bands[name] = g["band"][()]
+                if "samples" in g:
+                    samples[f"{name}_median"] = g["samples"][()]
+    return forecasts, samples, bands, arrays
+
+
+def test_comparison(out: Path) -> dict[str, Any]:
+    """The untrained model and the baselines (zeroshot_test) beside the final adapter (final_test), scored together."""
+    zs, zs_samples, zs_bands, arrays = read_forecasts(out / "zeroshot_test" / "forecasts.h5")
+    tr, tr_samples, tr_bands, arrays_tr = read_forecasts(out / "final_test" / "forecasts.h5")
+    if not np.array_equal(arrays["system_ids"], arrays_tr["system_ids"]):
+        raise ValueError(f"{out}: zeroshot_test and final_test forecast different systems")
+    forecasts = {**zs, **{k: v for k, v in tr.items() if k.startswith("trained")}}
+    samples = {**zs_samples, **{k: v for k, v in tr_samples.items() if k.startswith("trained")}}
+    scores = metrics.compare(forecasts, arrays["truth"], arrays["prompt"][:, -1], samples=samples)
+    return {"scores": scores, "forecasts": forecasts, "bands": {**zs_bands, **tr_bands}, "arrays": arrays}
+
+
+def charged_by_run(ledger: flops.Ledger) -> dict[str, float]:
+    """FLOPs charged per experiment name (every kind: training, evaluations, generation)."""
+    out: dict[str, float] = {}
+    for e in ledger.entries():
+        out[e.name] = out.get(e.name, 0.0) + e.flops
+    return out
+
+
+def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: dict, seconds: float,
+                       model: str) -> Path:
+    """report.md, test_metrics.json and the plots of a finished study in ``out``; returns the report's path."""
+    sections = [f"# Study report: {out}\n",
+                f"Model: `{model}`. Wall time of this invocation: {seconds / 60:.1f} min.\n"]
+
+    # ---- FLOPs: every run, generation included, planned (an upper bound) against charged
+    charged, spent = charged_by_run(ledger), ledger.spent()
+    rows = [[i["name"], i["script"], f"{i['flops']:.4e}", f"{charged.get(i['name'].replace('/', '_'), 0.0):.4e}",
+             f"{charged.get(i['name'].replace('/', '_'), 0.0) / ledger.budget:.4%}"] for i in plan["items"]]
+    sections += ["## FLOPs\n", md_table(["run", "script", "planned (at most)", "charged", "% of budget"], rows),
+                 f"\nPlanned at most {plan['planned_flops']:.4e} FLOPs (generation at its token limit); charged "
+                 f"{spent:.4e}, {spent / ledger.budget:.2%} of the {ledger.budget:.3g} budget. The ledger in full:\n",
+                 ledger.report_markdown()]
+
+    # ---- the choices, by the validation forecasts
+    head = ["run", "lr", "rank", "context", "steps", "best step", "val relative score", "val MAE", "val CE"]
+
+    def row(r: dict) -> list:
+        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"],
+                r["val_mae"], r["val_loss"]]
+
+    u, final = choices["untrained"], choices["final"]
+    sections += [f"## Learning rate x rank (validation forecasts of {len(choices['grid'])} runs)\n",
+                 md_table(head, [row(u)] + [row(r) for r in choices["grid"]]),
+                 f"\nChosen: lr {choices['best']['lr']:g}, rank {choices['best']['rank']}.\n",
+                 "## Context length (validation forecasts)\n", md_table(head, [row(r) for r in choices["contexts"]]),
+                 f"\nChosen: {choices['context_length']} tokens.\n", "## Final run\n", md_table(head, [row(final)]),
+                 "\n" + ("The final run's best validation forecasts were the untrained model's (step 0): its "
+                         "adapter is the untrained model, training did not improve the validation forecasts."
+                         if final["best_step"] == 0 else f"The final adapter is step {final['best_step']}'s.") + "\n"]
+
+    # ---- the test systems
+    test = test_comparison(out)
+    files.write_json(out / "test_metrics.json", test["scores"])
+    sections += ["## Test systems: untrained vs final adapter vs baselines\n", forecast_table(test["scores"])]
+    arrays = test["arrays"]
+    series = np.concatenate([arrays["prompt"], arrays["truth"]], axis=1)
+    try:
+        shown = {k: v for k, v in test["forecasts"].items()
+                 if k in ("untrained", "trained", "trained_median", "persistence", "ode_fit")}
+        plots.plot_examples(out / "test_examples.png", arrays["time"][:series.shape[1]], series,
+                            arrays["prompt"].shape[1], shown, test["bands"])
+        plots.plot_error_vs_horizon(out / "test_error_vs_horizon.png", test["scores"]["summary"])
+        train_runs = sorted(p.parent for p in out.glob("**/summary.json"))
+        plots.plot_loss_curves(out / "loss_curves.png", train_runs)
+        sections += ["\n![example forecasts](test_examples.png)\n", "![error vs horizon](test_error_vs_horizon.png)\n",
+                     "![loss curves](loss_curves.png)\n"]
+    except ImportError as e:
+        sections.append(f"\n(no plots: {e})\n")
+    path = out / "report.md"
+    path.write_text("\n".join(sections) + "\n")
+    print(f"[study] wrote {path}\n" + forecast_table(test["scores"]), flush=True)
+    return path

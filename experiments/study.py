@@ -1,0 +1,367 @@
+"""The whole study as one budgeted, resumable command: does LoRA fine-tuning make Qwen2.5 forecast
+predator-prey dynamics better?
+
+    python experiments/study.py --preset cpu --model ./pretrained-qwen --data lv.h5   # a 2-core CPU
+    python experiments/study.py --preset full                                         # the 1e17-FLOP study
+    python experiments/study.py --preset cpu --dry-run                                # the plan, then stop
+
+Runs, each a folder in --out and its own `python experiments/<script>.py` process:
+  zeroshot_val, zeroshot_test  the untrained model and the baselines on validation and test systems
+  grid/lr{lr}_r{rank}          learning rate x LoRA rank; each run keeps its best adapter by the
+                               validation forecast score, evaluated every --eval-every steps
+  context/ctx{L}               context lengths at the best (lr, rank), each seeing as many tokens as a
+                               grid run (0 in a preset: one window holds prompt + horizon)
+  final                        the best setting, for the preset's final steps (full: what the budget leaves)
+  final_test                   the final adapter on the test systems, greedy and median of samples
+  report.md, *.png             FLOP table (generation included, % of budget), the choices and the
+                               scores they were made by, the test comparison, loss curves, forecasts
+
+Every choice is made by the validation forecast score: the relative score of greedy forecasts of the
+first --val-systems validation systems (MAE over persistence's, geometric mean over systems), window
+cross-entropy beside it (it is not comparable across context lengths); the untrained model's score
+on the same forecasts (zeroshot_val) is shown beside them. The final run evaluates step 0 too: if
+its training does not beat the untrained model on the validation forecasts, the final adapter is
+the untrained model (every LoRA B zero), and the report says so. The whole plan, generation included, is
+priced by the FLOP counter (generation at its token limit, an upper bound) and reserved in the
+ledger before anything runs; if what is left of the budget cannot pay for it, every training run's
+steps are trimmed in proportion (--no-trim: refused). Killed, the study continues where it stopped
+when run again: finished runs are kept, an interrupted training run resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import flops
+import lora
+import qwen_min
+from experiments.lib import data, files, llmtime, planning, reporting, runs, training, validation
+
+SCRIPTS = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The scale of a study."""
+
+    lrs: tuple[float, ...] = (1e-5, 5e-5, 1e-4)
+    ranks: tuple[int, ...] = (2, 4, 8)
+    grid_context: int = 512             # tokens per training window in the grid
+    grid_steps: int = 200               # optimizer steps of every grid run
+    contexts: tuple[int, ...] = (128, 512, 768, 0)   # 0: one window holds prompt + horizon
+    final_steps: int = 0                # 0: whatever the budget has left after everything else
+    batch_size: int = 4
+    eval_every: int = 50                # validation forecasts every N steps
+    final_eval_every: int = 100
+    eval_windows: int = 64              # validation windows whose CE is reported beside the forecasts
+    val_systems: int = 32               # validation systems forecast for every choice
+    test_systems: int = 150             # test systems of the final comparison (at most the split's size)
+    context_steps: int = 50             # prompt length in time steps
+    horizon: int = 50                   # forecast length in time steps
+    samples: int = 20                   # sampled forecasts per test system (median and 10-90% band)
+    train_args: tuple[str, ...] = ()    # anything else for train.py
+
+
+PRESETS = {
+    # The original study's scale: grid and context runs of a few hundred steps, the final run taking
+    # what the 1e17 budget has left. Meant for one GPU.
+    "full": Preset(),
+    # The same path scaled for a 2-core CPU and the 0.5B model.
+    "cpu": Preset(grid_steps=12, final_steps=60, batch_size=2, eval_every=6, final_eval_every=15, eval_windows=8,
+                  val_systems=8, test_systems=16, samples=4, train_args=("--val-systems", "8")),
+    # Seconds on a tiny random checkpoint: for the study's own tests.
+    "tiny": Preset(lrs=(1e-3, 3e-2), ranks=(2, 4), grid_context=64, grid_steps=2, contexts=(32, 0), final_steps=3,
+                   batch_size=2, eval_every=1, final_eval_every=1, eval_windows=2, val_systems=2, test_systems=3,
+                   context_steps=6, horizon=2, samples=2, train_args=("--max-systems", "4", "--val-systems", "2")),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--model", default=runs.DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--data", default=None, help="HDF5 data file (default: the generated data set)")
+    p.add_argument("--out", default="runs/study", help="the study's folder")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=1e17, help="total FLOP budget of the ledger")
+    p.add_argument("--ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
+    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
+                   help="trim every training run's steps to fit the budget (default), or refuse")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    for f in ("grid_steps", "final_steps", "val_systems", "test_systems", "samples", "batch_size", "eval_every"):
+        p.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"override the preset's {f}")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: every run with its arguments, priced before anything runs
+
+
+@dataclass
+class Item:
+    """One run of the study: a script, its arguments, and the FLOPs it may spend (reserved)."""
+
+    stage: str
+    name: str                       # its folder under --out, and its name in the ledger
+    script: str                     # "train" or "forecast"
+    argv: list[str]
+    setting: dict = field(default_factory=dict)
+    flops: float = 0.0
+
+    def done(self, out: Path) -> bool:
+        return (out / self.name / ("summary.json" if self.script == "train" else "forecast_metrics.json")).is_file()
+
+
+class Study:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.out = args, Path(args.out)
+        overrides = {k: getattr(args, k) for k in ("grid_steps", "final_steps", "val_systems", "test_systems",
+                                                    "samples", "batch_size", "eval_every")
+                     if getattr(args, k) is not None}
+        self.preset = replace(PRESETS[args.preset], **overrides)
+        self.ledger_path = args.ledger or str(self.out / "ledger.jsonl")
+        self.shape = planning.meta_model(planning.model_config(args.model, args.revision))
+        self.tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
+        self._prices: dict[str, float] = {}
+
+    def common(self) -> list[str]:
+        a = self.args
+        argv = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--seed", str(a.seed),
+                "--budget", repr(a.budget), "--ledger", self.ledger_path]
+        return argv + (["--revision", a.revision] if a.revision else []) + (["--data", a.data] if a.data else [])
+
+    @functools.cached_property
+    def forecast_window(self) -> int:
+        """Tokens of the longest prompt + horizon of the validation systems forecast: a window that holds
+        a whole forecast."""
+        targs = runs.train_parser().parse_args(self.common() + ["--out", str(self.out / "_plan")])
+        run_data, steps = runs.prepare_data(targs), self.preset.context_steps + self.preset.horizon
+        enc = run_data.encoding
+        return max(len(self.tokenizer.encode(llmtime.encode(run_data.trajectories[i, :steps], alpha=enc.alpha,
+                                                            decimals=enc.decimals) + ";"))
+                   for i in run_data.systems("val", self.preset.val_systems))
+
+    def train_item(self, stage: str, name: str, lr: float, rank: int, context: int, steps: int, *,
+                   eval_every: int, at_start: bool) -> Item:
+        p = self.preset
+        argv = self.common() + [
+            "--out", str(self.out / name), "--name", name.replace("/", "_"), "--lr", repr(lr), "--rank", str(rank),
+            "--context-length", str(context), "--max-steps", str(steps), "--batch-size", str(p.batch_size),
+            "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every), "--patience", "0",
+            "--eval-windows", str(p.eval_windows), "--val-forecast-systems", str(p.val_systems),
+            "--context-steps", str(p.context_steps), "--horizon", str(p.horizon),
+            "--eval-at-start" if at_start else "--no-eval-at-start", *p.train_args]
+        return Item(stage, name, "train", argv, {"lr": lr, "rank": rank, "context_length": context, "steps": steps})
+
+    def forecast_item(self, name: str, split: str, adapter: str | None) -> Item:
+        p = self.preset
+        systems = p.val_systems if split == "val" else p.test_systems
+        argv = self.common() + ["--out", str(self.out / name), "--name", name, "--split", split,
+                                "--max-systems", str(systems), "--context-steps", str(p.context_steps),
+                                "--horizon", str(p.horizon)]
+        if split == "test":
+            argv += ["--samples", str(p.samples)]
+        if adapter:
+            argv += ["--adapter", adapter, "--no-untrained", "--no-baselines"]
+        return Item("zeroshot" if adapter is None else "final", name, "forecast", argv,
+                    {"split": split, "adapter": adapter})
+
+    def items(self, best: dict | None = None, context: int | None = None, final_steps: int | None = None) -> list[Item]:
+        """Every run, given the choices made so far; a choice not yet made is planned at its most
+        expensive option (largest rank, the longest window), so the plan bounds what the study costs."""
+        p = self.preset
+        lr, rank = (best["lr"], best["rank"]) if best else (max(p.lrs), max(p.ranks))
+        window = self.forecast_window
+        lengths = [c or window for c in p.contexts]
+        tokens = p.grid_steps * p.batch_size * p.grid_context        # each context run sees as many tokens
+        out = [self.forecast_item("zeroshot_val", "val", None), self.forecast_item("zeroshot_test", "test", None)]
+        out += [self.train_item("grid", f"grid/lr{g_lr:g}_r{g_rank}", g_lr, g_rank, p.grid_context, p.grid_steps,
+                                eval_every=p.eval_every, at_start=False) for g_lr in p.lrs for g_rank in p.ranks]
+        for length in lengths:
+            steps = max(1, tokens // (p.batch_size * length))
+            out.append(self.train_item("context", f"context/ctx{length}", lr, rank, length, steps,
+                                       eval_every=max(1, min(p.eval_every, steps // 2)), at_start=False))
+        out.append(self.train_item("final", "final", lr, rank, context or max(lengths), final_steps or p.final_steps,
+                                   eval_every=p.final_eval_every, at_start=True))
+        out.append(self.forecast_item("final_test", "test", str(self.out / "final" / "adapter")))
+        for item in out:
+            item.flops = self.price(item, rank)
+        return out
+
+    def price(self, item: Item, rank: int) -> float:
+        """The FLOPs ``item`` may spend, by the same functions its script reserves with."""
+        key = json.dumps(item.argv)
+        if key not in self._prices:
+            if item.script == "train":
+                targs = runs.train_parser().parse_args(item.argv)
+                run_data, _, val = training.prepare_windows(targs, None)
+                forecasts = validation.forecast_set_of(targs, run_data)
+                plan, _ = planning.train_plan(targs, len(val.input_ids), forecast=forecasts and forecasts.shape)
+                self._prices[key] = plan.total
+            else:
+                fargs = runs.forecast_parser().parse_args(item.argv)
+                adapter, fargs.adapter = fargs.adapter, None   # (not trained yet; its splits are the seed's)
+                run_data = runs.prepare_data(fargs)
+                prompts = [e.prompt for e in data.forecast_examples(
+                    run_data.trajectories, run_data.systems(fargs.split, fargs.max_systems), run_data.encoding,
+                    context_steps=fargs.context_steps, horizon=fargs.horizon)]
+                shape = planning.meta_model(self.shape.config)
+                if adapter:  # priced at the rank it will have
+                    lora.apply_lora(shape, rank=rank)
+                self._prices[key] = planning.forecast_plan(fargs, shape, self.tokenizer, prompts)  # one model
+        return self._prices[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one item: a child process that dies with the study
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the study process dies, so a killed study leaves no orphan run."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def launch(cmd: list[str]) -> int:
+    """Run one script to its end; its exit status."""
+    return subprocess.run(cmd, preexec_fn=_die_with_parent if sys.platform == "linux" else None).returncode
+
+
+def run_item(item: Item, out: Path, reservation: str) -> None:
+    if item.done(out):
+        print(f"[study] {item.name}: done before, kept", flush=True)
+        return
+    argv = item.argv + ["--reservation", reservation]
+    if item.script == "train" and (out / item.name / "checkpoint" / "state.json").is_file():
+        argv.append("--resume")
+    cmd = [sys.executable, str(SCRIPTS / f"{item.script}.py"), *argv]
+    print(f"[study] {item.name}: python {' '.join(cmd[1:])}", flush=True)
+    code = launch(cmd)
+    if code != 0:
+        raise SystemExit(f"[study] {item.name} failed (exit status {code}); run the study again to continue")
+
+
+def train_score(out: Path, item: Item) -> dict:
+    """A finished training run's choice figures: its best adapter's validation forecasts and CE."""
+    summary = json.loads((out / item.name / "summary.json").read_text())
+    best = summary["best_val"]
+    return {"name": item.name, **item.setting, "score": best.get("relative_score"), "val_mae": best.get("mae"),
+            "best_step": summary["best_step"], "val_loss": summary["val_loss"]}
+
+
+def untrained_score(out: Path) -> dict:
+    """The untrained model's figures on the same validation forecasts (zeroshot_val)."""
+    m = json.loads((out / "zeroshot_val" / "forecast_metrics.json").read_text())["summary"]["untrained"]
+    return {"name": "untrained", "lr": None, "rank": None, "context_length": None, "steps": 0,
+            "score": m["relative_score"], "val_mae": m["mae"], "best_step": 0, "val_loss": None}
+
+
+def best_of(rows: list[dict]) -> dict:
+    """The lowest validation forecast score (a missing one counts as worst; ties: the first)."""
+    return min(rows, key=lambda r: math.inf if r["score"] is None else r["score"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = parse_args(argv)
+    study = Study(args)
+    out, p = study.out, study.preset
+    out.mkdir(parents=True, exist_ok=True)
+    files.write_json(out / "study_args.json", {"argv": sys.argv, **vars(args), "preset_values": asdict(p)})
+
+    # ---- plan everything at the most expensive choices, fit it to the budget, reserve it
+    ledger = flops.Ledger(args.ledger or study.ledger_path, budget=args.budget)
+    ledger.settle()                                   # an earlier, killed invocation's reservation
+    items = study.items()
+    left = ledger.remaining()
+    need = sum(i.flops for i in items if not i.done(out))
+    if p.final_steps == 0 or need > left:             # the final run takes what is left, or all runs shrink
+        items = fit(study, items, left, trim=args.trim)
+    planned = sum(i.flops for i in items if not i.done(out))
+    print_plan(items, out, ledger)
+    files.write_json(out / "plan.json", {"items": [asdict(i) for i in items], "budget": args.budget,
+                                         "planned_flops": sum(i.flops for i in items), "to_spend": planned,
+                                         "spent_before": ledger.spent()})
+    if args.dry_run:
+        return out / "plan.json"
+    t0 = time.time()
+    with ledger.reserve(planned, name="study", kind="study", config={"preset": args.preset, "out": str(out)}) as r:
+        by_name = {i.name: i for i in items}
+        for name in ("zeroshot_val", "zeroshot_test"):
+            run_item(by_name[name], out, r.id)
+        untrained = untrained_score(out)
+        grid = [i for i in items if i.stage == "grid"]
+        for item in grid:
+            run_item(item, out, r.id)
+        grid_scores = [train_score(out, i) for i in grid]
+        best = best_of(grid_scores)
+        print(f"[study] best of the grid: lr {best['lr']:g}, rank {best['rank']} (validation relative score "
+              f"{best['score']}; untrained {untrained['score']})", flush=True)
+        final_steps = next(i for i in items if i.name == "final").setting["steps"]
+        contexts = [i for i in study.items(best=best, final_steps=final_steps) if i.stage == "context"]
+        for item in contexts:
+            run_item(item, out, r.id)
+        context_scores = [train_score(out, i) for i in contexts]
+        context = best_of(context_scores)["context_length"]
+        print(f"[study] best context length: {context} tokens", flush=True)
+        for item in study.items(best=best, context=context, final_steps=final_steps):
+            if item.stage == "final":
+                run_item(item, out, r.id)
+    choices = {"untrained": untrained, "grid": grid_scores, "best": best, "contexts": context_scores,
+               "context_length": context, "final": train_score(out, by_name["final"]) | {
+                   "context_length": context, "lr": best["lr"], "rank": best["rank"]}}
+    files.write_json(out / "choices.json", choices)
+    return reporting.write_study_report(out, ledger=flops.Ledger(study.ledger_path, budget=args.budget),
+                              plan=json.loads((out / "plan.json").read_text()), choices=choices,
+                              seconds=time.time() - t0, model=args.model)
+
+
+def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Item]:
+    """Fit the plan to what is left of the budget: the final run gets what the others leave (a preset
+    without final steps), or, when even that does not fit, every training run's steps shrink."""
+    p = study.preset
+    todo = [i for i in items if not i.done(study.out)]
+    final = next(i for i in items if i.name == "final")
+    others = sum(i.flops for i in todo if i is not final)
+    per_step = final.flops / max(1, final.setting["steps"])  # (evaluations included, roughly in proportion)
+    if p.final_steps == 0 and others + per_step <= left:
+        return study.items(final_steps=max(1, int((left - others) * 0.99 / per_step)))
+    need = sum(i.flops for i in todo)
+    fixed = sum(i.flops for i in todo if i.script == "forecast")
+    scale = (left - fixed) / (need - fixed) * 0.99 if need > fixed else 0.0
+    if not trim or scale <= 0 or scale * p.grid_steps < 1:
+        raise SystemExit(f"[study] the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
+                         + ("; without --no-trim its runs are trimmed to fit" if not trim else ""))
+    print(f"[study] trimming every training run's steps to {scale:.0%} to fit the budget", flush=True)
+    study.preset = replace(p, grid_steps=max(1, int(p.grid_steps * scale)),
+                           final_steps=max(1, int((p.final_steps or final.setting["steps"]) * scale)))
+    return study.items()
+
+
+def print_plan(items: list[Item], out: Path, ledger: flops.Ledger) -> None:
+    total = sum(i.flops for i in items)
+    print(f"[study] plan: {len(items)} runs, at most {total:.3e} FLOPs ({total / ledger.budget:.2%} of the budget, "
+          f"generation at its token limit); {ledger.spent():.3e} spent before", flush=True)
+    for i in items:
+        print(f"  {i.name:<24} {i.script:<9} {i.flops:.3e}  {'done' if i.done(out) else 'to run'}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
