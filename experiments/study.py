@@ -335,24 +335,33 @@ def main(argv: list[str] | None = None) -> Path:
 
 def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Item]:
     """Fit the plan to what is left of the budget: the final run gets what the others leave (a preset
-    without final steps), or, when even that does not fit, every training run's steps shrink."""
+    without final steps); when the plan does not fit, every training run's steps shrink (the
+    evaluations' and forecasts' costs do not, so the scale is found in a few rounds)."""
     p = study.preset
     todo = [i for i in items if not i.done(study.out)]
     final = next(i for i in items if i.name == "final")
     others = sum(i.flops for i in todo if i is not final)
-    per_step = final.flops / max(1, final.setting["steps"])  # (evaluations included, roughly in proportion)
+    per_step = final.flops / max(1, final.setting["steps"])  # (its evaluations included, roughly in proportion)
     if p.final_steps == 0 and others + per_step <= left:
         return study.items(final_steps=max(1, int((left - others) * 0.99 / per_step)))
     need = sum(i.flops for i in todo)
-    fixed = sum(i.flops for i in todo if i.script == "forecast")
-    scale = (left - fixed) / (need - fixed) * 0.99 if need > fixed else 0.0
-    if not trim or scale <= 0 or scale * p.grid_steps < 1:
-        raise SystemExit(f"[study] the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
-                         + ("; without --no-trim its runs are trimmed to fit" if not trim else ""))
-    print(f"[study] trimming every training run's steps to {scale:.0%} to fit the budget", flush=True)
-    study.preset = replace(p, grid_steps=max(1, int(p.grid_steps * scale)),
-                           final_steps=max(1, int((p.final_steps or final.setting["steps"]) * scale)))
-    return study.items()
+    refusal = f"[study] the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
+    if not trim:
+        raise SystemExit(refusal + "; without --no-trim its training runs are trimmed to fit")
+    scale, final_steps = 1.0, p.final_steps or final.setting["steps"]
+    for _ in range(10):
+        need = sum(i.flops for i in items if not i.done(study.out))
+        if need <= left:
+            print(f"[study] every training run's steps trimmed to {scale:.0%} to fit the budget", flush=True)
+            return items
+        fixed = sum(i.flops for i in items if i.script == "forecast" and not i.done(study.out))
+        scale *= (left - fixed) / (need - fixed) * 0.99 if left > fixed else 0.0
+        if scale * p.grid_steps < 1:
+            break
+        study.preset = replace(p, grid_steps=max(1, int(p.grid_steps * scale)),
+                               final_steps=max(1, int(final_steps * scale)))
+        items = study.items()
+    raise SystemExit(refusal + ", even with every training run trimmed to one step")
 
 
 def print_plan(items: list[Item], out: Path, ledger: flops.Ledger) -> None:

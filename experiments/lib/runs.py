@@ -79,7 +79,7 @@ SELECT_BY = ("forecast", "loss")  # what picks the best adapter: validation fore
 
 
 def train_parser(description: str | None = None) -> argparse.ArgumentParser:
-    """train.py's command line (also what sweep.py passes on to every run it starts)."""
+    """train.py's command line (study.py prices the runs it will start with it)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, out_default="runs/train")
     t = p.add_argument_group("training")

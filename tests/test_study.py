@@ -1,0 +1,145 @@
+"""study.py on the tiny checkpoint with the tiny preset: every choice follows the validation forecast
+scores, the ledger holds exactly what the runs charged (within the plan and the budget), and a
+study killed mid-way continues where it stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import runpy
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from experiments import report, study
+from experiments.lib import validation
+from flops import Ledger
+from flops.ledger import process_alive
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _argv(ckpt: Path, data: Path, out: Path) -> list[str]:
+    return ["--preset", "tiny", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--dtype", "fp32",
+            "--device", "cpu"]
+
+
+def _in_process(cmd: list[str]) -> int:
+    """study.launch, but in this process (so the test's patches apply): cmd = [python, script, *argv]."""
+    saved = sys.argv
+    sys.argv = cmd[1:]
+    try:
+        runpy.run_path(cmd[1], run_name="__main__")
+        return 0
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = saved
+
+
+def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what_ran(tmp_path, tiny_ckpt,
+                                                                                     lv_data_file, monkeypatch):
+    # A tiny random model writes no valid number (every relative score would be 1.0), so the scores
+    # are scripted per run: each run's base, a little better at each evaluation (so its last is its best)
+    base = {"grid_lr0.001_r2": 0.9, "grid_lr0.001_r4": 0.7, "grid_lr0.03_r2": 0.8, "grid_lr0.03_r4": 0.95,
+            "context_ctx32": 0.85, "final": 0.5}   # any other context run: 0.6
+    real, calls = validation.score_forecasts, {}
+
+    def scripted(*args, **kwargs):
+        figures = real(*args, **kwargs)   # the real forecasts still run, and are charged
+        name = sys.argv[sys.argv.index("--name") + 1]
+        calls[name] = calls.get(name, 0) + 1
+        return figures | {"relative_score": base.get(name, 0.6) - 0.01 * calls[name]}
+
+    monkeypatch.setattr(validation, "score_forecasts", scripted)
+    monkeypatch.setattr(study, "launch", _in_process)
+    out = tmp_path / "study"
+    study.main(_argv(tiny_ckpt, lv_data_file, out))
+
+    choices = json.loads((out / "choices.json").read_text())
+    assert (choices["best"]["lr"], choices["best"]["rank"]) == (0.001, 4)          # the lowest grid score
+    window = study.Study(study.parse_args(_argv(tiny_ckpt, lv_data_file, out))).forecast_window
+    assert window != 32 and choices["context_length"] == window                   # 0.6 beats ctx32's 0.85
+    final = json.loads((out / "final" / "train_args.json").read_text())
+    assert (final["lr"], final["rank"], final["context_length"]) == (0.001, 4, window)
+    for r in choices["grid"] + choices["contexts"]:   # each run kept its best (last) evaluation
+        name = r["name"].replace("/", "_")
+        assert r["score"] == pytest.approx(base.get(name, 0.6) - 0.01 * calls[name])
+    # the final run evaluated the untrained model at step 0 too, and kept its last evaluation
+    assert calls["final"] == 4 and choices["final"]["best_step"] == 3
+    assert "Chosen: lr 0.001, rank 4." in (out / "report.md").read_text()
+
+    # the ledger: every FLOP charged by one of the planned runs, within the plan and the budget
+    plan = json.loads((out / "plan.json").read_text())
+    ledger = Ledger(out / "ledger.jsonl")
+    names = {i["name"].replace("/", "_") for i in plan["items"]}
+    entries = ledger.entries()
+    assert {e.name for e in entries} == names
+    spent = ledger.spent()
+    assert spent == pytest.approx(sum(e.flops for e in entries), rel=1e-12)
+    assert 0 < spent <= plan["planned_flops"] <= plan["budget"]
+    for item in plan["items"]:   # each run within its own planned bound
+        charged = sum(e.flops for e in entries if e.name == item["name"].replace("/", "_"))
+        assert 0 < charged <= item["flops"] * (1 + 1e-9), item["name"]
+    [reservation] = ledger.reservations()
+    assert reservation.status == "closed" and reservation.charged == pytest.approx(spent, rel=1e-12)
+
+    # report.py over the study's folder: the ledger's table, every training run, the loss curves
+    md = report.main(["--runs", str(out), "--ledger", str(out / "ledger.jsonl"), "--out", str(tmp_path / "report")])
+    text = md.read_text()
+    assert "## FLOPs by experiment" in text and all(f"| {out / i['name']} |" in text
+                                                     for i in plan["items"] if i["script"] == "train")
+    assert (tmp_path / "report" / "flops.csv").read_text().count("\n") >= len(ledger.entries()) + 1
+    assert (tmp_path / "report" / "loss_curves.png").stat().st_size > 1000
+
+
+def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_ckpt, lv_data_file):
+    argv = _argv(tiny_ckpt, lv_data_file, tmp_path / "plan") + ["--dry-run"]
+    full = json.loads(study.main(argv).read_text())
+    budget = full["planned_flops"] * 0.6
+    refusal = f"needs {full['planned_flops']:.3e} FLOPs but {budget:.3e} are left"
+    with pytest.raises(SystemExit, match=re.escape(refusal)):
+        study.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "refused") + ["--budget", str(budget), "--no-trim"])
+    # a final run of 10 steps does not fit in 1.05 x the 3-step plan: the training runs shrink until it does
+    budget = full["planned_flops"] * 1.05
+    trimmed = json.loads(study.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "trimmed")
+                                    + ["--budget", str(budget), "--final-steps", "10", "--dry-run"]).read_text())
+    steps = {i["name"]: i["setting"].get("steps") for i in trimmed["items"]}
+    assert 3 <= steps["final"] < 10 and full["planned_flops"] <= trimmed["planned_flops"] <= budget
+
+
+def test_a_killed_study_continues_where_it_stopped(tmp_path, tiny_ckpt, lv_data_file):
+    out = tmp_path / "study"
+    cmd = [sys.executable, str(ROOT / "experiments" / "study.py"), *_argv(tiny_ckpt, lv_data_file, out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "grid" / "lr0.001_r2" / "summary.json"
+    deadline = time.time() + 300
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert first.exists(), f"the study did not finish its first grid run (exit status {proc.poll()})"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    ledger = Ledger(out / "ledger.jsonl")
+    [held] = ledger.reservations()
+    while any(process_alive(p) for p in held.processes) and time.time() < deadline:
+        time.sleep(0.05)   # the run it had started gets SIGKILL as the study dies
+    assert not any(process_alive(p) for p in held.processes)
+    kept = first.stat().st_mtime_ns
+    before = {e.name for e in ledger.entries()}
+    assert {"zeroshot_val", "zeroshot_test", "grid_lr0.001_r2"} <= before
+
+    assert subprocess.run(cmd, env=env, capture_output=True).returncode == 0   # again, to the end
+    assert first.stat().st_mtime_ns == kept                                     # a finished run is kept
+    assert (out / "report.md").is_file() and (out / "test_metrics.json").is_file()
+    entries = Ledger(out / "ledger.jsonl").entries()
+    # the zero-shot forecasts ran once: one greedy generate call on the validation systems
+    assert len([e for e in entries if e.name == "zeroshot_val"]) == 1
+    first_run, second_run = Ledger(out / "ledger.jsonl").reservations()
+    assert first_run.status == "settled" and second_run.status == "closed"
+    assert Ledger(out / "ledger.jsonl").spent() <= 1e17
