@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     training.require_scored(windows, what)
 
     # ---- plan (every position scored: an upper bound), reserved before any model work
-    shape = planning.meta_model(planning.model_config(args.model, args.revision))
+    shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
     n = len(windows.input_ids)

@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- plan: an upper bound (every row running to the token limit), reserved before any model work
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    shape = planning.meta_model(planning.model_config(args.model, args.revision))
+    shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
     planned = len(models) * planning.forecast_plan(args, shape, tokenizer, prompts)

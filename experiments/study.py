@@ -136,7 +136,7 @@ class Study:
                      if getattr(args, k) is not None}
         self.preset = replace(PRESETS[args.preset], **overrides)
         self.ledger_path = args.ledger or str(self.out / "ledger.jsonl")
-        self.shape = planning.meta_model(planning.model_config(args.model, args.revision))
+        self.shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
         self.tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
         self._prices: dict[str, float] = {}
 

@@ -15,24 +15,12 @@ import argparse
 import functools
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 from flops.counter import MODES, count, format_report
 from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger
-from qwen_min import Qwen2, QwenConfig
-
-
-def load_config(model: str, revision: str | None = None) -> QwenConfig:
-    path = Path(model).expanduser()
-    if path.is_file():
-        return QwenConfig.from_json(path)
-    if path.is_dir():
-        return QwenConfig.from_json(path / "config.json")
-    from huggingface_hub import hf_hub_download
-
-    return QwenConfig.from_json(hf_hub_download(model, "config.json", revision=revision))
+from qwen_min import Qwen2, QwenConfig, load_config
 
 
 def build(config: QwenConfig, *, lora_rank: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj"),
@@ -71,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict | int:
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
-    config = load_config(args.model, args.revision)
+    config = load_config(args.model, revision=args.revision)
     model = build(config, lora_rank=args.lora_rank, targets=tuple(args.lora_targets.split(",")),
                   train_lm_head_bias=args.train_lm_head_bias)
     report = count(model, batch=args.batch, seq_len=args.seq_len, mode=args.mode, past_len=args.past_len,

@@ -1,17 +1,17 @@
 """qwen_min: a small, explicit Qwen2 / Qwen2.5 in PyTorch.
 
 Public API: ``QwenConfig``, ``Qwen2``, ``KVCache``, ``from_pretrained``, ``save_pretrained``,
-``load_tokenizer``, ``generate``, ``chunked_cross_entropy``.
+``load_config``, ``load_tokenizer``, ``generate``, ``chunked_cross_entropy``.
 """
 
 from qwen_min.config import ConfigError, QwenConfig
 from qwen_min.generate import Generation, generate
-from qwen_min.load import CheckpointError, from_pretrained, save_pretrained
+from qwen_min.load import CheckpointError, from_pretrained, load_config, save_pretrained
 from qwen_min.loss import chunked_cross_entropy
 from qwen_min.model import KVCache, Qwen2
 from qwen_min.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
     "CheckpointError", "ConfigError", "Generation", "KVCache", "Qwen2", "QwenConfig", "Tokenizer",
-    "chunked_cross_entropy", "from_pretrained", "generate", "load_tokenizer", "save_pretrained",
+    "chunked_cross_entropy", "from_pretrained", "generate", "load_config", "load_tokenizer", "save_pretrained",
 ]

@@ -63,6 +63,19 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None) -> 
         ) from None
 
 
+def load_config(name_or_path: str | os.PathLike, *, revision: str | None = None) -> QwenConfig:
+    """A checkpoint's config alone: a config.json file, a folder's, or a Hub repo's (only that file is
+    fetched, not the weights, so FLOPs can be planned before anything large is downloaded)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return QwenConfig.from_json(path)
+    if path.is_dir():
+        return QwenConfig.from_json(path / "config.json")
+    from huggingface_hub import hf_hub_download
+
+    return QwenConfig.from_json(hf_hub_download(str(name_or_path), "config.json", revision=revision))
+
+
 # ---------------------------------------------------------------------------------------------
 # The explicit name map
 

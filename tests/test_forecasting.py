@@ -45,7 +45,7 @@ def test_the_plan_bounds_what_forecasting_spends(tiny, tiny_ckpt):
     prompts, enc = _prompts((12, 5, 9, 12, 3))
     spent = sum(forecasting.forecast(model, tok, prompts, 3, enc, batch_size=2, num_samples=S, temperature=t).flops
                 for S, t in [(1, 0.0), (2, 1.0)])
-    shape = planning.meta_model(planning.model_config(tiny_ckpt))
+    shape = planning.meta_model(qwen_min.load_config(tiny_ckpt))
     longest = max(len(tok.encode(p)) for p in prompts)
     planned = planning.forecast_flops(shape, n_prompts=len(prompts), prompt_len=longest,
                                       new_tokens=forecasting.max_new_tokens(prompts, 3), batch_size=2, samples=2,

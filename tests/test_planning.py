@@ -8,13 +8,14 @@ import pytest
 
 import flops
 import lora
+import qwen_min
 from experiments.lib import planning, runs
 from qwen_min import QwenConfig
 
 
 def test_model_config_of_a_folder_needs_no_weights(tmp_path, tiny_ckpt):
     (tmp_path / "config.json").write_bytes((tiny_ckpt / "config.json").read_bytes())
-    config = planning.model_config(tmp_path)
+    config = qwen_min.load_config(tmp_path)
     assert config == QwenConfig.from_json(tiny_ckpt / "config.json")
     assert planning.meta_model(config).lm_head.weight.is_meta
 
@@ -29,9 +30,9 @@ def test_model_config_from_the_hub_fetches_config_json_only(monkeypatch, tiny_ck
     def snapshot_download(*args, **kwargs):
         raise AssertionError("planning downloaded a snapshot (the weights)")
 
-    monkeypatch.setattr(planning, "hf_hub_download", hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    config = planning.model_config("Qwen/Qwen2.5-0.5B-Instruct", revision="abc123")
+    config = qwen_min.load_config("Qwen/Qwen2.5-0.5B-Instruct", revision="abc123")
     assert fetched == [("Qwen/Qwen2.5-0.5B-Instruct", "config.json", "abc123")]
     assert config.hidden_size == 64
 

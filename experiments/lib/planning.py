@@ -8,25 +8,15 @@ on the meta device, where tensors have shapes and no memory).
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from huggingface_hub import hf_hub_download
 
 import flops
 import lora
+import qwen_min
 from experiments.lib import forecasting
 from qwen_min import Qwen2, QwenConfig, Tokenizer
-
-
-def model_config(model: str | os.PathLike, revision: str | None = None) -> QwenConfig:
-    """config.json of a local checkpoint folder, or of a Hub repo (that one file is fetched, not the weights)."""
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return QwenConfig.from_json(path / "config.json")
-    return QwenConfig.from_json(hf_hub_download(str(model), "config.json", revision=revision))
 
 
 def meta_model(config: QwenConfig) -> Qwen2:
@@ -52,7 +42,7 @@ def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1, *, 
     among them (at step 0 with --eval-at-start, then every --eval-every steps), and the final full evaluation
     (evaluations run on every rank). ``forecast``: (prompts, prompt tokens, token limit) of the
     validation forecasts each evaluation makes, in one greedy generate call."""
-    shape = meta_model(model_config(args.model, args.revision))
+    shape = meta_model(qwen_min.load_config(args.model, revision=args.revision))
     lora.apply_lora(shape, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
                     train_lm_head_bias=args.train_lm_head_bias)
     L = args.context_length
