@@ -93,7 +93,8 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps, then constant")
     t.add_argument("--max-steps", type=int, default=10_000, help="optimizer steps at most")
     t.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: context/2)")
-    t.add_argument("--eval-every", type=int, default=100, help="score the validation subset every N steps")
+    t.add_argument("--eval-every", type=int, default=20,
+                   help="evaluate (validation CE and forecasts) every N steps, and at step 0 (0: never)")
     t.add_argument("--eval-windows", type=int, default=64, help="windows in the fixed validation subset")
     t.add_argument("--patience", type=int, default=10, help="stop after N evaluations without improvement (0: never)")
     t.add_argument("--checkpoint-every", type=int, default=100, help="write a resumable checkpoint every N steps")
