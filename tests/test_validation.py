@@ -1,0 +1,51 @@
+"""What an evaluation forecasts and how it scores it: forecast.py's prompts of the first validation
+systems, and the filled-in scores (a model that writes no valid number scores exactly persistence)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import qwen_min
+from experiments.lib import data, forecasting, runs, validation
+from experiments.lib.lotka_volterra import load_h5
+
+
+def _args(ckpt, data_file, *extra) -> object:
+    return runs.train_parser().parse_args(["--model", str(ckpt), "--data", str(data_file), *map(str, extra)])
+
+
+def test_the_forecast_set_is_forecast_pys_prompts_of_the_first_validation_systems(tiny_ckpt, lv_data_file):
+    args = _args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 3, "--context-steps", 10, "--horizon", 4)
+    run_data = runs.prepare_data(args)
+    fs = validation.forecast_set_of(args, run_data)
+    systems = run_data.splits["val"][:3]
+    examples = data.forecast_examples(run_data.trajectories, systems, run_data.encoding, context_steps=10, horizon=4)
+    assert fs.prompts == [e.prompt for e in examples]
+    traj, _ = load_h5(lv_data_file)
+    assert np.array_equal(fs.truth, traj[systems, 10:14]) and np.array_equal(fs.last, traj[systems, 9])
+    tok = qwen_min.load_tokenizer(tiny_ckpt)
+    assert fs.shape == (3, max(len(tok.encode(p)) for p in fs.prompts), forecasting.max_new_tokens(fs.prompts, 4))
+
+    assert validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0), run_data) is None
+    with pytest.raises(SystemExit, match="--val-forecast-systems -1"):
+        validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", -1), run_data)
+    with pytest.raises(SystemExit, match="--context-steps/--horizon"):
+        validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--context-steps", 90, "--horizon", 20), run_data)
+
+
+def test_a_model_that_writes_no_valid_number_scores_exactly_persistence(tiny_ckpt, lv_data_file):
+    # the tiny random model's digits never form a step of the encoding: every step is filled with the
+    # last prompt value, which is last-value persistence
+    args = _args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 3, "--context-steps", 10, "--horizon", 3)
+    run_data = runs.prepare_data(args)
+    fs = validation.forecast_set_of(args, run_data)
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    tok = qwen_min.load_tokenizer(tiny_ckpt)
+    calls = []
+    got = validation.score_forecasts(model, tok, fs, torch.device("cpu"), on_call=lambda c, f: calls.append(f))
+    persistence = np.abs(fs.last[:, None] - fs.truth).mean()
+    assert got["coverage"] == 0.0 and got["relative_score"] == pytest.approx(1.0)
+    assert got["mae"] == pytest.approx(persistence)
+    assert len(calls) == 1 and calls[0] > 0   # one generate call, charged through on_call
