@@ -441,13 +441,18 @@ class Ledger:
         """A handle to charge an open reservation made by another process (e.g. a study's, from a run it
         starts). This process is recorded with it, so the reservation is settled only when all are dead."""
         with self._locked(exclusive=True) as fd:
-            r = self._read(fd).reservations.get(reservation_id)
-            if r is None or fd is None:
-                raise KeyError(f"{self.path}: no reservation {reservation_id!r}")
-            if r.status != "open":
-                raise ValueError(f"{self.path}: reservation {reservation_id!r} ({r.name!r}) is {r.status}: {r.reason}")
+            r = self._open_reservation(fd, reservation_id)
             self._write(fd, {"type": "attach", "reservation": r.id, "process": this_process(), "time": time.time()})
         return Reservation(self, r.id, name=r.name, kind=r.kind, planned=r.planned, charged=r.charged, owner=False)
+
+    def _open_reservation(self, fd: int | None, reservation_id: str) -> ReservationRecord:
+        """The open reservation ``reservation_id`` (under the caller's lock), or KeyError / ValueError."""
+        r = self._read(fd).reservations.get(reservation_id)
+        if r is None or fd is None:
+            raise KeyError(f"{self.path}: no reservation {reservation_id!r}")
+        if r.status != "open":
+            raise ValueError(f"{self.path}: reservation {reservation_id!r} ({r.name!r}) is {r.status}: {r.reason}")
+        return r
 
     def append(self, *, name: str, kind: str, flops: float, tokens: int = 0, steps: int = 0, seconds: float = 0.0,
                config: dict[str, Any] | None = None, reservation: str | None = None) -> LedgerEntry:
@@ -471,11 +476,7 @@ class Ledger:
         """Settle one open reservation whose processes cannot be checked from here, for a person who knows
         they have ended. Refused while any of them is seen running."""
         with self._locked(exclusive=True) as fd:
-            r = self._read(fd).reservations.get(reservation_id)
-            if r is None or fd is None:
-                raise KeyError(f"{self.path}: no reservation {reservation_id!r}")
-            if r.status != "open":
-                raise ValueError(f"{self.path}: reservation {reservation_id!r} is already {r.status}: {r.reason}")
+            r = self._open_reservation(fd, reservation_id)
             if r.alive():
                 raise ValueError(f"{self.path}: reservation {reservation_id!r} ({r.name!r}) belongs to a running "
                                  f"process ({', '.join(_describe(p) for p in r.processes)}); it closes it itself")

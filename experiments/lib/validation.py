@@ -112,9 +112,9 @@ class Validator:
         ids, labels = self.windows.input_ids, self.windows.labels
         loss, scored = training.windows_loss(model, ids, labels, self.batch_size, self.device,
                                              what="the validation subset")
-        self._charge(state, self.costs.evaluation(len(ids), scored), len(ids) * ids.shape[1],
-                     {"split": "val", "step": state.step, "windows": len(ids)})
-        with self.booking.held():
+        with self.booking.held():  # the evaluation's charge and its metrics row: a signal waits for both
+            self._charge(state, self.costs.evaluation(len(ids), scored), len(ids) * ids.shape[1],
+                         {"split": "val", "step": state.step, "windows": len(ids)})
             self.log(state, "val", loss, lr, scored_tokens=scored)
         training.check_finite(loss, "validation-subset", state.step)
         figures: dict[str, float | None] = {"val_loss": loss}
