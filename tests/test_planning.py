@@ -38,12 +38,18 @@ def test_model_config_from_the_hub_fetches_config_json_only(monkeypatch, tiny_ck
 
 
 
-def test_train_plan_counts_what_is_left_from_a_resumed_step(tiny_ckpt):
-    args = runs.train_parser().parse_args(["--model", str(tiny_ckpt), "--rank", "2", "--context-length", "16",
-                                           "--batch-size", "2", "--max-steps", "10", "--eval-every", "4",
-                                           "--eval-windows", "3"])
-    shape = planning.meta_model(QwenConfig.from_json(tiny_ckpt / "config.json"))
+def _rank2_run(ckpt, max_steps: int, eval_every: int):
+    """train.py's arguments (rank 2, 2 x 16 tokens, a 3-window validation subset) and the structure they price."""
+    args = runs.train_parser().parse_args(["--model", str(ckpt), "--rank", "2", "--context-length", "16",
+                                           "--batch-size", "2", "--max-steps", str(max_steps), "--eval-every",
+                                           str(eval_every), "--eval-windows", "3"])
+    shape = planning.meta_model(QwenConfig.from_json(ckpt / "config.json"))
     lora.apply_lora(shape, rank=2)
+    return args, shape
+
+
+def test_train_plan_counts_what_is_left_from_a_resumed_step(tiny_ckpt):
+    args, shape = _rank2_run(tiny_ckpt, max_steps=10, eval_every=4)
     step = flops.count(shape, batch=2, seq_len=16, mode="train").total
     subset = flops.count(shape, batch=3, seq_len=16, mode="forward").total   # 3 of the 5 validation windows
     full = flops.count(shape, batch=5, seq_len=16, mode="forward").total
@@ -57,11 +63,7 @@ def test_train_plan_counts_what_is_left_from_a_resumed_step(tiny_ckpt):
 
 
 def test_train_plan_prices_the_validation_forecasts_of_every_evaluation(tiny_ckpt):
-    args = runs.train_parser().parse_args(["--model", str(tiny_ckpt), "--rank", "2", "--context-length", "16",
-                                           "--batch-size", "2", "--max-steps", "6", "--eval-every", "3",
-                                           "--eval-windows", "3"])
-    shape = planning.meta_model(QwenConfig.from_json(tiny_ckpt / "config.json"))
-    lora.apply_lora(shape, rank=2)
+    args, shape = _rank2_run(tiny_ckpt, max_steps=6, eval_every=3)
     without, _ = planning.train_plan(args, n_val_windows=5)
     plan, _ = planning.train_plan(args, n_val_windows=5, forecast=(4, 20, 6))
     # one greedy generate call per evaluation: a prefill of 4 x 20 tokens, then 5 single-token steps
