@@ -48,7 +48,7 @@ if __package__ in (None, ""):
 import flops
 import lora
 import qwen_min
-from experiments.lib import data, files, llmtime, planning, reporting, runs, training, validation
+from experiments.lib import data, files, planning, reporting, runs, training, validation
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -150,12 +150,11 @@ class Study:
     def forecast_window(self) -> int:
         """Tokens of the longest prompt + horizon of the validation systems forecast: a window that holds
         a whole forecast."""
-        targs = runs.train_parser().parse_args(self.common() + ["--out", str(self.out / "_plan")])
-        run_data, steps = runs.prepare_data(targs), self.preset.context_steps + self.preset.horizon
-        enc = run_data.encoding
-        return max(len(self.tokenizer.encode(llmtime.encode(run_data.trajectories[i, :steps], alpha=enc.alpha,
-                                                            decimals=enc.decimals) + ";"))
-                   for i in run_data.systems("val", self.preset.val_systems))
+        p = self.preset
+        run_data = runs.prepare_data(runs.train_parser().parse_args(self.common()))
+        examples = data.forecast_examples(run_data.trajectories, run_data.systems("val", p.val_systems),
+                                          run_data.encoding, context_steps=p.context_steps, horizon=p.horizon)
+        return max(len(self.tokenizer.encode(e.prompt + e.target_text)) for e in examples)
 
     def train_item(self, stage: str, name: str, lr: float, rank: int, context: int, steps: int, *,
                    eval_every: int, at_start: bool) -> Item:
@@ -210,8 +209,8 @@ class Study:
         if key not in self._prices:
             if item.script == "train":
                 targs = runs.train_parser().parse_args(item.argv)
-                run_data, _, val = training.prepare_windows(targs, None)
-                forecasts = validation.forecast_set_of(targs, run_data)
+                run_data, _, val = training.prepare_windows(targs, None, self.tokenizer)
+                forecasts = validation.forecast_set_of(targs, run_data, self.tokenizer)
                 plan, _ = planning.train_plan(targs, len(val.input_ids), forecast=forecasts and forecasts.shape)
                 self._prices[key] = plan.total
             else:
@@ -287,7 +286,7 @@ def main(argv: list[str] | None = None) -> Path:
     files.write_json(out / "study_args.json", {"argv": sys.argv, **vars(args), "preset_values": asdict(p)})
 
     # ---- plan everything at the most expensive choices, fit it to the budget, reserve it
-    ledger = flops.Ledger(args.ledger or study.ledger_path, budget=args.budget)
+    ledger = flops.Ledger(study.ledger_path, budget=args.budget)
     ledger.settle()                                   # an earlier, killed invocation's reservation
     items = study.items()
     left = ledger.remaining()
@@ -296,9 +295,9 @@ def main(argv: list[str] | None = None) -> Path:
         items = fit(study, items, left, trim=args.trim)
     planned = sum(i.flops for i in items if not i.done(out))
     print_plan(items, out, ledger)
-    files.write_json(out / "plan.json", {"items": [asdict(i) for i in items], "budget": args.budget,
-                                         "planned_flops": sum(i.flops for i in items), "to_spend": planned,
-                                         "spent_before": ledger.spent()})
+    plan = {"items": [asdict(i) for i in items], "budget": args.budget, "planned_flops": sum(i.flops for i in items),
+            "to_spend": planned, "spent_before": ledger.spent()}
+    files.write_json(out / "plan.json", plan)
     if args.dry_run:
         return out / "plan.json"
     t0 = time.time()
@@ -328,8 +327,7 @@ def main(argv: list[str] | None = None) -> Path:
                "context_length": context, "final": train_score(out, by_name["final"]) | {
                    "context_length": context, "lr": best["lr"], "rank": best["rank"]}}
     files.write_json(out / "choices.json", choices)
-    return reporting.write_study_report(out, ledger=flops.Ledger(study.ledger_path, budget=args.budget),
-                              plan=json.loads((out / "plan.json").read_text()), choices=choices,
+    return reporting.write_study_report(out, ledger=ledger, plan=plan, choices=choices,
                               seconds=time.time() - t0, model=args.model)
 
 

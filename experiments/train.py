@@ -53,8 +53,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- data, and the FLOPs still to spend reserved in the ledger, before any model work
     if not args.rank and not args.train_lm_head_bias:
         raise SystemExit("nothing to train: --rank 0 without --train-lm-head-bias")
-    run_data, train, val = training.prepare_windows(args, out if dp.main else None)
-    forecasts = validation.forecast_set_of(args, run_data)
+    tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
+    run_data, train, val = training.prepare_windows(args, out if dp.main else None, tokenizer)
+    forecasts = validation.forecast_set_of(args, run_data, tokenizer)
     at = checkpoint.read_state(out / "checkpoint").step if args.resume else 0
     plan, shape = planning.train_plan(args, len(val.input_ids), dp.world, from_step=at,
                                       forecast=forecasts and forecasts.shape)

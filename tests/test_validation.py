@@ -18,31 +18,31 @@ def _args(ckpt, data_file, *extra) -> object:
 
 def test_the_forecast_set_is_forecast_pys_prompts_of_the_first_validation_systems(tiny_ckpt, lv_data_file):
     args = _args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 3, "--context-steps", 10, "--horizon", 4)
-    run_data = runs.prepare_data(args)
-    fs = validation.forecast_set_of(args, run_data)
+    run_data, tok = runs.prepare_data(args), qwen_min.load_tokenizer(tiny_ckpt)
+    fs = validation.forecast_set_of(args, run_data, tok)
     systems = run_data.splits["val"][:3]
     examples = data.forecast_examples(run_data.trajectories, systems, run_data.encoding, context_steps=10, horizon=4)
     assert fs.prompts == [e.prompt for e in examples]
     traj, _ = load_h5(lv_data_file)
     assert np.array_equal(fs.truth, traj[systems, 10:14]) and np.array_equal(fs.last, traj[systems, 9])
-    tok = qwen_min.load_tokenizer(tiny_ckpt)
     assert fs.shape == (3, max(len(tok.encode(p)) for p in fs.prompts), forecasting.max_new_tokens(fs.prompts, 4))
 
-    assert validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0), run_data) is None
+    none = validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0), run_data, tok)
+    assert none is None
     with pytest.raises(SystemExit, match="--val-forecast-systems -1"):
-        validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", -1), run_data)
+        validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", -1), run_data, tok)
     with pytest.raises(SystemExit, match="--context-steps/--horizon"):
-        validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--context-steps", 90, "--horizon", 20), run_data)
+        too_long = _args(tiny_ckpt, lv_data_file, "--context-steps", 90, "--horizon", 20)
+        validation.forecast_set_of(too_long, run_data, tok)
 
 
 def test_a_model_that_writes_no_valid_number_scores_exactly_persistence(tiny_ckpt, lv_data_file):
     # the tiny random model's digits never form a step of the encoding: every step is filled with the
     # last prompt value, which is last-value persistence
     args = _args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 3, "--context-steps", 10, "--horizon", 3)
-    run_data = runs.prepare_data(args)
-    fs = validation.forecast_set_of(args, run_data)
-    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
     tok = qwen_min.load_tokenizer(tiny_ckpt)
+    fs = validation.forecast_set_of(args, runs.prepare_data(args), tok)
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
     calls = []
     got = validation.score_forecasts(model, tok, fs, torch.device("cpu"), on_call=lambda c, f: calls.append(f))
     persistence = np.abs(fs.last[:, None] - fs.truth).mean()

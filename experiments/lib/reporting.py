@@ -96,8 +96,8 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
 
     # ---- FLOPs: every run, generation included, planned (an upper bound) against charged
     charged, spent = charged_by_run(ledger), ledger.spent()
-    rows = [[i["name"], i["script"], f"{i['flops']:.4e}", f"{charged.get(i['name'].replace('/', '_'), 0.0):.4e}",
-             f"{charged.get(i['name'].replace('/', '_'), 0.0) / ledger.budget:.4%}"] for i in plan["items"]]
+    rows = [[i["name"], i["script"], f"{i['flops']:.4e}", f"{c:.4e}", f"{c / ledger.budget:.4%}"]
+            for i in plan["items"] for c in [charged.get(i["name"].replace("/", "_"), 0.0)]]
     sections += ["## FLOPs\n", md_table(["run", "script", "planned (at most)", "charged", "% of budget"], rows),
                  f"\nPlanned at most {plan['planned_flops']:.4e} FLOPs (generation at its token limit); charged "
                  f"{spent:.4e}, {spent / ledger.budget:.2%} of the {ledger.budget:.3g} budget. The ledger in full:\n",

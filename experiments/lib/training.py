@@ -71,12 +71,12 @@ def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
 
 
-def prepare_windows(args: argparse.Namespace, out: Path | None) -> tuple[runs.RunData, data.Windows, data.Windows]:
+def prepare_windows(args: argparse.Namespace, out: Path | None,
+                    tokenizer: qwen_min.Tokenizer) -> tuple[runs.RunData, data.Windows, data.Windows]:
     """The run's data (saved in ``out``) cut into training windows (stride --stride, default half a
     window) and validation windows (each transition scored once). Refused (SystemExit, before any
     model work) when either has nothing to score, or the batch or the evaluated subset is empty."""
     run_data = runs.prepare_data(args, out)
-    tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     L = args.context_length
     train = data.training_windows(run_data.texts("train", args.max_systems), tokenizer, context_length=L,
                                   stride=args.stride or L // 2)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import qwen_min
 from experiments.lib import data, forecasting, llmtime, metrics, planning, runs, training
 from experiments.lib.training import RunState
 from qwen_min import Qwen2, Tokenizer
@@ -47,13 +46,12 @@ class ForecastSet:
         return len(self.prompts), self.prompt_tokens, self.new_tokens
 
 
-def forecast_set_of(args: argparse.Namespace, run_data: runs.RunData) -> ForecastSet | None:
+def forecast_set_of(args: argparse.Namespace, run_data: runs.RunData, tokenizer: Tokenizer) -> ForecastSet | None:
     """train.py's validation forecasts: the first --val-forecast-systems validation systems (None for 0)."""
     if args.val_forecast_systems < 0:
         raise SystemExit(f"--val-forecast-systems {args.val_forecast_systems}: must be 0 or more")
     if not args.val_forecast_systems:
         return None
-    tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     return forecast_set(run_data.trajectories, run_data.systems("val", args.val_forecast_systems), run_data.encoding,
                         tokenizer, context_steps=args.context_steps, horizon=args.horizon)
 
