@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.adapter:
         models.append(("trained", args.adapter))
 
-    # ---- plan: an upper bound (every row running to the token limit), reserved before any model work
+    # ---- plan: every row running to the token limit (exact with --run-to-limit, else an upper
+    # bound), reserved before any model work
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
@@ -79,7 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     planned = len(models) * planning.forecast_plan(args, shape, tokenizer, prompts)
     reservation = runs.reserve(args, planned, kind="forecast",
                                config={"models": [m for m, _ in models], "systems": len(systems)})
-    print(f"plan: at most {planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
+    bound = "" if args.run_to_limit else "at most "
+    print(f"plan: {bound}{planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
 
     # ---- the language models, greedy and (--samples) sampled; each generate call charged as it ends
     results: dict[str, dict[str, forecasting.ForecastRun]] = {}
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
                         model, tokenizer, prompts, H, enc, batch_size=args.forecast_batch, num_samples=S,
                         temperature=0.0 if mode == "greedy" else args.temperature, top_p=args.top_p,
                         constrained=not args.unconstrained, seed=args.seed, device=device, progress=bar,
+                        to_limit=args.run_to_limit,
                         on_call=lambda call, f, cfg=config: booking.charge(
                             f, kind="forecast", tokens=call["batch"] * call["num_samples"] * call["steps"],
                             config={**cfg, **call}))

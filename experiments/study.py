@@ -22,9 +22,12 @@ cross-entropy beside it (it is not comparable across context lengths); the untra
 on the same forecasts (zeroshot_val) is shown beside them. The final run evaluates step 0 too: if
 its training does not beat the untrained model on the validation forecasts, the final adapter is
 the untrained model (every LoRA B zero), and the report says so. The whole plan, generation included, is
-priced by the FLOP counter (generation at its token limit, an upper bound) and reserved in the
-ledger before anything runs; if what is left of the budget cannot pay for it, every training run's
-steps are trimmed in proportion (--no-trim: refused). Killed, the study continues where it stopped
+priced by the FLOP counter and reserved in the ledger before anything runs, each choice not yet made
+at its most expensive option; if what is left of the budget cannot pay for it, every training run's
+steps are trimmed in proportion (--no-trim: refused). Once a choice is made, the runs that depend on
+it are priced again before they start (plan.json: "bound" reserved, "flops" the price). Prices are
+exact: they follow the batches each run draws, and every forecast runs to its token limit
+(--run-to-limit), so the ledger ends equal to the plan. Killed, the study continues where it stopped
 when run again: finished runs are kept, an interrupted training run resumes from its checkpoint.
 """
 
@@ -139,6 +142,7 @@ class Study:
         self.shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
         self.tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
         self._prices: dict[str, float] = {}
+        self._windows: dict[int, tuple[runs.RunData, data.Windows, data.Windows]] = {}
 
     def common(self) -> list[str]:
         a = self.args
@@ -165,7 +169,7 @@ class Study:
             "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every), "--patience", "0",
             "--eval-windows", str(p.eval_windows), "--val-forecast-systems", str(p.val_systems),
             "--context-steps", str(p.context_steps), "--horizon", str(p.horizon),
-            "--eval-at-start" if at_start else "--no-eval-at-start", *p.train_args]
+            "--eval-at-start" if at_start else "--no-eval-at-start", "--run-to-limit", *p.train_args]
         return Item(stage, name, "train", argv, {"lr": lr, "rank": rank, "context_length": context, "steps": steps})
 
     def forecast_item(self, name: str, split: str, adapter: str | None) -> Item:
@@ -173,7 +177,7 @@ class Study:
         systems = p.val_systems if split == "val" else p.test_systems
         argv = self.common() + ["--out", str(self.out / name), "--name", name, "--split", split,
                                 "--max-systems", str(systems), "--context-steps", str(p.context_steps),
-                                "--horizon", str(p.horizon)]
+                                "--horizon", str(p.horizon), "--run-to-limit"]
         if split == "test":
             argv += ["--samples", str(p.samples)]
         if adapter:
@@ -209,9 +213,9 @@ class Study:
         if key not in self._prices:
             if item.script == "train":
                 targs = runs.train_parser().parse_args(item.argv)
-                run_data, _, val = training.prepare_windows(targs, None, self.tokenizer)
+                run_data, train, val = self.windows(targs)
                 forecasts = validation.forecast_set_of(targs, run_data, self.tokenizer)
-                plan, _ = planning.train_plan(targs, len(val.input_ids), forecast=forecasts and forecasts.shape)
+                plan, _ = planning.train_plan(targs, train, val, forecast_calls=forecasts and forecasts.calls)
                 self._prices[key] = plan.total
             else:
                 fargs = runs.forecast_parser().parse_args(item.argv)
@@ -225,6 +229,30 @@ class Study:
                     lora.apply_lora(shape, rank=rank)
                 self._prices[key] = planning.forecast_plan(fargs, shape, self.tokenizer, prompts)  # one model
         return self._prices[key]
+
+    def windows(self, targs: argparse.Namespace) -> tuple[runs.RunData, data.Windows, data.Windows]:
+        """A training run's data and windows (every run of the study cuts the same systems, so they
+        differ only by the window length: tokenized once per length)."""
+        if targs.context_length not in self._windows:
+            self._windows[targs.context_length] = training.prepare_windows(targs, None, self.tokenizer)
+        return self._windows[targs.context_length]
+
+    def final_steps_within(self, best: dict, context: int, left: float) -> int:
+        """The most final-run steps (at the chosen setting) that, with the final test forecasts, cost
+        at most ``left`` FLOPs: "the final run takes what the budget leaves"."""
+        def cost(steps: int) -> float:
+            return sum(i.flops for i in self.items(best, context, steps) if i.stage == "final")
+
+        if cost(1) > left:
+            raise SystemExit(f"[study] the final run's first step and the test forecasts need {cost(1):.3e} FLOPs; "
+                             f"the study's reservation has {left:.3e} left")
+        lo, hi = 1, 2
+        while cost(hi) <= left:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:   # cost(lo) fits (or lo is 1), cost(hi) does not
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid)
+        return lo
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,9 +323,18 @@ def main(argv: list[str] | None = None) -> Path:
         items = fit(study, items, left, trim=args.trim)
     planned = sum(i.flops for i in items if not i.done(out))
     print_plan(items, out, ledger)
-    plan = {"items": [asdict(i) for i in items], "budget": args.budget, "planned_flops": sum(i.flops for i in items),
-            "to_spend": planned, "spent_before": ledger.spent()}
-    files.write_json(out / "plan.json", plan)
+    bound = {i.name: i.flops for i in items}
+    plan = {"items": [], "budget": args.budget, "bound": sum(bound.values()), "to_spend": planned,
+            "spent_before": ledger.spent()}
+
+    def write_plan(items: list[Item]) -> None:
+        """plan.json: every run at its price given the choices made so far ("flops"), beside the bound
+        reserved before anything ran ("bound")."""
+        plan["items"] = [asdict(i) | {"bound": bound[i.name]} for i in items]
+        plan["planned_flops"] = sum(i.flops for i in items)
+        files.write_json(out / "plan.json", plan)
+
+    write_plan(items)
     if args.dry_run:
         return out / "plan.json"
     t0 = time.time()
@@ -313,22 +350,36 @@ def main(argv: list[str] | None = None) -> Path:
         best = best_of(grid_scores)
         print(f"[study] best of the grid: lr {best['lr']:g}, rank {best['rank']} (validation relative score "
               f"{best['score']}; untrained {untrained['score']})", flush=True)
-        final_steps = next(i for i in items if i.name == "final").setting["steps"]
-        contexts = [i for i in study.items(best=best, final_steps=final_steps) if i.stage == "context"]
+        final_steps = by_name["final"].setting["steps"]
+        items = study.items(best=best, final_steps=final_steps)   # re-priced at the chosen rank
+        write_plan(items)
+        contexts = [i for i in items if i.stage == "context"]
         for item in contexts:
             run_item(item, out, r.id)
         context_scores = [train_score(out, i) for i in contexts]
         context = best_of(context_scores)["context_length"]
         print(f"[study] best context length: {context} tokens", flush=True)
-        for item in study.items(best=best, context=context, final_steps=final_steps):
+        if p.final_steps == 0:   # the final run takes what the reservation has left (as first decided, if resumed)
+            started = out / "final" / "train_args.json"
+            final_steps = (json.loads(started.read_text())["max_steps"] if started.is_file() else
+                           study.final_steps_within(best, context, reservation_left(ledger, r.id)))
+        items = study.items(best=best, context=context, final_steps=final_steps)
+        write_plan(items)
+        for item in items:
             if item.stage == "final":
                 run_item(item, out, r.id)
+        by_name = {i.name: i for i in items}
     choices = {"untrained": untrained, "grid": grid_scores, "best": best, "contexts": context_scores,
                "context_length": context, "final": train_score(out, by_name["final"]) | {
                    "context_length": context, "lr": best["lr"], "rank": best["rank"]}}
     files.write_json(out / "choices.json", choices)
     return reporting.write_study_report(out, ledger=ledger, plan=plan, choices=choices,
                               seconds=time.time() - t0, model=args.model)
+
+
+def reservation_left(ledger: flops.Ledger, reservation: str) -> float:
+    """What the study's reservation still holds (its runs charge it from their own processes)."""
+    return next(x for x in ledger.reservations() if x.id == reservation).unspent
 
 
 def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Item]:
@@ -365,7 +416,7 @@ def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Ite
 def print_plan(items: list[Item], out: Path, ledger: flops.Ledger) -> None:
     total = sum(i.flops for i in items)
     print(f"[study] plan: {len(items)} runs, at most {total:.3e} FLOPs ({total / ledger.budget:.2%} of the budget, "
-          f"generation at its token limit); {ledger.spent():.3e} spent before", flush=True)
+          f"every choice not yet made at its most expensive option); {ledger.spent():.3e} spent before", flush=True)
     for i in items:
         print(f"  {i.name:<24} {i.script:<9} {i.flops:.3e}  {'done' if i.done(out) else 'to run'}", flush=True)
 

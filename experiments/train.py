@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     run_data, train, val = training.prepare_windows(args, out if dp.main else None, tokenizer)
     forecasts = validation.forecast_set_of(args, run_data, tokenizer)
     at = checkpoint.read_state(out / "checkpoint").step if args.resume else 0
-    plan, shape = planning.train_plan(args, len(val.input_ids), dp.world, from_step=at,
-                                      forecast=forecasts and forecasts.shape)
+    plan, shape = planning.train_plan(args, train, val, dp.world, from_step=at,
+                                      forecast_calls=forecasts and forecasts.calls)
     reservation = reserve(args, plan, at, dp.world) if dp.main else None
     with training.Booking(reservation, every=args.charge_every,
                           step_tokens=args.batch_size * args.context_length) as booking:
@@ -100,11 +100,7 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
         if args.eval_every and args.eval_at_start and state.step == 0:  # the untrained model: a candidate
             evaluate(model, state, training.lr_at(0, args.lr, args.warmup_steps))
         while state.step < args.max_steps:
-            if state.position + args.batch_size > n_train:  # epoch done: the next permutation
-                state.epoch, state.position = state.epoch + 1, 0
-                continue
-            order = training.batch_order(n_train, args.seed, state.epoch)
-            batch = order[state.position:state.position + args.batch_size]
+            batch = training.next_batch(state, n_train, args.batch_size, args.seed)
             rows = batch[dp.rank * local:(dp.rank + 1) * local]  # this rank's share
             ids, labels = train.input_ids[rows].to(device), train.labels[rows].to(device)
             lr = training.lr_at(state.step, args.lr, args.warmup_steps)
@@ -182,8 +178,9 @@ def reserve(args: argparse.Namespace, plan: planning.TrainPlan, at: int, world: 
     reservation = runs.reserve(args, plan.total, kind="train", config={
         "rank": args.rank, "lr": args.lr, "context_length": args.context_length, "batch_size": args.batch_size,
         "from_step": at, "max_steps": args.max_steps, "world_size": world})
-    print(f"plan: {plan.steps} steps x {plan.step:.3e} FLOPs + {plan.evals} evaluations x {plan.eval:.3e} + the "
-          f"final one = {plan.total:.3e} FLOPs ({plan.total / args.budget:.2%} of the budget), reserved", flush=True)
+    print(f"plan: {plan.steps} steps x {plan.step:.3e} FLOPs (on average) + {plan.evals} evaluations x "
+          f"{plan.eval:.3e} + the final one = {plan.total:.3e} FLOPs ({plan.total / args.budget:.2%} of the budget), "
+          f"reserved", flush=True)
     return reservation
 
 

@@ -1,5 +1,5 @@
 """Forecasting with the language model: FLOPs as counted equal the matmuls that ran, the plan bounds
-them, decoding keeps steps in place, the token limit and the alphabet."""
+them (run to the token limit, equals them), decoding keeps steps in place, the token limit and the alphabet."""
 
 from __future__ import annotations
 
@@ -39,18 +39,27 @@ def test_generation_flops_equal_the_matmuls_that_ran(tiny, samples, temperature)
     assert all(len(t) == samples for t in run.texts)
 
 
-def test_the_plan_bounds_what_forecasting_spends(tiny, tiny_ckpt):
-    # forecast.py's plan for one model: greedy, then 2 samples per prompt, every row to the token limit
+@pytest.mark.parametrize("samples, temperature", [(1, 0.0), (2, 1.0)])
+def test_the_plan_bounds_what_forecasting_spends_and_equals_it_run_to_the_limit(tiny, tiny_ckpt, samples,
+                                                                                temperature):
     model, tok = tiny
     prompts, enc = _prompts((12, 5, 9, 12, 3))
-    spent = sum(forecasting.forecast(model, tok, prompts, 3, enc, batch_size=2, num_samples=S, temperature=t).flops
-                for S, t in [(1, 0.0), (2, 1.0)])
     shape = planning.meta_model(qwen_min.load_config(tiny_ckpt))
-    longest = max(len(tok.encode(p)) for p in prompts)
-    planned = planning.forecast_flops(shape, n_prompts=len(prompts), prompt_len=longest,
-                                      new_tokens=forecasting.max_new_tokens(prompts, 3), batch_size=2, samples=2,
-                                      vocab=len(forecasting.ALPHABET))
-    assert spent <= planned
+    lengths = [len(tok.encode(p)) for p in prompts]
+    calls = forecasting.planned_calls(lengths, prompts, 3, batch_size=2, num_samples=samples, vocab=13,
+                                      sampled=temperature > 0)
+    assert [(c["batch"], c["prompt_len"], c["padded"]) for c in calls] == [(2, lengths[0], True),
+                                                                          (2, lengths[3], True), (1, lengths[4], False)]
+    planned = planning.calls_flops(shape, calls)
+    kw = dict(batch_size=2, num_samples=samples, temperature=temperature)
+    stopped = forecasting.forecast(model, tok, prompts, 3, enc, **kw)
+    to_limit = forecasting.forecast(model, tok, prompts, 3, enc, to_limit=True, **kw)
+    assert stopped.flops <= planned
+    assert to_limit.calls == calls and to_limit.flops == pytest.approx(planned, rel=1e-12)
+    # the same forecasts: rows only run on past the horizon
+    np.testing.assert_array_equal(to_limit.values, stopped.values)
+    assert all(a[:len(b)] == b for x, y in zip(to_limit.texts, stopped.texts, strict=True)
+               for a, b in zip(x, y, strict=True))
 
 
 def test_max_new_tokens_is_the_longest_prompt_step_plus_room_per_step():

@@ -1,5 +1,6 @@
 """study.py on the tiny checkpoint with the tiny preset: every choice follows the validation forecast
-scores, the ledger holds exactly what the runs charged (within the plan and the budget), and a
+scores, the ledger holds exactly what the runs charged, which is the plan (each run priced once
+its choices were made, within the bound reserved first and the budget), and a
 study killed mid-way continues where it stopped."""
 
 from __future__ import annotations
@@ -82,10 +83,14 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
     assert {e.name for e in entries} == names
     spent = ledger.spent()
     assert spent == pytest.approx(sum(e.flops for e in entries), rel=1e-12)
-    assert 0 < spent <= plan["planned_flops"] <= plan["budget"]
-    for item in plan["items"]:   # each run within its own planned bound
+    # the plan, each run priced once its choices were made, is what was charged; the bound reserved
+    # before anything ran held it, within the budget
+    assert spent == pytest.approx(plan["planned_flops"], rel=1e-9)
+    assert plan["planned_flops"] <= plan["bound"] * (1 + 1e-9) and plan["bound"] <= plan["budget"]
+    for item in plan["items"]:
         charged = sum(e.flops for e in entries if e.name == item["name"].replace("/", "_"))
-        assert 0 < charged <= item["flops"] * (1 + 1e-9), item["name"]
+        assert charged == pytest.approx(item["flops"], rel=1e-9), item["name"]
+        assert charged <= item["bound"] * (1 + 1e-9), item["name"]
     [reservation] = ledger.reservations()
     assert reservation.status == "closed" and reservation.charged == pytest.approx(spent, rel=1e-12)
 
@@ -111,6 +116,21 @@ def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_c
                                     + ["--budget", str(budget), "--final-steps", "10", "--dry-run"]).read_text())
     steps = {i["name"]: i["setting"].get("steps") for i in trimmed["items"]}
     assert 3 <= steps["final"] < 10 and full["planned_flops"] <= trimmed["planned_flops"] <= budget
+
+
+def test_the_final_run_takes_what_the_reservation_leaves(tiny_ckpt, lv_data_file, tmp_path):
+    # the full preset's final run: as many steps as the chosen setting's price allows
+    s = study.Study(study.parse_args(_argv(tiny_ckpt, lv_data_file, tmp_path / "study")))
+    best = {"lr": 1e-3, "rank": 2}
+
+    def cost(steps: int) -> float:   # the final run and its test forecasts
+        return sum(i.flops for i in s.items(best, 32, steps) if i.stage == "final")
+
+    assert cost(7) < cost(8)
+    assert s.final_steps_within(best, 32, (cost(7) + cost(8)) / 2) == 7
+    assert s.final_steps_within(best, 32, cost(8)) == 8
+    with pytest.raises(SystemExit, match="the final run's first step and the test forecasts need"):
+        s.final_steps_within(best, 32, cost(1) * 0.99)
 
 
 def test_a_killed_study_continues_where_it_stopped(tmp_path, tiny_ckpt, lv_data_file):

@@ -189,11 +189,16 @@ def test_sigkills_at_random_moments_then_resume_the_same_losses_every_flop_charg
     # killed runs' reservations settled, the last one closed; each reserved what was left of its plan
     records = ledger.reservations()
     assert [r.status for r in records] == ["settled"] * 3 + ["closed"]
-    subset = flops.count(shape, batch=2, seq_len=32, mode="forward").total
-    full = flops.count(shape, batch=n_val, seq_len=32, mode="forward").total
+    # the plan prices the batches the run draws: what each step scored, as the uninterrupted run logged it
+    scored = {r["step"]: r["scored_tokens"] for r in a if r["kind"] == "train"}
+    subset = flops.count(shape, batch=2, seq_len=32, mode="forward",
+                         scored_tokens=next(r["scored_tokens"] for r in a if r["kind"] == "val")).total
+    full = flops.count(shape, batch=n_val, seq_len=32, mode="forward", scored_tokens=rows[-1]["scored_tokens"]).total
     for r, (_, start, _) in zip(records, processes, strict=True):
         evals = 10 - start // 4 + (start == 0)   # at steps 0, 4, ..., 40 not run before the checkpoint
-        assert r.planned == pytest.approx((40 - start) * step + evals * subset + full, rel=1e-12)
+        steps = sum(flops.count(shape, batch=2, seq_len=32, mode="train", scored_tokens=scored[s]).total
+                    for s in range(start + 1, 41))
+        assert r.planned == pytest.approx(steps + evals * subset + full, rel=1e-9)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

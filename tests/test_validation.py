@@ -25,7 +25,12 @@ def test_the_forecast_set_is_forecast_pys_prompts_of_the_first_validation_system
     assert fs.prompts == [e.prompt for e in examples]
     traj, _ = load_h5(lv_data_file)
     assert np.array_equal(fs.truth, traj[systems, 10:14]) and np.array_equal(fs.last, traj[systems, 9])
-    assert fs.shape == (3, max(len(tok.encode(p)) for p in fs.prompts), forecasting.max_new_tokens(fs.prompts, 4))
+    # one greedy call for the 3 prompts, left-padded to the longest, running to the token limit
+    lengths = [len(tok.encode(p)) for p in fs.prompts]
+    assert fs.calls == [{"batch": 3, "prompt_len": max(lengths), "steps": forecasting.max_new_tokens(fs.prompts, 4),
+                         "num_samples": 1, "vocab": 13, "sampled": False, "padded": min(lengths) != max(lengths)}]
+    assert not fs.to_limit and validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--run-to-limit"),
+                                                          run_data, tok).to_limit
 
     none = validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0), run_data, tok)
     assert none is None

@@ -1,7 +1,8 @@
 """Forecasting with the language model: prompts in, LLMTIME text out, numbers back.
 
 The prompt is the encoding of the first C time steps ending with ';'. The model continues it, KV-
-cached, until every row has written H more ';' (or a token limit). Decoding is by default
+cached, until every row has written H more ';' (or a token limit; with ``to_limit``, always to the
+token limit, so that what it costs is known before it runs: see ``planned_calls``). Decoding is by default
 constrained to the LLMTIME alphabet (digits, ',', '.', ';'), which makes every token a character of
 a number or a separator, and lets the output layer compute 13 logits instead of 151,936.
 """
@@ -59,6 +60,20 @@ def max_new_tokens(prompts: Sequence[str], horizon: int) -> int:
     return horizon * (longest_step + 2 + 1)
 
 
+def planned_calls(prompt_tokens: Sequence[int], prompts: Sequence[str], horizon: int, *, batch_size: int,
+                  num_samples: int, vocab: int | None, sampled: bool) -> list[dict]:
+    """The ``generate`` calls ``forecast`` makes for ``prompts`` (``prompt_tokens``: their lengths in
+    tokens), each with every row running to its token limit: exactly the calls made with
+    ``to_limit`` and constrained decoding, an upper bound of the calls made without."""
+    calls = []
+    for start in range(0, len(prompts), batch_size):
+        lengths = prompt_tokens[start:start + batch_size]
+        calls.append({"batch": len(lengths), "prompt_len": max(lengths),
+                      "steps": max_new_tokens(prompts[start:start + batch_size], horizon), "num_samples": num_samples,
+                      "vocab": vocab, "sampled": sampled, "padded": min(lengths) != max(lengths)})
+    return calls
+
+
 @dataclass
 class ForecastRun:
     values: np.ndarray            # (N, S, H, 2) in original units; NaN where a step was malformed or missing
@@ -89,9 +104,13 @@ def generation_flops(model: Qwen2, *, batch: int, prompt_len: int, steps: int, n
 def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: int,
              encoding: llmtime.EncodingConfig, *, batch_size: int = 16, num_samples: int = 1,
              temperature: float = 0.0, top_p: float = 1.0, constrained: bool = True, seed: int = 0,
-             device: torch.device | str = "cpu", progress=None,
+             device: torch.device | str = "cpu", progress=None, to_limit: bool = False,
              on_call: Callable[[dict, float], None] | None = None) -> ForecastRun:
     """Forecast ``horizon`` steps after each prompt; greedy when temperature is 0, else num_samples draws.
+
+    Generation stops once every row of a call has written its ``horizon`` steps, unless ``to_limit``:
+    then every call runs to its token limit (``planned_calls``; the steps after the horizon are
+    ignored), which costs more but exactly what was planned. The forecasts are the same either way.
 
     Generated text is decoded strictly with ``encoding`` (see ``decode_forecast``). ``on_call(call,
     flops)`` runs after every ``generate`` call with its shape and its FLOPs by the counter, so the
@@ -120,7 +139,7 @@ def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: in
             model, ids.to(device), max_new_tokens(prompts[start:start + batch_size], horizon),
             attention_mask=mask.to(device),
             temperature=temperature, top_p=top_p, generator=generator if temperature > 0 else None,
-            stop=lambda toks: semi[toks].sum(-1) >= horizon, allowed_token_ids=allowed,
+            stop=None if to_limit else (lambda toks: semi[toks].sum(-1) >= horizon), allowed_token_ids=allowed,
             eos_token_id=tokenizer.eos_ids, pad_token_id=tokenizer.pad_id, num_samples=S)
         steps = out.tokens.shape[1]
         call = {"batch": len(chunk), "prompt_len": ids.shape[1], "steps": steps, "num_samples": S,

@@ -15,7 +15,7 @@ import torch
 import flops
 import lora
 import qwen_min
-from experiments.lib import forecasting
+from experiments.lib import data, forecasting, training
 from qwen_min import Qwen2, QwenConfig, Tokenizer
 
 
@@ -27,41 +27,48 @@ def meta_model(config: QwenConfig) -> Qwen2:
 
 @dataclass
 class TrainPlan:
-    step: float       # one optimizer step, every position scored (an upper bound)
-    eval: float       # one evaluation: the validation subset, and the validation forecasts (their token limit)
+    step: float       # one optimizer step, on average over the steps left
+    eval: float       # one evaluation: the validation subset, and the validation forecasts
     full_eval: float  # the final evaluation of the whole validation split
     steps: int        # optimizer steps still to run
     evals: int        # evaluations of the validation subset among them
     total: float      # what is left of the run as configured: those steps and evaluations, on every rank
 
 
-def train_plan(args: argparse.Namespace, n_val_windows: int, world: int = 1, *, from_step: int = 0,
-               forecast: tuple[int, int, int] | None = None) -> tuple[TrainPlan, Qwen2]:
+def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows, world: int = 1, *,
+               from_step: int = 0, forecast_calls: list[dict] | None = None) -> tuple[TrainPlan, Qwen2]:
     """FLOPs of a train.py run as configured, from optimizer step ``from_step`` on (a resumed run),
-    and the LoRA-wrapped model structure they were counted on: every step left, every evaluation
-    among them (at step 0 with --eval-at-start, then every --eval-every steps), and the final full evaluation
-    (evaluations run on every rank). ``forecast``: (prompts, prompt tokens, token limit) of the
-    validation forecasts each evaluation makes, in one greedy generate call."""
+    and the LoRA-wrapped model structure they were counted on: every step left, on the very batches
+    it will draw (the tokens each scores), every evaluation among them (at step 0 with
+    --eval-at-start, then every --eval-every steps) and the final full evaluation, on every rank.
+    ``forecast_calls``: the generate calls of the validation forecasts each evaluation makes.
+
+    The loop charges the same counts (ScoredCosts), so the plan is what the run spends, exactly
+    when the forecasts run to their token limit (--run-to-limit), at most otherwise."""
     shape = meta_model(qwen_min.load_config(args.model, revision=args.revision))
     lora.apply_lora(shape, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
                     train_lm_head_bias=args.train_lm_head_bias)
-    L = args.context_length
-    step = flops.count(shape, batch=args.batch_size, seq_len=L, mode="train").total
-    subset = min(args.eval_windows, n_val_windows)
-    evaluation = flops.count(shape, batch=subset, seq_len=L, mode="forward").total if subset else 0.0
-    if forecast:
-        n, prompt_len, new_tokens = forecast
-        evaluation += forecast_flops(shape, n_prompts=n, prompt_len=prompt_len, new_tokens=new_tokens, batch_size=n,
-                                     samples=0, vocab=len(forecasting.ALPHABET))
-    full = flops.count(shape, batch=n_val_windows, seq_len=L, mode="forward").total
-    steps = max(0, args.max_steps - from_step)
+    costs = ScoredCosts(shape, args.batch_size, args.context_length)
+    scored = (train.labels != -100).sum(1).numpy()          # [N] scored tokens of every training window
+    walk, steps = training.RunState(), 0.0
+    for step in range(args.max_steps):                      # the batches the loop draws, in its order
+        batch = training.next_batch(walk, len(scored), args.batch_size, args.seed)
+        walk.position += args.batch_size
+        if step >= from_step:
+            steps += costs.train_step(int(scored[batch].sum()))
+    subset = val.head(args.eval_windows)
+    evaluation = costs.evaluation(len(subset.input_ids), int((subset.labels != -100).sum())) if args.eval_every else 0.0
+    evaluation += calls_flops(shape, forecast_calls or [])
+    full = sum(costs.evaluation(len(ids), int((ids != -100).sum()))
+               for ids in val.labels.split(args.batch_size))  # (windows_loss's batches)
+    n_steps = max(0, args.max_steps - from_step)
     every = args.eval_every
     # the evaluations at steps 0, every, 2 every, ... up to max_steps not yet run (a resumed run's
     # checkpoint at ``from_step`` was written after that step's evaluation)
     at_start = from_step == 0 and args.eval_at_start
     evals = args.max_steps // every - min(from_step, args.max_steps) // every + at_start if every else 0
-    total = steps * step + world * (evals * evaluation + full)
-    return TrainPlan(step, evaluation, full, steps, evals, total), shape
+    total = steps + world * (evals * evaluation + full)
+    return TrainPlan(steps / max(1, n_steps), evaluation, full, n_steps, evals, total), shape
 
 
 class ScoredCosts:
@@ -87,22 +94,20 @@ class ScoredCosts:
         return self._eval[rows, scored]
 
 
-def forecast_flops(shape: Qwen2, *, n_prompts: int, prompt_len: int, new_tokens: int, batch_size: int,
-                   samples: int, vocab: int | None) -> float:
-    """An upper bound of one model's forecasts: greedy, then (samples > 0) ``samples`` draws per
-    prompt, in generate calls of ``batch_size`` prompts, every one padded to ``prompt_len`` tokens and
-    every row running to the token limit ``new_tokens``."""
-    total = 0.0
-    for start in range(0, n_prompts, batch_size):
-        n = min(batch_size, n_prompts - start)
-        for S, sampled in [(1, False)] + ([(samples, True)] if samples else []):
-            total += forecasting.generation_flops(shape, batch=n, prompt_len=prompt_len, steps=new_tokens,
-                                                  num_samples=S, vocab=vocab, sampled=sampled, padded=True)[0]
-    return total
+def calls_flops(shape: Qwen2, calls: list[dict]) -> float:
+    """FLOPs of these ``generate`` calls (forecasting.planned_calls) by the counter."""
+    return sum(forecasting.generation_flops(shape, **call)[0] for call in calls)
 
 
 def forecast_plan(args: argparse.Namespace, shape: Qwen2, tokenizer: Tokenizer, prompts: list[str]) -> float:
-    """An upper bound of one model's forecasts as forecast.py's ``args`` make them."""
-    return forecast_flops(shape, n_prompts=len(prompts), prompt_len=max(len(tokenizer.encode(p)) for p in prompts),
-                          new_tokens=forecasting.max_new_tokens(prompts, args.horizon), batch_size=args.forecast_batch,
-                          samples=args.samples, vocab=None if args.unconstrained else len(forecasting.ALPHABET))
+    """One model's forecasts as forecast.py's ``args`` make them: greedy, then --samples draws per
+    prompt, in calls of --forecast-batch prompts. Exact with --run-to-limit (and constrained
+    decoding); otherwise an upper bound (every row running to the token limit)."""
+    lengths = [len(ids) for ids in tokenizer.encode_batch(prompts)]
+    vocab = None if args.unconstrained else len(forecasting.ALPHABET)
+    calls = forecasting.planned_calls(lengths, prompts, args.horizon, batch_size=args.forecast_batch, num_samples=1,
+                                      vocab=vocab, sampled=False)
+    if args.samples:
+        calls += forecasting.planned_calls(lengths, prompts, args.horizon, batch_size=args.forecast_batch,
+                                           num_samples=args.samples, vocab=vocab, sampled=True)
+    return calls_flops(shape, calls)

@@ -94,14 +94,21 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
     sections = [f"# Study report: {out}\n",
                 f"Model: `{model}`. Wall time of this invocation: {seconds / 60:.1f} min.\n"]
 
-    # ---- FLOPs: every run, generation included, planned (an upper bound) against charged
+    # ---- FLOPs: every run, generation included: the bound reserved first, the plan once its choices
+    # were made, what it charged
     charged, spent = charged_by_run(ledger), ledger.spent()
-    rows = [[i["name"], i["script"], f"{i['flops']:.4e}", f"{c:.4e}", f"{c / ledger.budget:.4%}"]
+    rows = [[i["name"], i["script"], f"{i.get('bound', i['flops']):.4e}", f"{i['flops']:.4e}", f"{c:.4e}",
+             f"{c / i['flops'] - 1:+.2%}" if i["flops"] else "", f"{c / ledger.budget:.4%}"]
             for i in plan["items"] for c in [charged.get(i["name"].replace("/", "_"), 0.0)]]
-    sections += ["## FLOPs\n", md_table(["run", "script", "planned (at most)", "charged", "% of budget"], rows),
-                 f"\nPlanned at most {plan['planned_flops']:.4e} FLOPs (generation at its token limit); charged "
-                 f"{spent:.4e}, {spent / ledger.budget:.2%} of the {ledger.budget:.3g} budget. The ledger in full:\n",
-                 ledger.report_markdown()]
+    total = sum(charged.get(i["name"].replace("/", "_"), 0.0) for i in plan["items"])
+    sections += ["## FLOPs\n", md_table(["run", "script", "bound (reserved)", "planned", "charged", "charged - planned",
+                                         "% of budget"], rows),
+                 f"\nReserved before anything ran: {plan.get('bound', plan['planned_flops']):.4e} FLOPs, every choice "
+                 f"not yet made at its most expensive option. Planned, each run priced once its choices were made "
+                 f"(generation run to its token limit, so its cost is known): {plan['planned_flops']:.4e}. Charged "
+                 f"by these runs: {total:.4e} ({total / plan['planned_flops'] - 1:+.4%} against the plan); the ledger "
+                 f"holds {spent:.4e} in all, {spent / ledger.budget:.2%} of the {ledger.budget:.3g} budget. "
+                 f"The ledger in full:\n", ledger.report_markdown()]
 
     # ---- the choices, by the validation forecasts
     head = ["run", "lr", "rank", "context", "steps", "best step", "val relative score", "val MAE", "val CE"]

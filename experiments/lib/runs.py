@@ -75,6 +75,13 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                         "differs); refused without this flag, recorded as a warning in the results with it")
 
 
+def add_run_to_limit(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
+    g.add_argument("--run-to-limit", action="store_true",
+                   help="generate every forecast to its token limit instead of stopping once every row has its "
+                        "horizon: about a fifth more decoding, the same forecasts, and (decoding constrained, the "
+                        "default) FLOPs known before it runs, so the plan equals the ledger (study.py uses it)")
+
+
 SELECT_BY = ("forecast", "loss")  # what picks the best adapter: validation forecasts' relative score, or CE
 
 
@@ -108,6 +115,7 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
                    help="evaluate the untrained model at step 0 too, so it is a candidate (default: yes)")
     v.add_argument("--context-steps", type=int, default=50, help="time steps in a validation forecast's prompt")
     v.add_argument("--horizon", type=int, default=50, help="time steps a validation forecast predicts")
+    add_run_to_limit(v)
     t.add_argument("--charge-every", type=int, default=1,
                    help="charge the FLOP ledger every N optimizer steps (default 1: a SIGKILL loses at most the "
                         "step in flight from the ledger; more: fewer ledger lines, up to N steps lost)")
@@ -137,6 +145,7 @@ def forecast_parser(description: str | None = None) -> argparse.ArgumentParser:
     f.add_argument("--forecast-batch", type=int, default=16, help="prompts per generate call")
     f.add_argument("--unconstrained", action="store_true",
                    help="let the model emit any token (default: only digits , . ;)")
+    add_run_to_limit(f)
     f.add_argument("--no-untrained", action="store_true", help="with --adapter, skip the untrained model")
     f.add_argument("--no-baselines", action="store_true")
     return p

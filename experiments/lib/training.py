@@ -66,6 +66,15 @@ def batch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_windows)
 
 
+def next_batch(state: RunState, n_windows: int, batch_size: int, seed: int) -> np.ndarray:
+    """The windows of the next optimizer step: the next ``batch_size`` of this epoch's order, or, when
+    fewer are left, the first of the next epoch's (``state.epoch``/``position`` move there; the
+    caller advances ``position`` once the step is done). The loop and its FLOP plan both draw here."""
+    if state.position + batch_size > n_windows:
+        state.epoch, state.position = state.epoch + 1, 0
+    return batch_order(n_windows, seed, state.epoch)[state.position:state.position + batch_size]
+
+
 def lr_at(step: int, lr: float, warmup_steps: int) -> float:
     """Linear warm-up over ``warmup_steps``, then constant."""
     return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr

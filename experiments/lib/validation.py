@@ -27,23 +27,18 @@ from qwen_min import Qwen2, Tokenizer
 
 @dataclass
 class ForecastSet:
-    """The validation systems forecast at every evaluation, and the shape of their generate call."""
+    """The validation systems forecast at every evaluation, and the generate call that forecasts them."""
 
     prompts: list[str]
     truth: np.ndarray          # (N, H, 2) original units
     last: np.ndarray           # (N, 2) the last prompt step: persistence, and the fill of malformed steps
     encoding: llmtime.EncodingConfig
-    prompt_tokens: int         # the longest prompt, in tokens (the batch is left-padded to it)
-    new_tokens: int            # the token limit of H steps
+    calls: list[dict]          # the one greedy generate call, run to its token limit (forecasting.planned_calls)
+    to_limit: bool = False     # run it to the token limit (--run-to-limit), so it costs exactly what was planned
 
     @property
     def horizon(self) -> int:
         return self.truth.shape[1]
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """(prompts, prompt tokens, token limit): what the FLOP plan of its generate call needs."""
-        return len(self.prompts), self.prompt_tokens, self.new_tokens
 
 
 def forecast_set_of(args: argparse.Namespace, run_data: runs.RunData, tokenizer: Tokenizer) -> ForecastSet | None:
@@ -53,11 +48,11 @@ def forecast_set_of(args: argparse.Namespace, run_data: runs.RunData, tokenizer:
     if not args.val_forecast_systems:
         return None
     return forecast_set(run_data.trajectories, run_data.systems("val", args.val_forecast_systems), run_data.encoding,
-                        tokenizer, context_steps=args.context_steps, horizon=args.horizon)
+                        tokenizer, context_steps=args.context_steps, horizon=args.horizon, to_limit=args.run_to_limit)
 
 
 def forecast_set(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtime.EncodingConfig,
-                 tokenizer: Tokenizer, *, context_steps: int, horizon: int) -> ForecastSet:
+                 tokenizer: Tokenizer, *, context_steps: int, horizon: int, to_limit: bool = False) -> ForecastSet:
     """The prompts and truths of ``systems`` (forecast.py's own, via ``data.forecast_examples``)."""
     if not len(systems):
         raise SystemExit("--val-forecast-systems: no validation system to forecast")
@@ -67,9 +62,11 @@ def forecast_set(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtim
     except ValueError as e:
         raise SystemExit(f"--context-steps/--horizon: {e}") from None
     prompts = [e.prompt for e in examples]
-    return ForecastSet(prompts, np.stack([e.target for e in examples]),
-                       trajectories[systems, context_steps - 1], encoding,
-                       max(len(tokenizer.encode(p)) for p in prompts), forecasting.max_new_tokens(prompts, horizon))
+    calls = forecasting.planned_calls([len(ids) for ids in tokenizer.encode_batch(prompts)], prompts, horizon,
+                                      batch_size=len(prompts), num_samples=1, vocab=len(forecasting.ALPHABET),
+                                      sampled=False)
+    return ForecastSet(prompts, np.stack([e.target for e in examples]), trajectories[systems, context_steps - 1],
+                       encoding, calls, to_limit)
 
 
 def score_forecasts(model: Qwen2, tokenizer: Tokenizer, fs: ForecastSet, device: torch.device,
@@ -77,7 +74,7 @@ def score_forecasts(model: Qwen2, tokenizer: Tokenizer, fs: ForecastSet, device:
     """Greedy forecasts of ``fs`` in one generate call (charged through ``on_call``), scored as
     forecast.py scores them: relative score, filled-in MAE (overall and first 10 steps), coverage."""
     run = forecasting.forecast(model, tokenizer, fs.prompts, fs.horizon, fs.encoding, batch_size=len(fs.prompts),
-                               device=device, on_call=on_call)
+                               device=device, to_limit=fs.to_limit, on_call=on_call)
     s = metrics.forecast_scores(run.values[:, 0], fs.truth, fs.last)
     if s["relative_score"] is None or not math.isfinite(s["relative_score"]):
         raise SystemExit("validation forecasts: no system has a nonzero persistence error to compare with; "
