@@ -20,7 +20,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import flops
 import lora
 import qwen_min
 from experiments.lib import data, files, planning, runs, training
@@ -46,12 +45,13 @@ def main(argv: list[str] | None = None) -> dict:
     what = f"the {args.split} split ({len(texts)} systems)"
     training.require_scored(windows, what)
 
-    # ---- plan (every position scored: an upper bound), reserved before any model work
+    # ---- plan (the tokens each batch scores: exactly what it charges), reserved before any model work
     shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
         lora.load_adapter(shape, args.adapter)
     n = len(windows.input_ids)
-    planned = flops.count(shape, batch=n, seq_len=L, mode="forward").total
+    costs = planning.ScoredCosts(shape, args.batch_size, L)
+    planned = costs.windows_loss(windows.labels)
     reservation = runs.reserve(args, planned, kind="eval",
                                    config={"split": args.split, "adapter": args.adapter, "windows": n})
     with training.Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
@@ -59,7 +59,6 @@ def main(argv: list[str] | None = None) -> dict:
         if args.adapter:
             lora.load_adapter(model, args.adapter)
         model.eval()
-        costs = planning.ScoredCosts(shape, args.batch_size, L)
 
         def charge_batch(rows: int, scored: int) -> None:
             booking.charge(costs.evaluation(rows, scored), kind="eval", tokens=rows * L,

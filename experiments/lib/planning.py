@@ -59,8 +59,7 @@ def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows,
     subset = val.head(args.eval_windows)
     evaluation = costs.evaluation(len(subset.input_ids), int((subset.labels != -100).sum())) if args.eval_every else 0.0
     evaluation += calls_flops(shape, forecast_calls or [])
-    full = sum(costs.evaluation(len(ids), int((ids != -100).sum()))
-               for ids in val.labels.split(args.batch_size))  # (windows_loss's batches)
+    full = costs.windows_loss(val.labels)
     n_steps = max(0, args.max_steps - from_step)
     every = args.eval_every
     # the evaluations at steps 0, every, 2 every, ... up to max_steps not yet run (a resumed run's
@@ -92,6 +91,10 @@ class ScoredCosts:
             self._eval[rows, scored] = flops.count(self.shape, batch=rows, seq_len=self.context_length,
                                                    mode="forward", scored_tokens=scored).total
         return self._eval[rows, scored]
+
+    def windows_loss(self, labels: torch.Tensor) -> float:
+        """training.windows_loss over windows with these labels, in its batches of ``batch_size``."""
+        return sum(self.evaluation(len(y), int((y != -100).sum())) for y in labels.split(self.batch_size))
 
 
 def calls_flops(shape: Qwen2, calls: list[dict]) -> float:
