@@ -1,8 +1,11 @@
-"""FLOPs of training runs, evaluations and forecasts, from the model's config alone.
+"""FLOPs of training runs, evaluations and forecasts, before any weights are loaded.
 
 Every script plans what it will spend and checks it against the ledger before it loads any
 weights: the counter needs only the model's structure, which the config gives (the model is built
-on the meta device, where tensors have shapes and no memory).
+on the meta device, where tensors have shapes and no memory), and the work: the batches a run
+will draw with the tokens each scores, its evaluations, its generate calls. Plans use the very
+counts the runs charge (ScoredCosts, forecasting.planned_calls), so a plan is what a run spends
+(generation run to its token limit) or bounds it (generation stopping at the horizon).
 """
 
 from __future__ import annotations
