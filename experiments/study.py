@@ -209,7 +209,7 @@ class Study:
 
     def price(self, item: Item, rank: int) -> float:
         """The FLOPs ``item`` may spend, by the same functions its script reserves with."""
-        key = json.dumps(item.argv)
+        key = json.dumps([item.argv, rank])   # (a forecast of the final adapter: its argv does not name the rank)
         if key not in self._prices:
             if item.script == "train":
                 targs = runs.train_parser().parse_args(item.argv)

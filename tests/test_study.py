@@ -47,7 +47,7 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
                                                                                      lv_data_file, monkeypatch):
     # A tiny random model writes no valid number (every relative score would be 1.0), so the scores
     # are scripted per run: each run's base, a little better at each evaluation (so its last is its best)
-    base = {"grid_lr0.001_r2": 0.9, "grid_lr0.001_r4": 0.7, "grid_lr0.03_r2": 0.8, "grid_lr0.03_r4": 0.95,
+    base = {"grid_lr0.001_r2": 0.7, "grid_lr0.001_r4": 0.9, "grid_lr0.03_r2": 0.8, "grid_lr0.03_r4": 0.95,
             "context_ctx32": 0.85, "final": 0.5}   # any other context run: 0.6
     real, calls = validation.score_forecasts, {}
 
@@ -63,17 +63,17 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
     study.main(_argv(tiny_ckpt, lv_data_file, out))
 
     choices = json.loads((out / "choices.json").read_text())
-    assert (choices["best"]["lr"], choices["best"]["rank"]) == (0.001, 4)          # the lowest grid score
+    assert (choices["best"]["lr"], choices["best"]["rank"]) == (0.001, 2)          # the lowest grid score
     window = study.Study(study.parse_args(_argv(tiny_ckpt, lv_data_file, out))).forecast_window
     assert window != 32 and choices["context_length"] == window                   # 0.6 beats ctx32's 0.85
     final = json.loads((out / "final" / "train_args.json").read_text())
-    assert (final["lr"], final["rank"], final["context_length"]) == (0.001, 4, window)
+    assert (final["lr"], final["rank"], final["context_length"]) == (0.001, 2, window)
     for r in choices["grid"] + choices["contexts"]:   # each run kept its best (last) evaluation
         name = r["name"].replace("/", "_")
         assert r["score"] == pytest.approx(base.get(name, 0.6) - 0.01 * calls[name])
     # the final run evaluated the untrained model at step 0 too, and kept its last evaluation
     assert calls["final"] == 4 and choices["final"]["best_step"] == 3
-    assert "Chosen: lr 0.001, rank 4." in (out / "report.md").read_text()
+    assert "Chosen: lr 0.001, rank 2." in (out / "report.md").read_text()
 
     # the ledger: every FLOP charged by one of the planned runs, within the plan and the budget
     plan = json.loads((out / "plan.json").read_text())
@@ -91,6 +91,8 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
         charged = sum(e.flops for e in entries if e.name == item["name"].replace("/", "_"))
         assert charged == pytest.approx(item["flops"], rel=1e-9), item["name"]
         assert charged <= item["bound"] * (1 + 1e-9), item["name"]
+    # runs after the grid were first priced at its largest rank (4), then at the chosen one (2)
+    assert all(i["flops"] < i["bound"] for i in plan["items"] if i["stage"] in ("context", "final"))
     [reservation] = ledger.reservations()
     assert reservation.status == "closed" and reservation.charged == pytest.approx(spent, rel=1e-12)
 
