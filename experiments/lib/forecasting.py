@@ -132,19 +132,19 @@ def forecast(model: Qwen2, tokenizer: Tokenizer, prompts: list[str], horizon: in
     texts: list[list[str]] = [[] for _ in range(N)]
     run = ForecastRun(values, malformed, texts)
     encoded = [tokenizer.encode(p) for p in prompts]
-    for start in range(0, N, batch_size):
+    # the calls as planned (each row to its token limit); the ``steps`` of each are what actually ran
+    planned = planned_calls([len(x) for x in encoded], prompts, horizon, batch_size=batch_size, num_samples=S,
+                            vocab=len(allowed) if allowed else None, sampled=temperature > 0)
+    for start, limit in zip(range(0, N, batch_size), planned, strict=True):
         chunk = encoded[start:start + batch_size]
         ids, mask = left_pad(chunk, tokenizer.pad_id)
         out = qwen_min.generate(
-            model, ids.to(device), max_new_tokens(prompts[start:start + batch_size], horizon),
+            model, ids.to(device), limit["steps"],
             attention_mask=mask.to(device),
             temperature=temperature, top_p=top_p, generator=generator if temperature > 0 else None,
             stop=None if to_limit else (lambda toks: semi[toks].sum(-1) >= horizon), allowed_token_ids=allowed,
             eos_token_id=tokenizer.eos_ids, pad_token_id=tokenizer.pad_id, num_samples=S)
-        steps = out.tokens.shape[1]
-        call = {"batch": len(chunk), "prompt_len": ids.shape[1], "steps": steps, "num_samples": S,
-                "vocab": len(allowed) if allowed else None, "sampled": temperature > 0,
-                "padded": bool((mask == 0).any())}
+        call = limit | {"steps": out.tokens.shape[1]}
         run.calls.append(call)
         total, mm = generation_flops(model, **call)
         run.flops += total

@@ -97,10 +97,11 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
     # ---- FLOPs: every run, generation included: the bound reserved first, the plan once its choices
     # were made, what it charged
     charged, spent = charged_by_run(ledger), ledger.spent()
+    by_item = [charged.get(i["name"].replace("/", "_"), 0.0) for i in plan["items"]]
     rows = [[i["name"], i["script"], f"{i.get('bound', i['flops']):.4e}", f"{i['flops']:.4e}", f"{c:.4e}",
              f"{c / i['flops'] - 1:+.2%}" if i["flops"] else "", f"{c / ledger.budget:.4%}"]
-            for i in plan["items"] for c in [charged.get(i["name"].replace("/", "_"), 0.0)]]
-    total = sum(charged.get(i["name"].replace("/", "_"), 0.0) for i in plan["items"])
+            for i, c in zip(plan["items"], by_item, strict=True)]
+    total = sum(by_item)
     sections += ["## FLOPs\n", md_table(["run", "script", "bound (reserved)", "planned", "charged", "charged - planned",
                                          "% of budget"], rows),
                  f"\nReserved before anything ran: {plan.get('bound', plan['planned_flops']):.4e} FLOPs, every choice "
