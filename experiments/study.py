@@ -16,10 +16,12 @@ Runs, each a folder in --out and its own `python experiments/<script>.py` proces
   report.md, *.png             FLOP table (generation included, % of budget), the choices and the
                                scores they were made by, the test comparison, loss curves, forecasts
 
-Every choice is made by the validation forecast score: the relative score of greedy forecasts of the
-first --val-systems validation systems (MAE over persistence's, geometric mean over systems), window
-cross-entropy beside it (it is not comparable across context lengths); the untrained model's score
-on the same forecasts (zeroshot_val) is shown beside them. The final run evaluates step 0 too: if
+Every choice is made by the validation forecasts: the filled-in MAE of greedy forecasts of the first
+--val-systems validation systems (the headline metric), with the relative score, the paired
+difference to the untrained model per horizon block and the window cross-entropy beside it (CE is
+not comparable across context lengths); the untrained model's figures on the same forecasts
+(zeroshot_val) are shown beside them. Every training run evaluates at step 0 too, so each records
+its paired differences to the untrained model. The final run evaluates step 0 too: if
 its training does not beat the untrained model on the validation forecasts, the final adapter is
 the untrained model (every LoRA B zero), and the report says so. The whole plan, generation included, is
 priced by the FLOP counter and reserved in the ledger before anything runs, each choice not yet made
@@ -60,11 +62,11 @@ SCRIPTS = Path(__file__).resolve().parent
 class Preset:
     """The scale of a study."""
 
-    lrs: tuple[float, ...] = (1e-5, 5e-5, 1e-4)
+    lrs: tuple[float, ...] = (1e-5, 5e-5, 1e-4, 1e-3)
     ranks: tuple[int, ...] = (2, 4, 8)
-    grid_context: int = 512             # tokens per training window in the grid
-    grid_steps: int = 200               # optimizer steps of every grid run
-    contexts: tuple[int, ...] = (128, 512, 768, 0)   # 0: one window holds prompt + horizon
+    grid_context: int = 256             # tokens per training window in the grid
+    grid_steps: int = 300               # optimizer steps of every grid run: past the early dip at 1e-3
+    contexts: tuple[int, ...] = (256, 512, 0)        # 0: one window holds prompt + horizon; (): no context stage
     final_steps: int = 0                # 0: whatever the budget has left after everything else
     batch_size: int = 4
     eval_every: int = 50                # validation forecasts every N steps
@@ -82,9 +84,12 @@ PRESETS = {
     # The original study's scale: grid and context runs of a few hundred steps, the final run taking
     # what the 1e17 budget has left. Meant for one GPU.
     "full": Preset(),
-    # The same path scaled for a 2-core CPU and the 0.5B model.
-    "cpu": Preset(grid_steps=12, final_steps=60, batch_size=2, eval_every=6, final_eval_every=15, eval_windows=8,
-                  val_systems=8, test_systems=16, samples=4, train_args=("--val-systems", "8")),
+    # The same path scaled for a 2-core CPU and the 0.5B model: fewer cells with more steps each (every
+    # grid run long enough to leave the early dip, where forecasts first get worse), the grid's window
+    # as the context, and a final run of several hundred steps; choices on 32 validation systems.
+    "cpu": Preset(lrs=(1e-4, 1e-3), ranks=(4,), grid_steps=150, contexts=(), final_steps=400, batch_size=4,
+                  eval_every=50, final_eval_every=50, eval_windows=16, val_systems=32, test_systems=32, samples=4,
+                  train_args=("--val-systems", "32")),
     # Seconds on a tiny random checkpoint: for the study's own tests.
     "tiny": Preset(lrs=(1e-3, 3e-2), ranks=(2, 4), grid_context=64, grid_steps=2, contexts=(32, 0), final_steps=3,
                    batch_size=2, eval_every=1, final_eval_every=1, eval_windows=2, val_systems=2, test_systems=3,
@@ -191,16 +196,17 @@ class Study:
         p = self.preset
         lr, rank = (best["lr"], best["rank"]) if best else (max(p.lrs), max(p.ranks))
         window = self.forecast_window
-        lengths = [c or window for c in p.contexts]
+        lengths = [c or window for c in p.contexts]       # (none: the context is the grid's)
         tokens = p.grid_steps * p.batch_size * p.grid_context        # each context run sees as many tokens
         out = [self.forecast_item("zeroshot_val", "val", None), self.forecast_item("zeroshot_test", "test", None)]
         out += [self.train_item("grid", f"grid/lr{g_lr:g}_r{g_rank}", g_lr, g_rank, p.grid_context, p.grid_steps,
-                                eval_every=p.eval_every, at_start=False) for g_lr in p.lrs for g_rank in p.ranks]
+                                eval_every=p.eval_every, at_start=True) for g_lr in p.lrs for g_rank in p.ranks]
         for length in lengths:
             steps = max(1, tokens // (p.batch_size * length))
             out.append(self.train_item("context", f"context/ctx{length}", lr, rank, length, steps,
-                                       eval_every=max(1, min(p.eval_every, steps // 2)), at_start=False))
-        out.append(self.train_item("final", "final", lr, rank, context or max(lengths), final_steps or p.final_steps,
+                                       eval_every=max(1, min(p.eval_every, steps // 2)), at_start=True))
+        final_context = context or max(lengths, default=p.grid_context)
+        out.append(self.train_item("final", "final", lr, rank, final_context, final_steps or p.final_steps,
                                    eval_every=p.final_eval_every, at_start=True))
         out.append(self.forecast_item("final_test", "test", str(self.out / "final" / "adapter")))
         for item in out:
@@ -287,19 +293,21 @@ def train_score(out: Path, item: Item) -> dict:
     """A finished training run's choice figures: its best adapter's validation forecasts and CE."""
     summary = json.loads((out / item.name / "summary.json").read_text())
     best = summary["best_val"]
-    return {"name": item.name, **item.setting, "score": best.get("relative_score"), "val_mae": best.get("mae"),
-            "best_step": summary["best_step"], "val_loss": summary["val_loss"]}
+    return {"name": item.name, **item.setting, "score": best.get("mae"), "relative_score": best.get("relative_score"),
+            "vs_untrained": best.get("vs_untrained"), "best_step": summary["best_step"],
+            "val_loss": summary["val_loss"]}
 
 
 def untrained_score(out: Path) -> dict:
     """The untrained model's figures on the same validation forecasts (zeroshot_val)."""
     m = json.loads((out / "zeroshot_val" / "forecast_metrics.json").read_text())["summary"]["untrained"]
     return {"name": "untrained", "lr": None, "rank": None, "context_length": None, "steps": 0,
-            "score": m["relative_score"], "val_mae": m["mae"], "best_step": 0, "val_loss": None}
+            "score": m["mae"], "relative_score": m["relative_score"], "vs_untrained": None, "best_step": 0,
+            "val_loss": None}
 
 
 def best_of(rows: list[dict]) -> dict:
-    """The lowest validation forecast score (a missing one counts as worst; ties: the first)."""
+    """The lowest validation forecasts' filled-in MAE (a missing one counts as worst; ties: the first)."""
     return min(rows, key=lambda r: math.inf if r["score"] is None else r["score"])
 
 
@@ -348,7 +356,7 @@ def main(argv: list[str] | None = None) -> Path:
             run_item(item, out, r.id)
         grid_scores = [train_score(out, i) for i in grid]
         best = best_of(grid_scores)
-        print(f"[study] best of the grid: lr {best['lr']:g}, rank {best['rank']} (validation relative score "
+        print(f"[study] best of the grid: lr {best['lr']:g}, rank {best['rank']} (validation MAE "
               f"{best['score']}; untrained {untrained['score']})", flush=True)
         final_steps = by_name["final"].setting["steps"]
         items = study.items(best=best, final_steps=final_steps)   # re-priced at the chosen rank
@@ -357,7 +365,7 @@ def main(argv: list[str] | None = None) -> Path:
         for item in contexts:
             run_item(item, out, r.id)
         context_scores = [train_score(out, i) for i in contexts]
-        context = best_of(context_scores)["context_length"]
+        context = best_of(context_scores)["context_length"] if context_scores else p.grid_context
         print(f"[study] best context length: {context} tokens", flush=True)
         if p.final_steps == 0:   # the final run takes what the reservation has left (as first decided, if resumed)
             started = out / "final" / "train_args.json"

@@ -141,3 +141,33 @@ def test_shapes_are_checked():
         metrics.forecast_scores(TRUTH, TRUTH, LAST[:1])
     with pytest.raises(ValueError):
         metrics.forecast_scores(TRUTH, TRUTH * np.nan, LAST)
+
+
+def test_horizon_blocks_are_the_three_ranges_cut_at_the_horizon():
+    assert metrics.horizon_blocks(50) == {"h1_10": slice(0, 10), "h11_25": slice(10, 25), "h26_50": slice(25, 50)}
+    assert metrics.horizon_blocks(12) == {"h1_10": slice(0, 10), "h11_25": slice(10, 12)}
+    assert metrics.horizon_blocks(3) == {"h1_10": slice(0, 3)}
+
+
+def test_paired_blocks_and_block_mae_equal_hand_computed_values():
+    # 3 systems, 30 steps; a's error is 1 everywhere, b's error is 2 on steps 1-10, 0 after, except
+    # system 2, where b is 3 on steps 26-30
+    truth = np.zeros((3, 30, 2))
+    last = np.zeros((3, 2))
+    a = np.ones((3, 30, 2))
+    b = np.zeros((3, 30, 2))
+    b[:, :10] = 2.0
+    b[2, 25:] = 3.0
+    d = metrics.paired_difference(a, b, truth, last)
+    assert d["blocks"]["h1_10"] == {"mae_diff": -1.0, "se": 0.0, "better": 3}
+    assert d["blocks"]["h11_25"] == {"mae_diff": 1.0, "se": 0.0, "better": 0}
+    per_system = np.array([1.0, 1.0, -2.0])                        # steps 26-30: 1 - 0, 1 - 0, 1 - 3
+    late = d["blocks"]["h26_50"]
+    assert late["mae_diff"] == pytest.approx(per_system.mean()) and late["better"] == 1
+    assert late["se"] == pytest.approx(per_system.std(ddof=1) / math.sqrt(3))
+    # overall: systems 0 and 1 are (10 * -1 + 20 * 1) / 30 = 1/3 worse, system 2 (-10 + 15 - 10) / 30 better
+    assert d["better"] == 1
+    s = metrics.forecast_scores(b, truth, last)
+    assert s["blocks"]["h1_10"]["mae"] == 2.0 and s["blocks"]["h11_25"]["mae"] == 0.0
+    late = s["blocks"]["h26_50"]
+    assert late["mae"] == pytest.approx(1.0) and late["prey_mae"] == pytest.approx(1.0)

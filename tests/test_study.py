@@ -45,7 +45,7 @@ def _in_process(cmd: list[str]) -> int:
 
 def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what_ran(tmp_path, tiny_ckpt,
                                                                                      lv_data_file, monkeypatch):
-    # A tiny random model writes no valid number (every relative score would be 1.0), so the scores
+    # A tiny random model writes no valid number (every forecast is the fill), so the MAEs
     # are scripted per run: each run's base, a little better at each evaluation (so its last is its best)
     base = {"grid_lr0.001_r2": 0.7, "grid_lr0.001_r4": 0.9, "grid_lr0.03_r2": 0.8, "grid_lr0.03_r4": 0.95,
             "context_ctx32": 0.85, "final": 0.5}   # any other context run: 0.6
@@ -55,7 +55,7 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
         figures = real(*args, **kwargs)   # the real forecasts still run, and are charged
         name = sys.argv[sys.argv.index("--name") + 1]
         calls[name] = calls.get(name, 0) + 1
-        return figures | {"relative_score": base.get(name, 0.6) - 0.01 * calls[name]}
+        return figures | {"mae": base.get(name, 0.6) - 0.01 * calls[name]}
 
     monkeypatch.setattr(validation, "score_forecasts", scripted)
     monkeypatch.setattr(study, "launch", _in_process)

@@ -43,6 +43,7 @@ def test_overfits_a_fixed_batch_and_writes_its_files(tmp_path, tiny_ckpt, lv_dat
     # One system of ~1000 tokens cut into exactly two 512-token windows = the batch, every step.
     summary = train.main(script_argv(tiny_ckpt, lv_data_file, out, "--max-systems", 1, "--context-length", 512,
                                      "--stride", 512, "--batch-size", 2, "--lr", 0.3, "--max-steps", 30,
+                                     "--schedule", "constant", "--warmup-steps", 0,
                                      "--train-lm-head-bias", "--eval-every", 0, "--checkpoint-every", 10,
                                      "--val-systems", 2))
     losses = _losses(out)
@@ -164,6 +165,10 @@ def test_sigkills_at_random_moments_then_resume_the_same_losses_every_flop_charg
     a, b = _rows(straight), rows
     assert [(r["step"], r["kind"]) for r in a] == [(r["step"], r["kind"]) for r in b]
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]) for x, y in zip(a, b, strict=True)), (a, b)
+    # and the learning rate of every step: the warm-up and cosine decay (SMALL's defaults) continue exactly
+    lr_of = training.schedule_of(train.parse_args(script_argv(tiny_ckpt, lv_data_file, run, *SMALL)))
+    assert [r["lr"] for r in b if r["kind"] == "train"] == [lr_of(s) for s in range(40)]
+    assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
 
     # the ledger: each process's steps and evaluations, each charged once, at the counter's price
@@ -302,7 +307,7 @@ def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_wor
 
 def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
     common = ["--max-systems", 2, "--context-length", 128, "--batch-size", 2, "--lr", 0.05, "--max-steps", 4,
-              "--eval-every", 4, "--val-systems", 2, "--eval-windows", 4]
+              "--schedule", "constant", "--warmup-steps", 0, "--eval-every", 4, "--val-systems", 2, "--eval-windows", 4]
     eager, compiled = tmp_path / "a" / "run", tmp_path / "b" / "run"
     train.main(script_argv(tiny_ckpt, lv_data_file, eager, *common))
     train.main(script_argv(tiny_ckpt, lv_data_file, compiled, *common, "--compile"))
@@ -312,19 +317,27 @@ def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
     assert all(abs(a[s] - b[s]) <= 1e-4 * abs(a[s]) for s in a), (a, b)
 
 
-@pytest.mark.parametrize("scores", [(1.0, 0.8, 0.6, 0.9, 0.7), (0.5, 0.8, 0.6, 0.9, 0.7), None],
-                         ids=["step-6-best", "untrained-best", "by-loss"])
+@pytest.mark.parametrize(("select_by", "scores"), [("mae", (1.0, 0.8, 0.6, 0.9, 0.7)),
+                                                   ("mae", (0.5, 0.8, 0.6, 0.9, 0.7)),
+                                                   ("relative", (1.0, 0.8, 0.6, 0.9, 0.7)),
+                                                   ("loss", None)],
+                         ids=["mae-step-6-best", "mae-untrained-best", "relative-step-6-best", "by-loss"])
 def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, tiny_ckpt, lv_data_file, monkeypatch,
-                                                                    scores):
-    # evaluations at steps 0, 3, 6, 9, 12 forecast 4 validation systems; the relative scores are
-    # scripted (a tiny random model writes no valid number), everything else is the real run
+                                                                    select_by, scores):
+    # evaluations at steps 0, 3, 6, 9, 12 forecast 4 validation systems; the scores --select-by compares
+    # are scripted (a tiny random model writes no valid number), everything else is the real run; the
+    # other forecast score is scripted to disagree, so a criterion that looked at it would fail
+    key = {"mae": "mae", "relative": "relative_score"}.get(select_by)
+    other = {"mae": "relative_score", "relative": "mae"}.get(select_by)
     real, seen, weights = validation.score_forecasts, [], []
 
     def score(model, *args, **kwargs):
         figures = real(model, *args, **kwargs)
         seen.append(figures)
         weights.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return figures | ({"relative_score": scores[len(seen) - 1]} if scores else {})
+        if not scores:
+            return figures
+        return figures | {key: scores[len(seen) - 1], other: 2.0 - scores[len(seen) - 1]}
 
     monkeypatch.setattr(validation, "score_forecasts", score)
     run = tmp_path / "run"
@@ -332,14 +345,19 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
                                      "--batch-size", 2, "--lr", 0.3, "--max-steps", 12, "--eval-every", 3,
                                      "--val-systems", 2, "--eval-windows", 2, "--val-forecast-systems", 4,
                                      "--context-steps", 8, "--horizon", 3, "--patience", 0,
-                                     *(["--select-by", "loss"] if scores is None else [])))
+                                     "--select-by", select_by))
     rows = _rows(run)
     val = {r["step"]: r["loss"] for r in rows if r["kind"] == "val"}
     assert sorted(val) == [0, 3, 6, 9, 12] and len(seen) == 5
     by = dict(zip(sorted(val), scores, strict=True)) if scores else val
     best_step = min(by, key=lambda s: (by[s], s))
     assert summary["best_step"] == best_step
-    assert summary["best_val"]["relative_score" if scores else "val_loss"] == by[best_step]
+    assert summary["best_val"][key or "val_loss"] == by[best_step]
+    # every evaluation after step 0 records its paired difference to the untrained model's forecasts,
+    # per horizon block (the tiny model writes no number: every forecast is the fill, so all zero)
+    paired = [r["vs_untrained"] for r in rows if r["kind"] == "val_forecast"]
+    assert len(paired) == 5 and all(p["mae_diff"] == 0.0 and p["se"] == 0.0 and p["systems"] == 4 for p in paired)
+    assert all(set(p["blocks"]) == {"h1_10"} for p in paired)   # a 3-step horizon has the first block only
     kept = weights[sorted(val).index(best_step)]
     model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
     lora.load_adapter(model, run / "adapter")

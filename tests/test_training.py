@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 
@@ -47,6 +48,25 @@ def test_batch_order_is_a_permutation_fixed_by_seed_and_epoch():
 def test_lr_warms_up_linearly_then_stays():
     assert [training.lr_at(s, 2.0, 4) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
     assert training.lr_at(0, 2.0, 0) == 2.0
+
+
+def test_lr_decays_to_its_floor_at_the_last_step_cosine_or_linear():
+    # warm-up 2 steps, then 10 steps of decay from 2.0 to 0.1 * 2.0 at step 12
+    def cos(s: int) -> float:
+        return training.lr_at(s, 2.0, 2, schedule="cosine", total_steps=12, min_lr_ratio=0.1)
+
+    def lin(s: int) -> float:
+        return training.lr_at(s, 2.0, 2, schedule="linear", total_steps=12, min_lr_ratio=0.1)
+
+    assert [cos(0), cos(1), lin(0), lin(1)] == [1.0, 2.0, 1.0, 2.0]              # the warm-up
+    assert cos(2) == lin(2) == 2.0                                             # the peak, after the warm-up
+    assert cos(7) == pytest.approx(0.2 + 1.8 * 0.5)                            # halfway: cos(pi / 2) = 0
+    assert cos(4) == pytest.approx(0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi * 0.2)))
+    assert lin(7) == pytest.approx(0.2 + 1.8 * 0.5) and lin(4) == pytest.approx(0.2 + 1.8 * 0.8)
+    assert cos(12) == lin(12) == pytest.approx(0.2) and cos(50) == pytest.approx(0.2)   # the floor, and after
+    assert all(cos(s) > cos(s + 1) for s in range(2, 12))
+    with pytest.raises(ValueError, match="schedule 'step'"):
+        training.lr_at(3, 2.0, 2, schedule="step", total_steps=12)
 
 
 def test_windows_loss_equals_transformers_cross_entropy(tiny_ckpt, hf_tiny):

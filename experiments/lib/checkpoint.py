@@ -3,6 +3,7 @@ atomically so a kill at any moment leaves a complete checkpoint behind.
 
     checkpoint/state.safetensors  trainable weights, AdamW moments, the torch RNG state
     checkpoint/best.safetensors   the best adapter so far (early stopping)
+    checkpoint/untrained.safetensors  the untrained model's validation forecasts (the paired reference)
     checkpoint/state.json         RunState: step, data position, early stopping, FLOPs
 
 A checkpoint is written only when every FLOP it holds has been charged to the ledger (train.py
@@ -17,6 +18,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -24,7 +26,7 @@ from experiments.lib.training import RunState
 
 
 def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState,
-         best: dict[str, torch.Tensor]) -> None:
+         best: dict[str, torch.Tensor], untrained: np.ndarray | None = None) -> None:
     """Written to ``folder``.tmp, then swapped in; the previous checkpoint is ``folder``.old until the swap is done."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -37,6 +39,8 @@ def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state
     tensors["rng.torch"] = torch.get_rng_state()
     save_file(tensors, str(tmp / "state.safetensors"))
     save_file({n: t.detach().cpu() for n, t in best.items()}, str(tmp / "best.safetensors"))
+    if untrained is not None:
+        save_file({"forecasts": torch.from_numpy(np.ascontiguousarray(untrained))}, str(tmp / "untrained.safetensors"))
     (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
@@ -83,3 +87,9 @@ def load(folder: Path, model: torch.nn.Module,
                             for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")}
     torch.set_rng_state(tensors["rng.torch"])
     return read_state(folder), load_file(str(folder / "best.safetensors"))
+
+
+def load_untrained(folder: Path) -> np.ndarray | None:
+    """The untrained model's validation forecasts saved with the checkpoint (None: none were made)."""
+    path = _current(folder) / "untrained.safetensors"
+    return load_file(str(path))["forecasts"].numpy() if path.is_file() else None

@@ -97,6 +97,16 @@ def crps_ensemble(samples: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.abs(samples - truth[:, None]).mean(axis=1) - 0.5 * spread
 
 
+# The horizon blocks every training change is judged by: short, middle and long range (1-based, inclusive).
+HORIZON_BLOCKS = ((1, 10), (11, 25), (26, 50))
+
+
+def horizon_blocks(horizon: int) -> dict[str, slice]:
+    """``"h1_10"`` -> the steps of that block that a forecast of ``horizon`` steps has (the last block
+    is cut at the horizon; a block starting past it is left out)."""
+    return {f"h{a}_{b}": slice(a - 1, min(b, horizon)) for a, b in HORIZON_BLOCKS if a <= horizon}
+
+
 def _summary(values: np.ndarray) -> tuple[float | None, float | None]:
     """Mean and SE over systems of each system's mean over everything else; (N, ...) -> figures."""
     per_system = values.reshape(values.shape[0], -1)
@@ -117,7 +127,9 @@ def forecast_scores(pred: np.ndarray, truth: np.ndarray, last_prompt: np.ndarray
     per variable (``prey_mae``, ...), ``{metric}_h1_{k}`` over the first k = ``short_horizon`` steps
     (when H > k), plus ``malformed_steps`` (count), ``systems``, ``horizon``. Per horizon step:
     ``per_horizon[variable]`` with lists of H values (``mae``, ``mae_se``, ``mse``, ``mse_se``,
-    ``coverage``, ``malformed`` and, with samples, ``crps``, ``crps_se``).
+    ``coverage``, ``malformed`` and, with samples, ``crps``, ``crps_se``). Per horizon block
+    (``HORIZON_BLOCKS``): ``blocks[h1_10 | h11_25 | h26_50]`` with ``mae``, ``mae_se``, ``prey_mae``,
+    ``predator_mae``.
     """
     pred, truth, last_prompt = _check(pred, truth, last_prompt)
     N, H, _ = truth.shape
@@ -140,6 +152,12 @@ def forecast_scores(pred: np.ndarray, truth: np.ndarray, last_prompt: np.ndarray
     for v, name in enumerate(VARIABLES):
         for metric, values in per_value.items():
             out[f"{name}_{metric}"], out[f"{name}_{metric}_se"] = _summary(values[:, :, v])
+    # filled-in MAE per horizon block, both variables and each alone
+    out["blocks"] = {block: {"mae": _summary(per_value["mae"][:, steps])[0],
+                             "mae_se": _summary(per_value["mae"][:, steps])[1],
+                             **{f"{name}_mae": _summary(per_value["mae"][:, steps, v])[0]
+                                for v, name in enumerate(VARIABLES)}}
+                     for block, steps in horizon_blocks(H).items()}
 
     # the common support: errors only where every compared forecast wrote a number
     support = ok if common is None else np.asarray(common, dtype=bool) & ok
@@ -183,7 +201,9 @@ def paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray,
     ``mae_diff`` filled-in MAE (every step; ``mae_diff_h1_{k}`` the first k steps), ``common_mae_diff``
     over the steps valid in both (and in ``common`` if given), ``log_relative_diff`` the mean difference
     of log(MAE / persistence's MAE) (exp of it is the ratio of the two relative scores), and per
-    horizon step ``per_horizon[variable]["mae_diff"/"se"]`` of the filled-in absolute errors.
+    horizon step ``per_horizon[variable]["mae_diff"/"se"]`` of the filled-in absolute errors; ``better``
+    the systems whose filled-in MAE a beats, and ``blocks[h1_10 | h11_25 | h26_50]`` the same three
+    figures (``mae_diff``, ``se``, ``better``) over each horizon block.
     """
     pred_a, truth, last_prompt = _check(pred_a, truth, last_prompt)
     pred_b, _, _ = _check(pred_b, truth, last_prompt)
@@ -193,6 +213,12 @@ def paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray,
     diff = ea - eb
     out: dict[str, Any] = {"systems": N}
     out["mae_diff"], out["mae_diff_se"] = _summary(diff)
+    out["better"] = int((diff.reshape(N, -1).mean(1) < 0).sum())   # systems where a's MAE is lower
+    out["blocks"] = {}
+    for block, steps in horizon_blocks(H).items():
+        d = diff[:, steps]
+        m, se = _summary(d)
+        out["blocks"][block] = {"mae_diff": m, "se": se, "better": int((d.reshape(N, -1).mean(1) < 0).sum())}
     if H > short_horizon:
         k = short_horizon
         out[f"mae_diff_h1_{k}"], out[f"mae_diff_h1_{k}_se"] = _summary(diff[:, :k])

@@ -112,17 +112,22 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
                  f"The ledger in full:\n", ledger.report_markdown()]
 
     # ---- the choices, by the validation forecasts
-    head = ["run", "lr", "rank", "context", "steps", "best step", "val relative score", "val MAE", "val CE"]
+    head = ["run", "lr", "rank", "context", "steps", "best step", "val MAE", "vs untrained (MAE diff ± SE)",
+            "val relative score", "val CE"]
 
     def row(r: dict) -> list:
-        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"],
-                r["val_mae"], r["val_loss"]]
+        paired = r.get("vs_untrained")
+        vs = pm(paired["mae_diff"], paired["se"]) if paired else "—"
+        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"], vs,
+                r["relative_score"], r["val_loss"]]
 
     u, final = choices["untrained"], choices["final"]
     sections += [f"## Learning rate x rank (validation forecasts of {len(choices['grid'])} runs)\n",
                  md_table(head, [row(u)] + [row(r) for r in choices["grid"]]),
                  f"\nChosen: lr {choices['best']['lr']:g}, rank {choices['best']['rank']}.\n",
-                 "## Context length (validation forecasts)\n", md_table(head, [row(r) for r in choices["contexts"]]),
+                 "## Context length (validation forecasts)\n",
+                 md_table(head, [row(r) for r in choices["contexts"]]) if choices["contexts"] else
+                 "No context runs in this preset: the grid's window.\n",
                  f"\nChosen: {choices['context_length']} tokens.\n", "## Final run\n", md_table(head, [row(final)]),
                  "\n" + ("The final run's best validation forecasts were the untrained model's (step 0): its "
                          "adapter is the untrained model, training did not improve the validation forecasts."

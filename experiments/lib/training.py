@@ -75,9 +75,30 @@ def next_batch(state: RunState, n_windows: int, batch_size: int, seed: int) -> n
     return batch_order(n_windows, seed, state.epoch)[state.position:state.position + batch_size]
 
 
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then constant."""
-    return lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps else lr
+def lr_at(step: int, lr: float, warmup_steps: int, *, schedule: str = "constant", total_steps: int = 0,
+          min_lr_ratio: float = 0.0) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): a linear warm-up over ``warmup_steps``,
+    then ``schedule`` from ``lr`` down to ``min_lr_ratio * lr`` at ``total_steps`` (cosine or linear),
+    or constant. A function of the step alone, so a resumed run continues the schedule exactly.
+
+    Why decay: at a constant high rate the adapter keeps moving, and its validation forecasts swing
+    from one evaluation to the next; decaying to the end of the run lets it settle."""
+    if schedule not in runs.SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: one of {runs.SCHEDULES}")
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return lr
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))   # 0 after warm-up .. 1 at the end
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    low = min_lr_ratio * lr
+    return low + (lr - low) * shape
+
+
+def schedule_of(args: argparse.Namespace) -> Callable[[int], float]:
+    """train.py's learning rate at each step, from its arguments."""
+    return lambda step: lr_at(step, args.lr, args.warmup_steps, schedule=args.schedule, total_steps=args.max_steps,
+                              min_lr_ratio=args.min_lr_ratio)
 
 
 def prepare_windows(args: argparse.Namespace, out: Path | None,
@@ -166,7 +187,8 @@ class MetricsLog:
     ``write`` False (data-parallel ranks other than 0): nothing is written.
     """
 
-    CSV_FIELDS = ("step", "kind", "loss", "relative_score", "mae", "coverage", "lr", "tokens", "flops", "tokens_per_s")
+    CSV_FIELDS = ("step", "kind", "loss", "mae", "mae_h1_10", "mae_h11_25", "mae_h26_50", "vs_untrained_mae_diff",
+                  "vs_untrained_se", "relative_score", "coverage", "lr", "tokens", "flops", "tokens_per_s")
 
     def __init__(self, out: Path, *, resume_step: int | None = None, write: bool = True,
                  wandb_run: Any = None) -> None:
@@ -193,12 +215,14 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         self._csv_row(row)
         if self.wandb_run:
-            figures = {"loss": loss, **extra}
+            figures = {"loss": loss, **{k: v for k, v in extra.items() if not isinstance(v, dict)}}
             self.wandb_run.log({f"{kind}/{k}": v for k, v in figures.items() if v is not None} | {"flops": state.flops},
                                step=state.step)
 
     def _csv_row(self, row: dict) -> None:
         new = not self.csv.exists()
+        paired = row.get("vs_untrained") or {}
+        row = row | {"vs_untrained_mae_diff": paired.get("mae_diff"), "vs_untrained_se": paired.get("se")}
         with open(self.csv, "a", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self.CSV_FIELDS, extrasaction="ignore")
             if new:
