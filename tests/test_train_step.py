@@ -4,10 +4,10 @@ mean over the scored tokens (or over the n_scored given, as a rank's share of a 
 from __future__ import annotations
 
 import torch
+from experiments.lib.train_step import next_token_labels, train_step
 
 import lora
 import qwen_min
-from experiments.lib.train_step import next_token_labels, train_step
 
 
 def _grads(model) -> list[torch.Tensor]:
