@@ -20,6 +20,8 @@ import torch
 
 from flops.counter import MODES, count, format_report
 from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger
+from flops.ledger_entries import repair
+from flops.ledger_report import report_markdown, summary
 from qwen_min import Qwen2, QwenConfig, load_config
 
 
@@ -79,7 +81,7 @@ settled after their process died) and what is left of the budget. Exits 1 while 
 lines (budget checks refuse until they are repaired), else 0.
 
 --settle closes the open reservations whose processes are known to be dead, keeping what they charged
-(a run's next reserve or check does the same). A reservation whose process ran on another machine,
+(a run's next reserve does the same). A reservation whose process ran on another machine,
 container or boot cannot be judged from here; once you know it has ended, --settle-id ID settles it.
 --repair moves damaged lines to <ledger>.damaged and keeps every other line byte for byte; it shows
 them and asks first (--yes: do not ask)."""
@@ -102,7 +104,7 @@ def ledger_main(argv: list[str]) -> int:
     say = functools.partial(print, file=sys.stderr)  # stdout holds only the report (JSON with --json)
 
     if args.repair:
-        damaged = ledger.damaged()
+        damaged = ledger.snapshot().damage
         if not damaged:
             say(f"{ledger.path}: no damaged lines")
         else:
@@ -111,7 +113,7 @@ def ledger_main(argv: list[str]) -> int:
                 say(f"  line {d.line}: {d.reason}\n    {d.raw[:200]!r}{' ...' if len(d.raw) > 200 else ''}")
             answer = "y" if args.yes else (input("move them to the side file? [y/N] ") if sys.stdin.isatty() else "")
             if answer.strip().lower() in ("y", "yes"):
-                moved = ledger.repair()
+                moved = repair(ledger)
                 say(f"moved line(s) {', '.join(str(d.line) for d in moved)} to {ledger.path}.damaged")
             else:
                 say("not repaired (pass --yes to repair without asking)")
@@ -128,13 +130,13 @@ def ledger_main(argv: list[str]) -> int:
             say(f"not settled: {e.args[0]}")
             status = 1
 
-    summary = ledger.summary()
+    report = summary(ledger)
     if args.json:
-        json.dump(summary, sys.stdout, indent=1)
+        json.dump(report, sys.stdout, indent=1)
         print()
     else:
-        print(ledger.report_markdown(), end="")
-    return 1 if summary["problems"] else status
+        print(report_markdown(ledger), end="")
+    return 1 if report["problems"] else status
 
 
 if __name__ == "__main__":
