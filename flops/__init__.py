@@ -4,7 +4,7 @@
     flops.Ledger(flops.DEFAULT_LEDGER, budget=flops.DEFAULT_BUDGET)
                                                              -> reserve / charge / close, spent / remaining
     flops.report_markdown(ledger), report_csv, summary       -> the ledger's reports
-    python -m flops --model Qwen/Qwen2.5-0.5B-Instruct --seq-len 512 --batch 4 --lora-rank 4 --mode train
+    python -m flops --model Qwen/Qwen2.5-0.5B-Instruct --context-length 512 --batch-size 4 --rank 4 --mode train
     python -m flops ledger [--settle] [--repair]
 
 ``primitives`` holds the cost table, ``counter`` the analytic formulas, ``verify`` the dispatch-mode
