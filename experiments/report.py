@@ -21,14 +21,13 @@ if __package__ in (None, ""):
 
 import flops
 from experiments.lib import plots, reporting
-from experiments.lib.runs import DEFAULT_LEDGER
 
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", default="runs", help="folder searched (recursively) for run folders")
-    p.add_argument("--ledger", default=DEFAULT_LEDGER)
-    p.add_argument("--budget", type=float, default=1e17)
+    p.add_argument("--ledger", default=flops.DEFAULT_LEDGER)
+    p.add_argument("--budget", type=float, default=flops.DEFAULT_BUDGET)
     p.add_argument("--out", default="runs/report")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -38,9 +37,9 @@ def main(argv: list[str] | None = None) -> Path:
 
     # ---- FLOPs
     ledger = flops.Ledger(args.ledger, budget=args.budget)
-    (out / "flops.md").write_text(ledger.report_markdown())
-    (out / "flops.csv").write_text(ledger.report_csv())
-    sections += ["## FLOPs by experiment\n", ledger.report_markdown()]
+    (out / "flops.md").write_text(flops.report_markdown(ledger))
+    (out / "flops.csv").write_text(flops.report_csv(ledger))
+    sections += ["## FLOPs by experiment\n", flops.report_markdown(ledger)]
 
     # ---- training runs
     train_runs = sorted(d.parent for d in runs.rglob("summary.json") if (d.parent / "metrics.jsonl").is_file())

@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, default=1e17, help="total FLOP budget of the ledger")
+    p.add_argument("--budget", type=float, default=flops.DEFAULT_BUDGET, help="total FLOP budget of the ledger")
     p.add_argument("--ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
     p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
                    help="trim every training run's steps to fit the budget (default), or refuse")

@@ -1,5 +1,8 @@
-"""python -m flops --model <repo-or-folder> --seq-len 512 --batch 4 --lora-rank 4 --mode train [--json]
-python -m flops ledger [--ledger runs/ledger.jsonl] [--budget 1e17] [--settle] [--repair [--yes]] [--json]
+"""python -m flops --model <repo-or-folder> --context-length 512 --batch-size 4 --rank 4 --mode train [--json]
+python -m flops ledger [--ledger FILE] [--budget FLOPS] [--settle] [--repair [--yes]] [--json]
+
+The flags are the training scripts' (``--batch-size``, ``--rank``, ``--targets``, ``--context-length``);
+the older ``--batch``, ``--lora-rank``, ``--lora-targets a,b`` and ``--seq-len`` still work.
 
 Counting needs only the shapes, so only ``config.json`` is read (from a local folder, a path to the
 file itself, or a Hub repo id — just that one file is fetched or found in the cache) and the model
@@ -20,6 +23,8 @@ import torch
 
 from flops.counter import MODES, count, format_report
 from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger
+from flops.ledger_entries import repair
+from flops.ledger_report import report_markdown, summary
 from qwen_min import Qwen2, QwenConfig, load_config
 
 
@@ -35,34 +40,48 @@ def build(config: QwenConfig, *, lora_rank: int = 0, targets: tuple[str, ...] = 
     return model
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The description as written, and every option's default."""
+
+
+USAGE = """python -m flops --model MODEL --context-length N [--batch-size B] [--rank R] [--mode MODE] [options]
+       python -m flops ledger [--ledger FILE] [--settle] [--repair [--yes]] [--json] [options]"""
+
+
+def count_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flops", usage=USAGE, description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--model", required=True, help="Hub repo id, checkpoint folder, or config.json path")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
+    p.add_argument("--context-length", "--seq-len", dest="context_length", type=int, required=True, metavar="N",
+                   help="new tokens per row in this call (decode: 1, with --past-len)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="rows (sequences) per call")
+    p.add_argument("--batch", dest="batch_size", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--past-len", type=int, default=0, help="cached positions (decode)")
+    p.add_argument("--mode", choices=MODES, default="forward", help="what the call does")
+    p.add_argument("--rank", "--lora-rank", dest="rank", type=int, default=0, metavar="R",
+                   help="LoRA rank (0: no LoRA)")
+    p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="linear layers LoRA wraps")
+    p.add_argument("--lora-targets", dest="targets", type=lambda s: s.split(","), default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)  # (the older comma-separated form)
+    p.add_argument("--train-lm-head-bias", action="store_true", help="also train a bias on the output layer")
+    p.add_argument("--no-loss", action="store_true", help="forward/train without the cross-entropy")
+    p.add_argument("--scored-tokens", type=int, default=None, help="tokens the loss scores (none given: all)")
+    p.add_argument("--vocab", type=int, default=None, help="output rows computed (constrained decoding)")
+    p.add_argument("--sampling", action="store_true", help="prefill/decode: sample instead of argmax")
+    p.add_argument("--terms", action="store_true", help="with --json: every priced term")
+    p.add_argument("--json", action="store_true", help="the report as JSON")
+    return p
+
+
 def main(argv: list[str] | None = None) -> dict | int:
     """The FLOP count (a dict), or with ``ledger`` first the ledger command's exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["ledger"]:
         return ledger_main(argv[1:])
-    p = argparse.ArgumentParser(prog="python -m flops", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="Hub repo id, checkpoint folder, or config.json path")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--seq-len", type=int, required=True, help="new tokens per row in this call")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--past-len", type=int, default=0, help="cached positions (decode)")
-    p.add_argument("--mode", choices=MODES, default="forward")
-    p.add_argument("--lora-rank", type=int, default=0, help="0: no LoRA")
-    p.add_argument("--lora-targets", default="q_proj,v_proj")
-    p.add_argument("--train-lm-head-bias", action="store_true")
-    p.add_argument("--no-loss", action="store_true", help="forward/train without the cross-entropy")
-    p.add_argument("--scored-tokens", type=int, default=None)
-    p.add_argument("--vocab", type=int, default=None, help="output rows computed (constrained decoding)")
-    p.add_argument("--sampling", action="store_true", help="prefill/decode: sample instead of argmax")
-    p.add_argument("--terms", action="store_true", help="with --json: every priced term")
-    p.add_argument("--json", action="store_true")
-    args = p.parse_args(argv)
-
+    args = count_parser().parse_args(argv)
     config = load_config(args.model, revision=args.revision)
-    model = build(config, lora_rank=args.lora_rank, targets=tuple(args.lora_targets.split(",")),
-                  train_lm_head_bias=args.train_lm_head_bias)
-    report = count(model, batch=args.batch, seq_len=args.seq_len, mode=args.mode, past_len=args.past_len,
+    model = build(config, lora_rank=args.rank, targets=tuple(args.targets), train_lm_head_bias=args.train_lm_head_bias)
+    report = count(model, batch=args.batch_size, seq_len=args.context_length, mode=args.mode, past_len=args.past_len,
                    include_loss=False if args.no_loss else None, scored_tokens=args.scored_tokens,
                    vocab=args.vocab, sampling=args.sampling)
     d = report.to_dict(terms=args.terms)
@@ -79,30 +98,33 @@ settled after their process died) and what is left of the budget. Exits 1 while 
 lines (budget checks refuse until they are repaired), else 0.
 
 --settle closes the open reservations whose processes are known to be dead, keeping what they charged
-(a run's next reserve or check does the same). A reservation whose process ran on another machine,
+(a run's next reserve does the same). A reservation whose process ran on another machine,
 container or boot cannot be judged from here; once you know it has ended, --settle-id ID settles it.
 --repair moves damaged lines to <ledger>.damaged and keeps every other line byte for byte; it shows
 them and asks first (--yes: do not ask)."""
 
 
-def ledger_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m flops ledger", description=LEDGER_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ledger", default=DEFAULT_LEDGER, help="ledger file (default: %(default)s)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="total FLOP budget (default: %(default)g)")
+def ledger_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m flops ledger", description=LEDGER_HELP, formatter_class=HelpFormatter)
+    p.add_argument("--ledger", default=DEFAULT_LEDGER, help="ledger file")
+    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="total FLOP budget")
     p.add_argument("--settle", action="store_true", help="settle the reservations of dead processes")
     p.add_argument("--settle-id", action="append", default=[], metavar="ID",
                    help="settle this reservation by hand (its process ran where it cannot be checked, and ended)")
     p.add_argument("--repair", action="store_true", help="move damaged lines to <ledger>.damaged")
     p.add_argument("--yes", action="store_true", help="with --repair: do not ask")
     p.add_argument("--json", action="store_true", help="the report as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def ledger_main(argv: list[str]) -> int:
+    args = ledger_parser().parse_args(argv)
     ledger = Ledger(args.ledger, budget=args.budget)
     status = 0
     say = functools.partial(print, file=sys.stderr)  # stdout holds only the report (JSON with --json)
 
     if args.repair:
-        damaged = ledger.damaged()
+        damaged = ledger.snapshot().damage
         if not damaged:
             say(f"{ledger.path}: no damaged lines")
         else:
@@ -111,7 +133,7 @@ def ledger_main(argv: list[str]) -> int:
                 say(f"  line {d.line}: {d.reason}\n    {d.raw[:200]!r}{' ...' if len(d.raw) > 200 else ''}")
             answer = "y" if args.yes else (input("move them to the side file? [y/N] ") if sys.stdin.isatty() else "")
             if answer.strip().lower() in ("y", "yes"):
-                moved = ledger.repair()
+                moved = repair(ledger)
                 say(f"moved line(s) {', '.join(str(d.line) for d in moved)} to {ledger.path}.damaged")
             else:
                 say("not repaired (pass --yes to repair without asking)")
@@ -128,13 +150,13 @@ def ledger_main(argv: list[str]) -> int:
             say(f"not settled: {e.args[0]}")
             status = 1
 
-    summary = ledger.summary()
+    report = summary(ledger)
     if args.json:
-        json.dump(summary, sys.stdout, indent=1)
+        json.dump(report, sys.stdout, indent=1)
         print()
     else:
-        print(ledger.report_markdown(), end="")
-    return 1 if summary["problems"] else status
+        print(report_markdown(ledger), end="")
+    return 1 if report["problems"] else status
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import pytest
 import torch
 
 import flops
+from flops.__main__ import build, count_parser, ledger_parser
+from flops.__main__ import main as flops_cli
 from flops.verify import dispatch_count, flop_counter_mode_total
 from qwen_min import KVCache, Qwen2, QwenConfig
 from qwen_min.fastpath import fast_inference
@@ -195,10 +197,46 @@ def test_qwen05_train_step_figure():
 
 def test_cli_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(QwenConfig(**QWEN25_05B).to_dict()))
-    out = subprocess.run([sys.executable, "-m", "flops", "--model", str(tmp_path), "--seq-len", "512", "--batch",
-                          "4", "--lora-rank", "4", "--mode", "train", "--json"],
+    out = subprocess.run([sys.executable, "-m", "flops", "--model", str(tmp_path), "--context-length", "512",
+                          "--batch-size", "4", "--rank", "4", "--mode", "train", "--json"],
                          capture_output=True, text=True, check=True)
     d = json.loads(out.stdout)
     assert d["total"] == 3 * d["forward"] and d["mode"] == "train"
     assert sum(d["by_component"].values()) == d["total"]
     assert d["by_component"]["lora"] > 0
+
+
+def test_cli_flags_are_the_scripts_and_the_old_spellings_still_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "config.json").write_text(json.dumps(QwenConfig(**TINY).to_dict()))
+    model = ["--model", str(tmp_path), "--mode", "train", "--json"]
+    new = flops_cli(model + ["--context-length", "24", "--batch-size", "3", "--rank", "2",
+                             "--targets", "q_proj", "k_proj", "v_proj"])
+    old = flops_cli(model + ["--seq-len", "24", "--batch", "3", "--lora-rank", "2", "--lora-targets",
+                             "q_proj,k_proj,v_proj"])
+    capsys.readouterr()
+    counted = flops.count(build(QwenConfig(**TINY), lora_rank=2, targets=("q_proj", "k_proj", "v_proj")), batch=3,
+                          seq_len=24, mode="train").to_dict()
+    assert new == old == counted
+    # the defaults: batch 1, no LoRA; with a rank, q_proj and v_proj
+    assert flops_cli(model + ["--context-length", "24"]) == flops.count(
+        build(QwenConfig(**TINY)), batch=1, seq_len=24, mode="train").to_dict()
+    assert flops_cli(model + ["--context-length", "24", "--rank", "2"]) == flops_cli(
+        model + ["--seq-len", "24", "--lora-rank", "2", "--lora-targets", "q_proj,v_proj"])
+    capsys.readouterr()
+
+    for parser in (count_parser(), ledger_parser()):
+        assert all(a.help for a in parser._actions), "every option says what it does"
+    monkeypatch.setenv("COLUMNS", "200")  # (help lines unwrapped)
+    with pytest.raises(SystemExit):
+        flops_cli(["--help"])
+    help_text = capsys.readouterr().out
+    usage, options = help_text.split("\n\n")[0], help_text.split("options:")[1]
+    assert "python -m flops --model" in usage and "python -m flops ledger" in usage
+    for shown in ("--context-length N, --seq-len N", "--batch-size B", "--rank R, --lora-rank R",
+                  "--targets TARGETS [TARGETS ...]", "(default: 1)", "(default: ['q_proj', 'v_proj'])",
+                  "(default: forward)"):
+        assert shown in options
+    assert "--batch " not in options and "--lora-targets" not in options  # the old forms are hidden
+    with pytest.raises(SystemExit):
+        flops_cli(["ledger", "--help"])
+    assert "(default: runs/ledger.jsonl)" in capsys.readouterr().out

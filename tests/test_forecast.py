@@ -73,7 +73,7 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
     for name in ("trained", "untrained"):
         mine = [e for e in charges if e.config["model"] == name]
         assert len(mine) == 2 and sum(e.flops for e in mine) == pytest.approx(rep["summary"][name]["flops"])
-    assert ledger.reserved() == 0.0
+    assert sum(r.unspent for r in ledger.reservations()) == 0.0
 
     # the adapter folder copied elsewhere (its run folder gone) forecasts the same systems with the same
     # encoding, whatever --seed and --splits say, and writes the same trained forecasts

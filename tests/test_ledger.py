@@ -1,6 +1,7 @@
 """flops.ledger under attack: processes racing for the last of the budget, writers killed mid-line, runs
-killed with SIGKILL while holding a reservation, damaged lines, and files written by the original format.
-Every expected figure is derived by hand from the FLOPs the test itself books."""
+killed with SIGKILL while holding a reservation, damaged lines, files written by the original format, and
+charges past what a reservation holds. Every expected figure is derived by hand from the FLOPs the test
+itself books."""
 
 from __future__ import annotations
 
@@ -17,11 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import flops
 from flops.__main__ import ledger_main as ledger_cli
-from flops.ledger import _proc_stat, this_process
+from flops.ledger_entries import repair
+from flops.liveness import _proc_stat, this_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -31,6 +34,17 @@ def legacy_line(name: str, kind: str, flops_: float, tokens: int = 0) -> str:
     """A line exactly as the original ledger wrote it (no type, no reservation)."""
     return json.dumps({"config": {}, "flops": flops_, "kind": kind, "name": name, "seconds": 0.0, "steps": 0,
                        "time": 1.0, "tokens": tokens}, sort_keys=True) + "\n"
+
+
+def spent(ledger: flops.Ledger, *, name: str | None = None, kind: str | None = None, prefix: str = "") -> float:
+    """What the ledger's charges of one name, kind or name prefix add up to."""
+    return sum(e.flops for e in ledger.entries()
+               if name in (None, e.name) and kind in (None, e.kind) and e.name.startswith(prefix))
+
+
+def held(ledger: flops.Ledger) -> float:
+    """What its open reservations still hold."""
+    return sum(r.unspent for r in ledger.reservations())
 
 
 def spawn(target: Callable[..., None], *args: Any) -> tuple[mp.Process, Any]:
@@ -54,15 +68,15 @@ def kill(p: mp.Process) -> None:
 
 
 def _append_many(path: str, tag: str, n: int) -> None:
-    ledger = flops.Ledger(path)
-    for i in range(n):
-        ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0, tokens=i, config={"pad": "x" * 3000})
+    with flops.Ledger(path).reserve(float(n), name=tag, kind="train") as r:
+        for i in range(n):
+            r.charge(1.0, name=f"{tag}-{i}", tokens=i, config={"pad": "x" * 3000})
 
 
-def _append_few(path: str, tag: str, n: int) -> None:
-    ledger = flops.Ledger(path)
+def _append_few(path: str, tag: str, n: int, reservation: str) -> None:
+    r = flops.Ledger(path).attach(reservation)
     for i in range(n):
-        ledger.append(name=f"{tag}-{i}", kind="train", flops=1.0)
+        r.charge(1.0, name=f"{tag}-{i}")
 
 
 def test_concurrent_appends_lose_nothing(tmp_path):
@@ -84,24 +98,27 @@ def test_concurrent_appends_lose_nothing(tmp_path):
 def test_a_writer_killed_mid_line_blocks_budget_checks_but_never_charges(tmp_path):
     path = tmp_path / "ledger.jsonl"
     ledger = flops.Ledger(path, budget=1000.0)
-    ledger.append(name="before", kind="eval", flops=5.0)
+    run = ledger.reserve(12.0, name="run", kind="eval")  # line 1
+    run.charge(5.0, name="before")                        # line 2
     # A writer killed in the middle of its line (SIGKILL right after a partial write).
     code = ("import os, signal, sys; fd = os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND); "
             "os.write(fd, b'{\"name\": \"torn\", \"kind\": \"train\", \"flo'); os.kill(os.getpid(), signal.SIGKILL)")
     p = subprocess.run([sys.executable, "-c", code, str(path)])
     assert p.returncode == -signal.SIGKILL
-    with pytest.warns(UserWarning, match="ledger.jsonl:2: unterminated last line"):
+    with pytest.warns(UserWarning, match="ledger.jsonl:3: unterminated last line"):
         assert [e.name for e in ledger.entries()] == ["before"]
-    with pytest.raises(flops.LedgerDamaged, match="ledger.jsonl:2: unterminated last line"):
+    with pytest.raises(flops.LedgerDamaged, match="ledger.jsonl:3: unterminated last line"):
         ledger.reserve(1.0, name="next", kind="train")
-    # a running run's charge still goes in, on a line of its own
-    ledger.append(name="after", kind="eval", flops=7.0)
-    with pytest.warns(UserWarning, match="ledger.jsonl:2: not a ledger entry"):
+    # a running run's charge still goes in, on a line of its own, and its close too
+    run.charge(7.0, name="after")
+    run.close()
+    with pytest.warns(UserWarning, match="ledger.jsonl:3: not a ledger entry"):
         assert [e.name for e in ledger.entries()] == ["before", "after"]
-    for figure in (lambda: ledger.remaining(), lambda: ledger.spent(), lambda: ledger.check(1.0)):
+    for figure in (lambda: ledger.remaining(), lambda: ledger.spent(),
+                   lambda: ledger.reserve(1.0, name="next", kind="train")):
         with pytest.raises(flops.LedgerDamaged, match="--repair"):
             figure()
-    assert [d.line for d in ledger.repair()] == [2]
+    assert [d.line for d in repair(ledger)] == [3]
     assert ledger.remaining() == 1000.0 - 5.0 - 7.0
     assert (tmp_path / "ledger.jsonl.damaged").read_bytes() == b'{"name": "torn", "kind": "train", "flo\n'
 
@@ -125,58 +142,65 @@ def test_a_writer_killed_mid_line_blocks_budget_checks_but_never_charges(tmp_pat
 def test_budget_and_reports(tmp_path):
     assert flops.Ledger(tmp_path / "x.jsonl").budget == 1e17 == flops.DEFAULT_BUDGET
     ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
-    ledger.append(name="a", kind="train", flops=400.0, tokens=10, steps=2, seconds=1.5)
-    ledger.append(name="b", kind="eval", flops=200.0, tokens=5)
+    with ledger.reserve(600.0, name="a", kind="train") as r:
+        r.charge(400.0, tokens=10, steps=2, seconds=1.5)
+        r.charge(200.0, name="b", kind="eval", tokens=5)
     assert ledger.remaining() == 400.0
-    assert ledger.check(400.0, name="ok") == 0.0
+    with ledger.reserve(400.0, name="ok", kind="train"):
+        assert ledger.remaining() == 0.0
     with pytest.raises(flops.BudgetExceeded) as e:
-        ledger.check(500.0, name="big")
+        ledger.reserve(500.0, name="big", kind="train")
     msg = str(e.value)
     for figure in ("5.0000e+02", "4.0000e+02", "1.0000e+03", "6.0000e+02", "big"):
         assert figure in msg
-    md = ledger.report_markdown()
+    md = flops.report_markdown(ledger)
     assert "| a | train |" in md and "**TOTAL**" in md and "60.0000%" in md
-    rows = list(csv.DictReader(io.StringIO(ledger.report_csv())))
+    rows = list(csv.DictReader(io.StringIO(flops.report_csv(ledger))))
     assert [r["name"] for r in rows] == ["a", "b", "TOTAL", "RESERVED", "REMAINING"]
     assert float(rows[2]["flops"]) == 600.0 and float(rows[2]["percent_of_budget"]) == 60.0
     assert float(rows[3]["flops"]) == 0.0 and float(rows[4]["flops"]) == 400.0
-    assert ledger.spent(kind="eval") == 200.0 and ledger.spent(prefix="a") == 400.0
+    assert spent(ledger, kind="eval") == 200.0 and spent(ledger, prefix="a") == 400.0
 
 
 def test_reserve_charge_close(tmp_path):
     ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
-    ledger.append(name="old", kind="train", flops=100.0)
+    with ledger.reserve(100.0, name="old", kind="train") as old:
+        old.charge(100.0)
     with ledger.reserve(500.0, name="run", kind="train", config={"lr": 1e-4}) as r:
         r.charge(120.0, tokens=64, steps=2)
         r.charge(30.0, kind="eval")
         # spent 100 + 150; the open reservation still holds 500 - 150 = 350
-        assert ledger.spent() == 250.0 and ledger.reserved() == 350.0 and ledger.remaining() == 400.0
-        assert ledger.spent(name="run") == 150.0 and ledger.spent(kind="eval") == 30.0
+        assert ledger.spent() == 250.0 and held(ledger) == 350.0 and ledger.remaining() == 400.0
+        assert spent(ledger, name="run") == 150.0 and spent(ledger, kind="eval") == 30.0
+        assert r.left() == 350.0 and r.fits(350.0) and not r.fits(351.0)
         with pytest.raises(flops.BudgetExceeded, match="only 4.0000e\\+02 are left"):
             ledger.reserve(401.0, name="other", kind="train")
-    assert ledger.reserved() == 0.0 and ledger.remaining() == 750.0
-    [rec] = ledger.reservations()
+    assert held(ledger) == 0.0 and ledger.remaining() == 750.0
+    [_, rec] = ledger.reservations()
     assert (rec.status, rec.planned, rec.charged, rec.unspent) == ("closed", 500.0, 150.0, 0.0)
 
-    # an exception inside the block still releases the rest; going past the plan is booked in full
+    # an exception inside the block still releases the rest; going past the plan is refused, unwritten
     with pytest.raises(KeyError), ledger.reserve(200.0, name="crash", kind="forecast") as r:
         r.charge(50.0)
         raise KeyError("boom")
     assert ledger.remaining() == 700.0
     r = ledger.reserve(100.0, name="over", kind="train")
-    with pytest.warns(UserWarning, match="more than the 1.0000e\\+02 it reserved"):
+    before = ledger.path.read_bytes()
+    with pytest.raises(flops.ReservationExceeded, match="holds 1.000000e\\+02 FLOPs.*charge of 1.300000e\\+02"):
         r.charge(130.0)
-    assert ledger.remaining() == 570.0
+    assert ledger.path.read_bytes() == before and ledger.remaining() == 600.0
+    r.charge(100.0)  # all it holds
+    assert ledger.remaining() == 600.0
     r.close()
     r.close()  # idempotent
-    assert [x.status for x in ledger.reservations()] == ["closed", "closed", "closed"]
+    assert [x.status for x in ledger.reservations()] == ["closed", "closed", "closed", "closed"]
 
 
 def test_original_format_lines_count_as_charges(tmp_path):
     path = tmp_path / "l.jsonl"
     path.write_text(legacy_line("lora/a", "train", 300.0, tokens=10) + legacy_line("lora/a", "eval", 200.0))
     ledger = flops.Ledger(path, budget=1000.0)
-    assert ledger.spent() == 500.0 and ledger.spent(kind="eval") == 200.0 and ledger.spent(name="lora/a") == 500.0
+    assert ledger.spent() == 500.0 and spent(ledger, kind="eval") == 200.0 and spent(ledger, name="lora/a") == 500.0
     assert ledger.remaining() == 500.0
     r = ledger.reserve(500.0, name="b", kind="train")
     with pytest.raises(flops.BudgetExceeded):
@@ -188,13 +212,14 @@ def test_original_format_lines_count_as_charges(tmp_path):
 
 def test_invalid_entries_are_refused_before_they_reach_the_file(tmp_path):
     ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
-    for bad in (dict(name=None, kind="train", flops=1.0), dict(name="a", kind="train", flops=float("nan")),
-                dict(name="a", kind="train", flops=-1.0), dict(name="a", kind="train", flops=1.0, tokens=-3)):
-        with pytest.raises(ValueError):
-            ledger.append(**bad)
+    with ledger.reserve(10.0, name="a", kind="train") as r:
+        for bad in (dict(name=1, kind="train", flops=1.0), dict(name="a", kind="train", flops=float("nan")),
+                    dict(name="a", kind="train", flops=-1.0), dict(name="a", kind="train", flops=1.0, tokens=-3)):
+            with pytest.raises(ValueError):
+                r.charge(**bad)
     with pytest.raises(ValueError):
         ledger.reserve(float("inf"), name="a", kind="train")
-    assert ledger.remaining() == 1000.0 and not ledger.problems
+    assert ledger.remaining() == 1000.0 and not ledger.problems and ledger.reservations()[0].charged == 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,16 +290,16 @@ def test_a_killed_runs_reservation_is_settled_to_its_charges(tmp_path, reaped):
     else:  # dead but not reaped: a zombie can charge no more
         os.waitid(os.P_PID, p.pid, os.WEXITED | os.WNOWAIT)
         assert _proc_stat(p.pid)[0] == "Z"
-    assert "its process died" in ledger.report_markdown()  # a read-only report settles nothing
+    assert "its process died" in flops.report_markdown(ledger)  # a read-only report settles nothing
     # the next reservation settles it: 1000 - 100 - 200 charged = 700 free, to the FLOP
     nxt = ledger.reserve(700.0, name="next", kind="train")
     victim = next(r for r in ledger.reservations() if r.id == rid)
     assert (victim.status, victim.charged, victim.unspent) == ("settled", 200.0, 0.0)
     assert victim.reason.startswith(f"settled after its process died (pid {p.pid} on ")
-    assert ledger.spent(name="victim") == 200.0 and ledger.spent(kind="eval") == 80.0
+    assert spent(ledger, name="victim") == 200.0 and spent(ledger, kind="eval") == 80.0
     assert ledger.remaining() == 0.0
     nxt.close()
-    assert "settled after its process died" in ledger.report_markdown()
+    assert "settled after its process died" in flops.report_markdown(ledger)
     p.join()
 
 
@@ -299,7 +324,7 @@ def test_an_attached_process_keeps_the_reservation_alive(tmp_path):
     assert ledger.settle() == [] and ledger.remaining() == 1000.0 - 500.0
     kill(helper)
     assert [r.id for r in ledger.settle()] == [rid]
-    assert ledger.remaining() == 1000.0 - 150.0 and ledger.spent(name="study/run-1") == 150.0
+    assert ledger.remaining() == 1000.0 - 150.0 and spent(ledger, name="study/run-1") == 150.0
 
 
 def test_reused_pids_and_other_machines(tmp_path):
@@ -323,7 +348,7 @@ def test_reused_pids_and_other_machines(tmp_path):
     assert ledger.remaining() == 1000.0 - 50.0 - 100.0 - 300.0 - 100.0
     status = {r.id: r.status for r in ledger.reservations()}
     assert status == {"r-reused": "settled", "r-elsewhere": "open", "r-alive": "open"}
-    md = ledger.report_markdown()
+    md = flops.report_markdown(ledger)
     assert "cannot tell from here" in md and "--settle-id r-elsewhere" in md
     with pytest.raises(ValueError, match="running process"):
         ledger.settle_by_hand("r-alive")
@@ -339,18 +364,21 @@ def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path, capsys
     path = tmp_path / "l.jsonl"
     good1, good3 = legacy_line("a", "train", 100.0), legacy_line("c", "train", 200.0)
     bad = '{"name": "b", "kind": "eval", "flops": 4\x00\x00\x00 garbage\n'
-    path.write_text(good1 + bad + good3)
+    # line 4: a reservation this very process holds, as a running run's would be
+    run = json.dumps({"type": "reserve", "id": "r-run", "name": "d", "kind": "eval", "flops": 50.0, "config": {},
+                      "process": this_process(), "time": 1.0}) + "\n"
+    path.write_text(good1 + bad + good3 + run)
     ledger = flops.Ledger(path, budget=1000.0)
-    for refused in (lambda: ledger.reserve(10.0, name="x", kind="train"), lambda: ledger.check(10.0),
-                    lambda: ledger.remaining(), lambda: ledger.spent(), lambda: ledger.reserved()):
+    for refused in (lambda: ledger.reserve(10.0, name="x", kind="train"), lambda: ledger.remaining(),
+                    lambda: ledger.spent()):
         with pytest.raises(flops.LedgerDamaged) as e:
             refused()
         assert f"{path}:2:" in str(e.value) and f"python -m flops ledger --ledger {path} --repair" in str(e.value)
-    ledger.append(name="d", kind="eval", flops=50.0)  # charging goes on
-    md = ledger.report_markdown()
+    ledger.attach("r-run").charge(50.0)  # charging goes on
+    md = flops.report_markdown(ledger)
     assert "| a | train |" in md and "| c | train |" in md and "| d | eval |" in md and "| b |" not in md
     assert "1 damaged line(s)" in md and f"{path}:2:" in md
-    rows = list(csv.DictReader(io.StringIO(ledger.report_csv())))
+    rows = list(csv.DictReader(io.StringIO(flops.report_csv(ledger))))
     assert [r["name"].split(":")[0] for r in rows] == ["a", "c", "d", "TOTAL", "RESERVED", "REMAINING",
                                                        "DAMAGED LINE 2"]
     assert float(rows[3]["flops"]) == 100.0 + 200.0 + 50.0
@@ -376,23 +404,25 @@ def test_a_damaged_middle_line_is_refused_reported_and_repaired(tmp_path, capsys
 def test_repair_while_others_append_loses_nothing(tmp_path):
     """``repair`` replaces the file; appenders that opened the old one re-open the new one."""
     path = tmp_path / "l.jsonl"
+    ledger, repairs = flops.Ledger(path), 0
+    run = ledger.reserve(300.0, name="run", kind="train")
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_append_few, args=(str(path), tag, 150)) for tag in ("a", "b")]
+    procs = [ctx.Process(target=_append_few, args=(str(path), tag, 150, run.id)) for tag in ("a", "b")]
     for p in procs:
         p.start()
-    ledger, repairs = flops.Ledger(path), 0
     while any(p.is_alive() for p in procs):
-        ledger.append(name="junk", kind="train", flops=0.0)  # then damage that line by hand, and repair
+        run.charge(0.0, name="junk")  # then damage that line by hand, and repair
         with open(path, "r+b") as f:
             data = f.read()
             f.seek(data.rindex(b'"name": "junk"'))
             f.write(b'"name": \x00\x00\x00')
-        repairs += len(ledger.repair())
+        repairs += len(repair(ledger))
         time.sleep(0.02)  # let the appenders queue up on the lock of the file being replaced
     for p in procs:
         p.join()
         assert p.exitcode == 0
-    assert repairs > 0 and ledger.damaged() == []
+    run.close()
+    assert repairs > 0 and ledger.snapshot().damage == []
     names = sorted(e.name for e in ledger.entries() if e.name != "junk")
     assert names == sorted([f"a-{i}" for i in range(150)] + [f"b-{i}" for i in range(150)])
 
@@ -400,8 +430,9 @@ def test_repair_while_others_append_loses_nothing(tmp_path):
 def test_cli_json(tmp_path, capsys):
     path = tmp_path / "l.jsonl"
     ledger = flops.Ledger(path, budget=1000.0)
-    ledger.append(name="a", kind="train", flops=100.0)
-    ledger.append(name="a", kind="train", flops=50.0, steps=3)
+    with ledger.reserve(150.0, name="a", kind="train") as a:
+        a.charge(100.0)
+        a.charge(50.0, steps=3)
     r = ledger.reserve(300.0, name="b", kind="forecast")
     r.charge(20.0)
     assert ledger_cli(["--ledger", str(path), "--budget", "1000", "--settle", "--json"]) == 0
@@ -410,6 +441,80 @@ def test_cli_json(tmp_path, capsys):
     assert d["spent_by_kind"] == {"train": 150.0, "forecast": 20.0}
     assert [(c["name"], c["kind"], c["flops"], c["steps"]) for c in d["charges"]] == [
         ("a", "train", 150.0, 3), ("b", "forecast", 20.0, 0)]
-    [res] = d["reservations"]
+    [_, res] = d["reservations"]
     assert (res["id"], res["status"], res["charged"], res["unspent"]) == (r.id, "open", 20.0, 280.0)
     assert d["problems"] == []
+
+
+# ---------------------------------------------------------------------------------------------
+# a reservation is a ceiling
+
+
+def test_a_charge_past_the_reservation_is_refused_whoever_charges(tmp_path):
+    assert all(issubclass(e, flops.LedgerError) for e in (flops.BudgetExceeded, flops.LedgerDamaged,
+                                                          flops.ReservationExceeded))
+    ledger = flops.Ledger(tmp_path / "l.jsonl", budget=1000.0)
+    r = ledger.reserve(100.0, name="study", kind="train")
+    other = flops.Ledger(ledger.path, budget=1000.0).attach(r.id)  # e.g. a run the study started
+    other.charge(60.0, name="study/run-1")
+    # r's handle never saw that charge; the file under the lock did
+    assert r.left() == 40.0 and r.fits(40.0) and not r.fits(41.0)
+    before = ledger.path.read_bytes()
+    with pytest.raises(flops.ReservationExceeded) as e:
+        r.charge(50.0, name="study/run-2")
+    msg = str(e.value)
+    for part in (r.id, "'study'", "holds 1.000000e+02", "charged 6.000000e+01", "charge of 5.000000e+01",
+                 "1.000000e+01 past", "nothing was written"):
+        assert part in msg
+    assert ledger.path.read_bytes() == before
+    r.charge(40.0, name="study/run-2")
+    with pytest.raises(flops.ReservationExceeded, match="charge of 1.000000e\\+00"):
+        other.charge(1.0)
+    other.charge(0.0)  # nothing is always left
+    assert not other.fits(1.0) and other.left() == 0.0
+    r.close()
+    assert ledger.reservations()[0].charged == 100.0 and ledger.remaining() == 900.0
+
+
+def test_charges_never_exceed_the_reservation_over_random_plans(tmp_path):
+    """Random reservation sizes and random charges: well within what is left, past it (by at least 1e-8
+    of the reservation), exactly what is left, nothing; and plans split into parts that add up to them
+    but for floating-point rounding, every part of which is accepted. ``fits`` says what ``charge``
+    does; a refused charge leaves the file byte for byte; the accepted ones sum exactly to what the
+    file holds, which never passes the reservation (but for 1e-9 of it)."""
+    rng = np.random.default_rng(0)
+    refused = accepted = rounded_past = 0
+    for case in range(300):
+        ledger = flops.Ledger(tmp_path / f"{case}.jsonl")
+        planned = float(10.0 ** rng.uniform(0, 16) * rng.uniform(1, 10))  # up to the budget, 1e17
+        r = ledger.reserve(planned, name=f"case-{case}", kind="train")
+        exact = case % 5 == 0
+        parts = planned * rng.dirichlet(np.ones(int(rng.integers(1, 12)))) if exact else None
+        total = 0.0  # the accepted charges, added in the order the file holds them
+        for i in range(len(parts) if exact else int(rng.integers(1, 10))):
+            rest, how = planned - total, "part" if exact else ("within", "past", "rest", "nothing")[rng.integers(4)]
+            if how == "part":
+                amount = float(parts[i])
+            elif how == "within":
+                amount = rest * rng.uniform(0, 0.999)
+            elif how == "past":
+                amount = rest + planned * 10.0 ** rng.uniform(-8, 0)
+            else:
+                amount = rest if how == "rest" else 0.0
+            fits, before = r.fits(amount), ledger.path.read_bytes()
+            try:
+                r.charge(amount)
+            except flops.ReservationExceeded:
+                assert how == "past" and not fits and ledger.path.read_bytes() == before
+                refused += 1
+            else:
+                assert how != "past" and fits
+                total += amount
+                accepted += 1
+        r.close()
+        [rec] = ledger.reservations()
+        assert rec.id == r.id and rec.charged == total == ledger.spent() <= planned * (1 + 1e-9)
+        if exact:
+            assert total == pytest.approx(planned, rel=1e-12)
+            rounded_past += total > planned
+    assert refused > 50 and accepted > 300 and rounded_past > 0  # (the tolerance was needed, and given)

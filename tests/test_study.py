@@ -20,7 +20,7 @@ import pytest
 from experiments import report, study
 from experiments.lib import validation
 from flops import Ledger
-from flops.ledger import process_alive
+from flops.liveness import process_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -109,7 +109,7 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
                  f"(generation run to its token limit, so its cost is known): {plan['planned_flops']:.4e}. Charged "
                  f"by these runs: {total:.4e} ({total / plan['planned_flops'] - 1:+.4%} against the plan); the ledger "
                  f"holds {spent:.4e} in all, {spent / ledger.budget:.2%} of the {ledger.budget:.3g} budget. "
-                 f"The ledger in full:\n", ledger.report_markdown()]
+                 f"The ledger in full:\n", flops.report_markdown(ledger)]
 
     # ---- the choices, by the validation forecasts
     head = ["run", "lr", "rank", "context", "steps", "best step", "val MAE", "vs untrained (MAE diff ± SE)",

@@ -28,7 +28,6 @@ from experiments.lib import data, files, llmtime, lotka_volterra
 from qwen_min import Qwen2, Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DEFAULT_LEDGER = "runs/ledger.jsonl"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
@@ -58,8 +57,9 @@ def add_common_args(p: argparse.ArgumentParser, *, out_default: str) -> None:
     g.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"),
                    help="fractions of systems in train/validation/test")
     b = p.add_argument_group("FLOP budget")
-    b.add_argument("--budget", type=float, default=1e17, help="total FLOP budget of the ledger (default: %(default)g)")
-    b.add_argument("--ledger", default=DEFAULT_LEDGER, help="FLOP ledger file shared by all experiments")
+    b.add_argument("--budget", type=float, default=flops.DEFAULT_BUDGET,
+                   help="total FLOP budget of the ledger (default: %(default)g)")
+    b.add_argument("--ledger", default=flops.DEFAULT_LEDGER, help="FLOP ledger file shared by all experiments")
     b.add_argument("--name", default=None, help="experiment name in the ledger (default: the run folder's name)")
     b.add_argument("--reservation", default=None,
                    help="charge an open ledger reservation made by another process (study.py passes its own) "
