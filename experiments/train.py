@@ -118,6 +118,7 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
                 g["lr"] = lr
             # Each rank's loss is its share of the *global* mean: its sum / every rank's scored tokens.
             n_scored = int((train.labels[batch] != -100).sum())
+            booking.ensure(costs.train_step(n_scored), f"step {state.step + 1}")   # the reservation is a ceiling
             loss_sum = qwen_min.chunked_cross_entropy(hidden(ids), model.lm_head, labels, reduction="sum")
             (loss_sum / n_scored).backward()
             if dp.world > 1:

@@ -377,3 +377,21 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
     ledger = Ledger(tmp_path / "ledger.jsonl")
     calls = [e for e in ledger.entries() if e.kind == "eval" and "forecast" in e.config]
     assert [e.config["step"] for e in calls] == [0, 3, 6, 9, 12]
+
+
+def test_a_reservation_is_a_ceiling_the_run_stops_before_work_it_cannot_pay_for(tmp_path, tiny_ckpt, lv_data_file):
+    # a parent's reservation (as a study makes) holding the untrained evaluation and 2.5 steps of SMALL:
+    # the run charges steps 1 and 2, then stops before step 3, and the ledger never passes what was held
+    run = tmp_path / "run"
+    ledger = Ledger(tmp_path / "ledger.jsonl")
+    shape = _shape(tiny_ckpt)
+    step = flops.count(shape, batch=2, seq_len=32, mode="train").total          # every position scored: the most
+    subset = flops.count(shape, batch=2, seq_len=32, mode="forward").total
+    held = subset + 2.5 * step
+    parent = ledger.reserve(held, name="parent", kind="study")
+    with pytest.raises(flops.ReservationExceeded, match="step 3 would cost"):
+        train.main(script_argv(tiny_ckpt, lv_data_file, run, *SMALL, "--reservation", parent.id))
+    charged = [e for e in ledger.entries() if e.reservation == parent.id]
+    assert sum(e.flops for e in charged) <= held
+    assert sum(e.steps for e in charged) == 2 and [r["step"] for r in _rows(run) if r["kind"] == "train"] == [1, 2]
+    parent.close()

@@ -280,9 +280,11 @@ class Booking:
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
         try:
             with self.held():
-                self.flush()
-                if self.reservation and self.reservation.owner:  # (a study's reservation: the study closes it)
-                    self.reservation.close()
+                try:
+                    self.flush()
+                finally:   # (a refused charge still closes the reservation)
+                    if self.reservation and self.reservation.owner:  # (a study's reservation: the study closes it)
+                        self.reservation.close()
         finally:
             for s, handler in self._previous.items():
                 signal.signal(s, handler)
@@ -316,6 +318,17 @@ class Booking:
                                     config=config)
             self.charged += amount
             self.since = now
+
+    def ensure(self, amount: float, what: str) -> None:
+        """Before doing work that will cost ``amount``: refuse it (flops.ReservationExceeded, nothing
+        done, what ran already charged) when the reservation cannot pay for it and what is pending."""
+        if self.reservation is None or self.reservation.fits(self.pending_flops + amount):
+            return
+        self.flush()
+        raise flops.ReservationExceeded(
+            f"{what} would cost {amount:.4e} FLOPs, but reservation {self.reservation.id} ({self.reservation.name}) "
+            f"has {self.reservation.left():.4e} left of {self.reservation.planned:.4e}: the run stops before it; "
+            f"everything that ran is charged, and --resume continues from the last checkpoint")
 
     def step(self, amount: float, step: int) -> None:
         """Optimizer step ``step`` is done: charged now, or with the next ``every``-th."""

@@ -130,8 +130,12 @@ class Validator:
         self.untrained = untrained  # the step-0 forecasts (a resumed run's from its checkpoint); None: not yet
 
     def __call__(self, model: Qwen2, state: RunState, lr: float) -> None:
-        model.eval()
         ids, labels = self.windows.input_ids, self.windows.labels
+        cost = self.costs.evaluation(len(ids), int((labels != -100).sum()))
+        if self.forecasts is not None:   # (generation priced at its token limit: at least what it spends)
+            cost += planning.calls_flops(self.costs.shape, self.forecasts.calls)
+        self.booking.ensure(self.world * cost, f"the evaluation at step {state.step}")
+        model.eval()
         loss, scored = training.windows_loss(model, ids, labels, self.batch_size, self.device,
                                              what="the validation subset")
         with self.booking.held():  # the evaluation's charge and its metrics row: a signal waits for both
