@@ -50,6 +50,8 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
+
 import flops
 import lora
 import qwen_min
@@ -130,7 +132,8 @@ class Item:
     script: str                     # "train" or "forecast"
     argv: list[str]
     setting: dict = field(default_factory=dict)
-    flops: float = 0.0
+    flops: float = 0.0              # its price: exact, but generation at its token limit (an upper bound)
+    generation: float = 0.0         # the part of ``flops`` that is generation
 
     def done(self, out: Path) -> bool:
         return (out / self.name / ("summary.json" if self.script == "train" else "forecast_metrics.json")).is_file()
@@ -174,7 +177,7 @@ class Study:
             "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every), "--patience", "0",
             "--eval-windows", str(p.eval_windows), "--val-forecast-systems", str(p.val_systems),
             "--context-steps", str(p.context_steps), "--horizon", str(p.horizon),
-            "--eval-at-start" if at_start else "--no-eval-at-start", "--run-to-limit", *p.train_args]
+            "--eval-at-start" if at_start else "--no-eval-at-start", *p.train_args]
         return Item(stage, name, "train", argv, {"lr": lr, "rank": rank, "context_length": context, "steps": steps})
 
     def forecast_item(self, name: str, split: str, adapter: str | None) -> Item:
@@ -182,7 +185,7 @@ class Study:
         systems = p.val_systems if split == "val" else p.test_systems
         argv = self.common() + ["--out", str(self.out / name), "--name", name, "--split", split,
                                 "--max-systems", str(systems), "--context-steps", str(p.context_steps),
-                                "--horizon", str(p.horizon), "--run-to-limit"]
+                                "--horizon", str(p.horizon)]
         if split == "test":
             argv += ["--samples", str(p.samples)]
         if adapter:
@@ -210,11 +213,12 @@ class Study:
                                    eval_every=p.final_eval_every, at_start=True))
         out.append(self.forecast_item("final_test", "test", str(self.out / "final" / "adapter")))
         for item in out:
-            item.flops = self.price(item, rank)
+            item.flops, item.generation = self.price(item, rank)
         return out
 
-    def price(self, item: Item, rank: int) -> float:
-        """The FLOPs ``item`` may spend, by the same functions its script reserves with."""
+    def price(self, item: Item, rank: int) -> tuple[float, float]:
+        """The FLOPs ``item`` may spend, by the same functions its script reserves with, and the part of
+        them that is generation (priced at its token limit: it stops at the horizon, and spends less)."""
         key = json.dumps([item.argv, rank])   # (a forecast of the final adapter: its argv does not name the rank)
         if key not in self._prices:
             if item.script == "train":
@@ -222,7 +226,7 @@ class Study:
                 run_data, train, val = self.windows(targs)
                 forecasts = validation.forecast_set_of(targs, run_data, self.tokenizer)
                 plan, _ = planning.train_plan(targs, train, val, forecast_calls=forecasts and forecasts.calls)
-                self._prices[key] = plan.total
+                self._prices[key] = plan.total, plan.generation
             else:
                 fargs = runs.forecast_parser().parse_args(item.argv)
                 adapter, fargs.adapter = fargs.adapter, None   # (not trained yet; its splits are the seed's)
@@ -233,7 +237,8 @@ class Study:
                 shape = planning.meta_model(self.shape.config)
                 if adapter:  # priced at the rank it will have
                     lora.apply_lora(shape, rank=rank)
-                self._prices[key] = planning.forecast_plan(fargs, shape, self.tokenizer, prompts)  # one model
+                price = planning.forecast_plan(fargs, shape, self.tokenizer, prompts)  # one model
+                self._prices[key] = price, price
         return self._prices[key]
 
     def windows(self, targs: argparse.Namespace) -> tuple[runs.RunData, data.Windows, data.Windows]:
@@ -243,22 +248,28 @@ class Study:
             self._windows[targs.context_length] = training.prepare_windows(targs, None, self.tokenizer)
         return self._windows[targs.context_length]
 
-    def final_steps_within(self, best: dict, context: int, left: float) -> int:
-        """The most final-run steps (at the chosen setting) that, with the final test forecasts, cost
-        at most ``left`` FLOPs: "the final run takes what the budget leaves"."""
-        def cost(steps: int) -> float:
-            return sum(i.flops for i in self.items(best, context, steps) if i.stage == "final")
-
-        if cost(1) > left:
-            raise SystemExit(f"[study] the final run's first step and the test forecasts need {cost(1):.3e} FLOPs; "
-                             f"the study's reservation has {left:.3e} left")
-        lo, hi = 1, 2
-        while cost(hi) <= left:
-            lo, hi = hi, hi * 2
-        while hi - lo > 1:   # cost(lo) fits (or lo is 1), cost(hi) does not
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid)
-        return lo
+    def final_steps_within(self, best: dict | None, context: int | None, left: float) -> int:
+        """The most final-run steps (at the chosen setting; None: the most expensive) that, with the final
+        test forecasts, cost at most ``left`` FLOPs ("the final run takes what the budget leaves"):
+        arithmetic on the run's per-step prices (the batches it will draw) and its evaluations' price."""
+        one = {i.name: i for i in self.items(best, context, 1)}
+        final, test = one["final"], one["final_test"].flops
+        targs = runs.train_parser().parse_args(final.argv)
+        run_data, train, val = self.windows(targs)
+        forecasts = validation.forecast_set_of(targs, run_data, self.tokenizer)
+        plan, shape = planning.train_plan(targs, train, val, forecast_calls=forecasts and forecasts.calls)
+        fixed = test + plan.full_eval + (plan.eval if targs.eval_at_start else 0.0)   # whatever the step count
+        if final.flops + test > left:
+            raise SystemExit(f"[study] the final run's first step and the test forecasts need "
+                             f"{final.flops + test:.3e} FLOPs; the study's reservation has {left:.3e} left")
+        costs = planning.ScoredCosts(shape, targs.batch_size, targs.context_length)
+        every = targs.eval_every
+        cheapest = costs.train_step(1) + (plan.eval / every if every else 0.0)
+        n_max = int((left - fixed) / cheapest) + 1                    # no more steps than this can fit
+        steps = np.cumsum(planning.step_costs(costs, train, n_max, targs.seed))
+        n = np.arange(1, n_max + 1)
+        total = fixed + steps + ((n // every) * plan.eval if every else 0.0)
+        return int(n[total <= left].max())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,10 +408,10 @@ def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Ite
     p = study.preset
     todo = [i for i in items if not i.done(study.out)]
     final = next(i for i in items if i.name == "final")
-    others = sum(i.flops for i in todo if i is not final)
-    per_step = final.flops / max(1, final.setting["steps"])  # (its evaluations included, roughly in proportion)
-    if p.final_steps == 0 and others + per_step <= left:
-        return study.items(final_steps=max(1, int((left - others) * 0.99 / per_step)))
+    others = sum(i.flops for i in todo if i.stage != "final")   # (the final run and its test forecasts apart)
+    first_step = study.items(final_steps=1)
+    if p.final_steps == 0 and others + sum(i.flops for i in first_step if i.stage == "final") <= left:
+        return study.items(final_steps=study.final_steps_within(None, None, left - others))
     need = sum(i.flops for i in todo)
     refusal = f"[study] the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
     if not trim:
@@ -412,7 +423,7 @@ def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Ite
             print(f"[study] every training run's steps trimmed to {scale:.0%} to fit the budget", flush=True)
             return items
         fixed = sum(i.flops for i in items if i.script == "forecast" and not i.done(study.out))
-        scale *= (left - fixed) / (need - fixed) * 0.99 if left > fixed else 0.0
+        scale *= (left - fixed) / (need - fixed) if left > fixed else 0.0   # (steps round down: fits, or again)
         if scale * p.grid_steps < 1:
             break
         study.preset = replace(p, grid_steps=max(1, int(p.grid_steps * scale)),

@@ -56,8 +56,6 @@ def test_prepare_data_splits_by_system_fits_alpha_on_train_and_is_reused(tmp_pat
     again = runs.prepare_data(_args(lv_data_file, later, "--seed", "2", "--percentile", "50"), later, reuse=first)
     assert all(np.array_equal(again.splits[k], splits[k]) for k in splits) and again.encoding == encoding
     assert (later / "splits.json").read_text() == (first / "splits.json").read_text()
-    assert runs.adapter_run_dir(str(first / "adapter")) == first
-    assert runs.adapter_run_dir(str(later / "nowhere" / "adapter")) is None
 
 
 def test_saved_splits_beyond_the_data_are_refused(tmp_path, lv_data_file):
@@ -90,13 +88,13 @@ def test_an_adapter_folder_moved_anywhere_brings_its_splits_encoding_and_data_fi
         "systems": 40}
     moved = tmp_path / "elsewhere" / "adapter"
     shutil.copytree(adapter, moved)
-    shutil.rmtree(adapter.parent)   # no run folder to fall back on
+    shutil.rmtree(adapter.parent)   # no run folder beside it: the adapter folder alone decides
     # other --seed and --percentile, no --data: the adapter's own systems, scaling and data file
     got = runs.prepare_data(_eval_args(tmp_path / "eval", "--adapter", moved, "--seed", 9, "--percentile", 50),
                             tmp_path / "eval")
     assert _same_splits(got.splits, trained.splits) and got.encoding == trained.encoding
     assert got.data_path == str(lv_data_file.resolve()) and got.warnings == []
-    assert (got.adapter_info.folder, got.adapter_info.source) == (moved, moved)
+    assert got.adapter_info.folder == moved
     assert got.adapter_info.data["sha256"] == got.sha256
 
 
@@ -127,16 +125,10 @@ def test_the_adapters_own_training_split_and_a_missing_data_file_are_refused(tmp
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")
 
 
-def test_an_older_adapter_falls_back_to_its_run_folder_with_a_note(tmp_path, lv_data_file, capsys):
-    trained, adapter = _trained_adapter(tmp_path, lv_data_file)
-    for f in ("splits.json", "data.json"):   # as older train.py left it: encoding.json only
+def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path, lv_data_file):
+    _, adapter = _trained_adapter(tmp_path, lv_data_file)
+    for f in ("splits.json", "data.json"):
         (adapter / f).unlink()
-    got = runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file, "--seed", 9),
-                            tmp_path / "e")
-    assert _same_splits(got.splits, trained.splits) and got.encoding == trained.encoding
-    assert got.adapter_info.source == adapter.parent and "has no data.json" in got.warnings[0]
-    assert f"come from the run folder {adapter.parent}" in capsys.readouterr().out
-    alone = tmp_path / "alone" / "adapter"
-    shutil.copytree(adapter, alone)
-    got = runs.prepare_data(_eval_args(tmp_path / "e2", "--adapter", alone, "--data", lv_data_file), tmp_path / "e2")
-    assert got.adapter_info.source is None and "made afresh" in got.warnings[0]
+    with pytest.raises(SystemExit, match=r"has no splits\.json, data\.json"):
+        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
+    assert not (tmp_path / "e" / "splits.json").exists()

@@ -12,6 +12,7 @@ flushes its charges first), so a run resumed from it owes nothing for what came 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -59,15 +60,15 @@ def _current(folder: Path) -> Path:
     return folder
 
 
-# Fields of older checkpoints, which charged the ledger only at checkpoints and kept its position;
-# they always equalled (step, flops) when saved, so dropping them loses nothing.
-_RETIRED = ("logged_step", "logged_flops")
-
-
 def read_state(folder: Path) -> RunState:
     """The saved run state alone (no tensors): what a resumed run plans its remaining FLOPs from."""
-    fields = json.loads((_current(folder) / "state.json").read_text())
-    return RunState(**{k: v for k, v in fields.items() if k not in _RETIRED})
+    path = _current(folder) / "state.json"
+    fields = json.loads(path.read_text())
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(RunState)})
+    if unknown:
+        raise ValueError(f"{path}: fields {unknown} are not a checkpoint of this train.py; run without --resume "
+                         f"(in another --out) to start afresh")
+    return RunState(**fields)
 
 
 def load(folder: Path, model: torch.nn.Module,

@@ -36,6 +36,7 @@ class TrainPlan:
     steps: int        # optimizer steps still to run
     evals: int        # evaluations of the validation subset among them
     total: float      # what is left of the run as configured: those steps and evaluations, on every rank
+    generation: float = 0.0   # the part of ``total`` that is the evaluations' forecasts, at their token limit
 
 
 def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows, world: int = 1, *,
@@ -46,22 +47,18 @@ def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows,
     --eval-at-start, then every --eval-every steps) and the final full evaluation, on every rank.
     ``forecast_calls``: the generate calls of the validation forecasts each evaluation makes.
 
-    The loop charges the same counts (ScoredCosts), so the plan is what the run spends, exactly
-    when the forecasts run to their token limit (--run-to-limit), at most otherwise."""
+    The loop charges the same counts (ScoredCosts), so the plan is what the run spends: exactly for
+    its steps and cross-entropy evaluations, and for its forecasts at most (``generation``: priced at
+    their token limit, spent exactly with --run-to-limit, less when they stop at the horizon)."""
     shape = meta_model(qwen_min.load_config(args.model, revision=args.revision))
     lora.apply_lora(shape, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
                     train_lm_head_bias=args.train_lm_head_bias)
     costs = ScoredCosts(shape, args.batch_size, args.context_length)
-    scored = (train.labels != -100).sum(1).numpy()          # [N] scored tokens of every training window
-    walk, steps = training.RunState(), 0.0
-    for step in range(args.max_steps):                      # the batches the loop draws, in its order
-        batch = training.next_batch(walk, len(scored), args.batch_size, args.seed)
-        walk.position += args.batch_size
-        if step >= from_step:
-            steps += costs.train_step(int(scored[batch].sum()))
+    steps = sum(step_costs(costs, train, args.max_steps, args.seed)[from_step:])
     subset = val.head(args.eval_windows)
     evaluation = costs.evaluation(len(subset.input_ids), int((subset.labels != -100).sum())) if args.eval_every else 0.0
-    evaluation += calls_flops(shape, forecast_calls or [])
+    generation = calls_flops(shape, forecast_calls or []) if args.eval_every else 0.0
+    evaluation += generation
     full = costs.windows_loss(val.labels)
     n_steps = max(0, args.max_steps - from_step)
     every = args.eval_every
@@ -70,7 +67,20 @@ def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows,
     at_start = from_step == 0 and args.eval_at_start
     evals = args.max_steps // every - min(from_step, args.max_steps) // every + at_start if every else 0
     total = steps + world * (evals * evaluation + full)
-    return TrainPlan(steps / max(1, n_steps), evaluation, full, n_steps, evals, total), shape
+    plan = TrainPlan(steps / max(1, n_steps), evaluation, full, n_steps, evals, total, world * evals * generation)
+    return plan, shape
+
+
+def step_costs(costs: ScoredCosts, train: data.Windows, n_steps: int, seed: int) -> list[float]:
+    """FLOPs of each of the first ``n_steps`` optimizer steps, on the very batches the loop draws (the
+    tokens each scores): what a run's steps cost, and what a step count is worked out from."""
+    scored = (train.labels != -100).sum(1).numpy()          # [N] scored tokens of every training window
+    walk, out = training.RunState(), []
+    for _ in range(n_steps):                                # the batches the loop draws, in its order
+        batch = training.next_batch(walk, len(scored), costs.batch_size, seed)
+        walk.position += costs.batch_size
+        out.append(costs.train_step(int(scored[batch].sum())))
+    return out
 
 
 class ScoredCosts:

@@ -94,22 +94,23 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
     sections = [f"# Study report: {out}\n",
                 f"Model: `{model}`. Wall time of this invocation: {seconds / 60:.1f} min.\n"]
 
-    # ---- FLOPs: every run, generation included: the bound reserved first, the plan once its choices
-    # were made, what it charged
+    # ---- FLOPs: every run, generation included: the bound reserved first, the price once its choices
+    # were made (generation at its token limit), what it charged, and the gap
     charged, spent = charged_by_run(ledger), ledger.spent()
     by_item = [charged.get(i["name"].replace("/", "_"), 0.0) for i in plan["items"]]
-    rows = [[i["name"], i["script"], f"{i.get('bound', i['flops']):.4e}", f"{i['flops']:.4e}", f"{c:.4e}",
-             f"{c / i['flops'] - 1:+.2%}" if i["flops"] else "", f"{c / ledger.budget:.4%}"]
+    rows = [[i["name"], i["script"], f"{i.get('bound', i['flops']):.4e}", f"{i['flops']:.4e}",
+             f"{i.get('generation', 0.0):.4e}", f"{c:.4e}", f"{i['flops'] - c:.4e}", f"{c / ledger.budget:.4%}"]
             for i, c in zip(plan["items"], by_item, strict=True)]
     total = sum(by_item)
-    sections += ["## FLOPs\n", md_table(["run", "script", "bound (reserved)", "planned", "charged", "charged - planned",
-                                         "% of budget"], rows),
+    sections += ["## FLOPs\n", md_table(["run", "script", "bound (reserved)", "price", "of it generation",
+                                         "charged", "price - charged", "% of budget"], rows),
                  f"\nReserved before anything ran: {plan.get('bound', plan['planned_flops']):.4e} FLOPs, every choice "
-                 f"not yet made at its most expensive option. Planned, each run priced once its choices were made "
-                 f"(generation run to its token limit, so its cost is known): {plan['planned_flops']:.4e}. Charged "
-                 f"by these runs: {total:.4e} ({total / plan['planned_flops'] - 1:+.4%} against the plan); the ledger "
-                 f"holds {spent:.4e} in all, {spent / ledger.budget:.2%} of the {ledger.budget:.3g} budget. "
-                 f"The ledger in full:\n", flops.report_markdown(ledger)]
+                 f"not yet made at its most expensive option. Priced, each run once its choices were made: "
+                 f"{plan['planned_flops']:.4e}, exact for training steps and cross-entropy evaluations, generation "
+                 f"at its token limit. Charged by these runs: {total:.4e} ({total / plan['planned_flops'] - 1:+.4%} "
+                 f"against the price): the gap is generation stopping at the horizon, decoding less than its "
+                 f"limit. The ledger holds {spent:.4e} in all, {spent / ledger.budget:.2%} of the "
+                 f"{ledger.budget:.3g} budget. The ledger in full:\n", flops.report_markdown(ledger)]
 
     # ---- the choices, by the validation forecasts
     head = ["run", "lr", "rank", "context", "steps", "best step", "val MAE", "vs untrained (MAE diff ± SE)",

@@ -221,12 +221,10 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class AdapterInfo:
-    """Where a saved adapter's splits, encoding and data file were found."""
+    """A saved adapter folder and its data.json: where its splits, encoding and data file are recorded."""
 
-    folder: Path               # the adapter folder
-    source: Path | None        # the folder splits.json and encoding.json were read from: ``folder`` itself, or
-                               # (an adapter saved before adapters held them) the run folder it was saved in
-    data: dict | None          # its data.json {"path", "sha256", "systems"}; None for such older adapters
+    folder: Path               # the adapter folder (it holds splits.json and encoding.json too)
+    data: dict                 # its data.json {"path", "sha256", "systems"}
 
 
 @dataclass
@@ -260,24 +258,23 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
     data.json, and a file whose SHA-256 differs from the recorded one is refused (SystemExit naming
     both files and checksums) unless ``args.allow_other_data``, which turns the refusal into a
     warning in ``.warnings``. Scoring the adapter's own training split (``args.split`` "train") is
-    refused. An adapter folder without data.json (saved by an older train.py) falls back to its run
-    folder's files, with a printed note (also in ``.warnings``).
+    refused.
     """
     warnings: list[str] = []
-    info = adapter_info(args.adapter, warnings) if getattr(args, "adapter", None) else None
+    info = adapter_info(args.adapter) if getattr(args, "adapter", None) else None
     if info:
         if getattr(args, "split", None) == "train":
             raise SystemExit(f"--split train: adapter {info.folder} was trained on these systems; score val or "
                              f"test")
-        reuse = info.source or reuse
-    path = args.data or (info.data["path"] if info and info.data else None)
+        reuse = info.folder
+    path = args.data or (info.data["path"] if info else None)
     if path is None:
         path = str(lotka_volterra.default_dataset())
     elif not Path(path).is_file():
         where = "" if args.data else f" (recorded in {info.folder / 'data.json'}; pass --data)"
         raise SystemExit(f"data file {path} not found{where}")
     digest = file_sha256(path)
-    if info and info.data and digest != info.data["sha256"]:
+    if info and digest != info.data["sha256"]:
         msg = (f"data file {path} (sha256 {digest}) is not the one adapter {info.folder} was trained on: "
                f"{info.data['path']} (sha256 {info.data['sha256']})")
         if not getattr(args, "allow_other_data", False):
@@ -318,36 +315,21 @@ def save_adapter_files(folder: Path, run_data: RunData) -> None:
                                             "sha256": run_data.sha256, "systems": len(run_data.trajectories)})
 
 
-def adapter_info(adapter: str | os.PathLike, warnings: list[str]) -> AdapterInfo:
-    """Read an adapter folder's provenance (see ``prepare_data``); notes go to ``warnings``."""
+def adapter_info(adapter: str | os.PathLike) -> AdapterInfo:
+    """Read an adapter folder's provenance (see ``prepare_data``), refusing a folder that lacks any of it."""
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
         raise SystemExit(f"--adapter {folder}: not an adapter folder (no adapter_config.json)")
-    if (folder / "data.json").is_file():
-        missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
-        if missing:
-            raise SystemExit(f"--adapter {folder}: has data.json but not {', '.join(missing)}")
-        recorded = json.loads((folder / "data.json").read_text())
-        for key, kind in (("path", str), ("sha256", str), ("systems", int)):
-            if not isinstance(recorded.get(key), kind):
-                raise SystemExit(f"{folder / 'data.json'}: field {key!r} must be a {kind.__name__}, "
-                                 f"found {recorded.get(key)!r}")
-        return AdapterInfo(folder, folder, recorded)
-    run = adapter_run_dir(str(folder))
-    if run:
-        _warn(warnings, f"adapter {folder} has no data.json (saved by an older train.py): its splits and encoding "
-                        f"come from the run folder {run}, and its data file is not checked")
-    else:
-        _warn(warnings, f"adapter {folder} has no data.json and no run folder beside it: the splits and encoding are "
-                        f"made afresh from --seed/--splits/--percentile and may not be those it was trained on")
-    return AdapterInfo(folder, run, None)
-
-
-def adapter_run_dir(adapter: str | None) -> Path | None:
-    """The training run folder an adapter was saved in (it holds splits.json and encoding.json)."""
-    if adapter and (Path(adapter).parent / "splits.json").is_file():
-        return Path(adapter).parent
-    return None
+    missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
+    if missing:
+        raise SystemExit(f"--adapter {folder}: has no {', '.join(missing)} (train.py saves them beside the weights); "
+                         f"without them its forecasts cannot be decoded as it was trained")
+    recorded = json.loads((folder / "data.json").read_text())
+    for key, kind in (("path", str), ("sha256", str), ("systems", int)):
+        if not isinstance(recorded.get(key), kind):
+            raise SystemExit(f"{folder / 'data.json'}: field {key!r} must be a {kind.__name__}, "
+                             f"found {recorded.get(key)!r}")
+    return AdapterInfo(folder, recorded)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
