@@ -200,10 +200,21 @@ def _child(task: str, ckpt: str, dtype_name: str, device_name: str, batch: int, 
 
 
 def in_child(task: str, ckpt: Path, dtype: str, device: torch.device, batch: int = 4, seq: int = 512) -> dict:
+    """``_child``'s figures from a fresh (spawned) process; a child that dies without them (an
+    exception, out of memory) raises RuntimeError here instead of leaving the caller waiting."""
+    import queue
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(task, str(ckpt), dtype, str(device), batch, seq, q))
     p.start()
-    result = q.get()
+    while True:
+        alive = p.is_alive()  # (asked first: a child that put its figures and exited still delivers them)
+        try:
+            result = q.get(timeout=2.0)
+            break
+        except queue.Empty:
+            if not alive:
+                raise RuntimeError(f"the child measuring {task} exited ({p.exitcode}) with no figures") from None
     p.join()
     return result
