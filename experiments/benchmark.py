@@ -40,14 +40,14 @@ from experiments.lib.bench_cases import (
     ALLOWED,
     DTYPES,
     alternate,
-    forecast_fns,
     forecast_prompts,
     forward_fns,
     generate_fns,
     in_child,
     load_ours,
     load_theirs,
-    train_step_fns,
+    time_forecast,
+    time_train_step,
     write_checkpoint,
 )
 from experiments.lib.bench_env import environment, matmul_peak, print_environment
@@ -65,7 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", default=None, help="use this Qwen2 checkpoint folder instead of random weights")
     args = p.parse_args(argv)
 
-    import flops
     import qwen_min
     from experiments.lib.runs import pick_device
 
@@ -106,17 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
             s = alternate({"ours": fwd_ours, "theirs": fwd_theirs}, args.reps, device)
             record("forward_tokens_per_s", B * T / s["ours"], B * T / s["theirs"], "tok/s")
         if "train" in args.only:
-            step_ours, step_theirs = train_step_fns(ours, theirs, ids)
-            s = alternate({"ours": step_ours, "theirs": step_theirs}, args.reps, device)
-            record("train_tokens_per_s", B * T / s["ours"], B * T / s["theirs"], "tok/s")
-            report = flops.count(ours, batch=B, seq_len=T, mode="train")
-            actual = report.train_actual  # forward + the real frozen-base LoRA backward
             peak = matmul_peak(dtype, device)
-            res["mfu"] = actual / s["ours"] / peak
-            res["matmul_peak_flops_per_s"] = peak
-            res["theirs"]["mfu"] = actual / s["theirs"] / peak
-            print(f"{'mfu':28s} ours {res['mfu']:.1%}  transformers {res['theirs']['mfu']:.1%}  "
-                  f"(counter: {actual:.3e} FLOPs/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", flush=True)
+            row = time_train_step(ours, theirs, ids, args.reps, device, peak)
+            record("train_tokens_per_s", row["tokens_per_s_ours"], row["tokens_per_s_theirs"], "tok/s")
+            res["mfu"], res["theirs"]["mfu"], res["matmul_peak_flops_per_s"] = row["mfu_ours"], row["mfu_theirs"], peak
+            print(f"{'mfu':28s} ours {res['mfu']:.1%}  transformers {res['theirs']['mfu']:.1%}  (counter: "
+                  f"{row['flops_per_step_actual']:.3e} FLOPs/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", flush=True)
         del ours, theirs
 
     if "memory" in args.only:
@@ -133,11 +127,9 @@ def main(argv: list[str] | None = None) -> dict:
             assert ALLOWED == [tok.encode(c)[0] for c in ALPHABET]
         if "forecast" in args.only:
             # 32 series, prompts of 50 steps "d.dd,d.dd;" (~500 tokens), 50 steps ~ 500 new tokens.
-            n_series, prompt_len, fc_new = 32, 500, 500
-            fc_ours, fc_theirs = forecast_fns(ours, theirs, forecast_prompts(n_series, prompt_len, gen).to(device),
-                                              fc_new)
-            s = alternate({"ours": fc_ours, "theirs": fc_theirs}, 1, device, warmup=False)
-            record("forecast_steps_per_s", n_series * 50 / s["ours"], n_series * 50 / s["theirs"], "steps/s")
+            fc_prompts = forecast_prompts(32, 500, gen).to(device)
+            row = time_forecast(ours, theirs, fc_prompts, 50, 500, device)
+            record("forecast_steps_per_s", row["steps_per_s_ours"], row["steps_per_s_theirs"], "steps/s")
         if "generate" in args.only:
             g_ours, g_theirs = generate_fns(ours, theirs, prompts, mask, new)
             s = alternate({"ours": g_ours, "theirs": g_theirs}, 1, device, warmup=False)

@@ -152,7 +152,6 @@ def check_logits(ckpt: Path, dtype: torch.dtype, device: torch.device, args: arg
 
 
 def check_train(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> dict:
-    import flops
     from experiments.lib import bench_cases, bench_env
 
     ours = bench_cases.load_ours(ckpt, dtype, device, lora_rank=4)
@@ -162,15 +161,7 @@ def check_train(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argp
     out: dict = {"matmul_peak_flops_per_s": peak, "matmul_dtype": str(dtype).removeprefix("torch."), "sizes": {}}
     for B, T in sizes(args.train_sizes, 2):
         ids = torch.randint(0, bench_cases.PAD_ID, (B, T), generator=gen).to(device)
-        step_ours, step_theirs = bench_cases.train_step_fns(ours, theirs, ids)
-        s = bench_cases.alternate({"ours": step_ours, "theirs": step_theirs}, args.reps, device)
-        report = flops.count(ours, batch=B, seq_len=T, mode="train")
-        actual = report.train_actual  # forward + the real frozen-base LoRA backward
-        row = {"seconds_ours": s["ours"], "seconds_theirs": s["theirs"],
-               "tokens_per_s_ours": B * T / s["ours"], "tokens_per_s_theirs": B * T / s["theirs"],
-               "ratio": s["theirs"] / s["ours"], "flops_per_step_actual": actual,
-               "flops_per_step_planned": report.total, "mfu_ours": actual / s["ours"] / peak,
-               "mfu_theirs": actual / s["theirs"] / peak}
+        row = bench_cases.time_train_step(ours, theirs, ids, args.reps, device, peak)
         out["sizes"][f"{B}x{T}"] = row
         print(f"[gpu_check] train {B}x{T}: ours {row['tokens_per_s_ours']:.4g} tok/s (MFU {row['mfu_ours']:.1%}), "
               f"transformers {row['tokens_per_s_theirs']:.4g} tok/s (MFU {row['mfu_theirs']:.1%}), "
@@ -179,7 +170,7 @@ def check_train(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argp
 
 
 def check_forecast(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> dict:
-    from experiments.lib import bench_cases, forecasting
+    from experiments.lib import bench_cases
 
     ours = bench_cases.load_ours(ckpt, dtype, device)
     theirs = bench_cases.load_theirs(ckpt, dtype, device)
@@ -191,13 +182,7 @@ def check_forecast(ckpt: Path, dtype: torch.dtype, device: torch.device, args: a
         fn()  # one short call each first: kernels chosen and caches warm before anything is timed
     for n, in sizes(args.forecast_series, 1):
         prompts = bench_cases.forecast_prompts(n, prompt_len, gen).to(device)
-        fc_ours, fc_theirs = bench_cases.forecast_fns(ours, theirs, prompts, new)
-        s = bench_cases.alternate({"ours": fc_ours, "theirs": fc_theirs}, 1, device, warmup=False)
-        total, _ = forecasting.generation_flops(ours, batch=n, prompt_len=prompt_len, steps=new, num_samples=1,
-                                                vocab=len(bench_cases.ALLOWED), sampled=False, padded=False)
-        row = {"seconds_ours": s["ours"], "seconds_theirs": s["theirs"], "steps_per_s_ours": n * steps / s["ours"],
-               "steps_per_s_theirs": n * steps / s["theirs"], "ratio": s["theirs"] / s["ours"],
-               "flops_ours": total, "flops_per_s_ours": total / s["ours"]}
+        row = bench_cases.time_forecast(ours, theirs, prompts, steps, new, device)
         out["series"][str(n)] = row
         print(f"[gpu_check] forecast {n} series x {steps} steps: ours {row['steps_per_s_ours']:.4g} steps/s, "
               f"transformers {row['steps_per_s_theirs']:.4g} steps/s, {row['ratio']:.2f}x", flush=True)

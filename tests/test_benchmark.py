@@ -152,7 +152,7 @@ def test_benchmark_script_is_assembled_from_the_pieces():
     from experiments import benchmark
 
     assert benchmark.profile_phases is bench_phases.profile_phases
-    assert benchmark.environment is bench_env.environment and benchmark.train_step_fns is bench_cases.train_step_fns
+    assert benchmark.environment is bench_env.environment and benchmark.time_train_step is bench_cases.time_train_step
 
 
 def test_write_checkpoint_is_the_tied_random_qwen(tmp_path):

@@ -160,6 +160,37 @@ def train_step_fns(ours, theirs, ids: torch.Tensor):
     return step_ours, step_theirs
 
 
+def time_train_step(ours, theirs, ids: torch.Tensor, reps: int, device: torch.device, peak: float) -> dict:
+    """The LoRA training step on ids [B, T], ours and theirs alternating: seconds, tokens/s, their
+    ratio, the counter's FLOPs per step and the model FLOP utilisation against ``peak`` FLOP/s."""
+    import flops
+
+    B, T = ids.shape
+    step_ours, step_theirs = train_step_fns(ours, theirs, ids)
+    s = alternate({"ours": step_ours, "theirs": step_theirs}, reps, device)
+    report = flops.count(ours, batch=B, seq_len=T, mode="train")
+    actual = report.train_actual  # forward + the real frozen-base LoRA backward
+    return {"seconds_ours": s["ours"], "seconds_theirs": s["theirs"], "tokens_per_s_ours": B * T / s["ours"],
+            "tokens_per_s_theirs": B * T / s["theirs"], "ratio": s["theirs"] / s["ours"],
+            "flops_per_step_actual": actual, "flops_per_step_planned": report.total,
+            "mfu_ours": actual / s["ours"] / peak, "mfu_theirs": actual / s["theirs"] / peak}
+
+
+def time_forecast(ours, theirs, prompts: torch.Tensor, steps: int, new: int, device: torch.device) -> dict:
+    """Greedy forecasts of ``new`` tokens (``steps`` time steps) after each of prompts [n, P], once
+    each: seconds, time steps per second, their ratio, and ours' FLOPs by the counter and FLOP/s."""
+    from experiments.lib import forecasting
+
+    n, prompt_len = prompts.shape
+    fc_ours, fc_theirs = forecast_fns(ours, theirs, prompts, new)
+    s = alternate({"ours": fc_ours, "theirs": fc_theirs}, 1, device, warmup=False)
+    total, _ = forecasting.generation_flops(ours, batch=n, prompt_len=prompt_len, steps=new, num_samples=1,
+                                            vocab=len(ALLOWED), sampled=False, padded=False)
+    return {"seconds_ours": s["ours"], "seconds_theirs": s["theirs"], "steps_per_s_ours": n * steps / s["ours"],
+            "steps_per_s_theirs": n * steps / s["theirs"], "ratio": s["theirs"] / s["ours"],
+            "flops_ours": total, "flops_per_s_ours": total / s["ours"]}
+
+
 # ---------------------------------------------------------------------------------------------
 # Child-process measurements (peak memory)
 
