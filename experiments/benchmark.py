@@ -19,6 +19,10 @@ allocation/copy and other, in ms and as fractions. The output (and --json) start
 ran: CPU model and its bf16-relevant ISA flags, torch and oneDNN versions, the bf16 matmul kernel
 oneDNN picks, threads, ONEDNN_MAX_CPU_ISA if set, the GPU on CUDA.
 
+The pieces are in experiments/lib: bench_env.py (where it ran, memory, the matmul peak),
+bench_cases.py (the models and timed cases), bench_phases.py (the profiler's phases); the device
+check, experiments/gpu_check.py, is made of the same.
+
     python experiments/benchmark.py --device cuda         # on a GPU (bf16)
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python experiments/benchmark.py   # an AMX CPU without AMX
 """
