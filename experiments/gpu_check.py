@@ -17,9 +17,11 @@ one that fails still leaves the others reported (each: ``ok``, ``error``, its fi
             --forecast-steps (ours constrained to the LLMTIME characters, transformers' generate)
   memory    peak memory of two training steps at the first --train-sizes, in a fresh child
             process each (torch.cuda.max_memory_allocated on a GPU, peak RSS on a CPU)
-  plan      ``study.py --preset full --dry-run`` on the checkpoint (a temp --out), its priced plan,
-            and a wall-time estimate from the speeds measured above
+  plan      ``study.py --preset full --dry-run`` on the checkpoint (a temp --out, a child process
+            given --plan-timeout seconds), its priced plan, and a wall-time estimate from the speeds
+            measured above
 
+The JSON is rewritten after every part, so a check stopped from outside keeps what it measured.
 The figures reuse the benchmark's pieces (experiments/lib/bench_*.py); the JSON (--json) also
 records where it ran and which of qwen_min.fastpath's devices applied there.
 """
@@ -80,8 +82,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=None, help="alternating repetitions of each training step")
     p.add_argument("--study-preset", default="full", help="the preset of the dry-run study (part plan)")
     p.add_argument("--data", default=None, help="data file for the study (default: the generated data set)")
+    p.add_argument("--plan-timeout", type=float, default=300, help="seconds the dry-run study may take (part plan)")
     args = p.parse_args(argv)
     return args
+
+
+def write_json(path: str, res: dict) -> None:
+    from experiments.lib import files
+
+    files.write_json(Path(path), res)
 
 
 def run_part(name: str, fn: Callable[[], dict], results: dict) -> dict:
@@ -241,12 +250,18 @@ def wall_time_estimate(items: list[dict], results: dict) -> dict:
 
 def check_plan(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace,
                results: dict) -> dict:
-    from experiments import study
+    import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
-        argv = ["--preset", args.study_preset, "--dry-run", "--model", str(ckpt), "--out", str(Path(tmp) / "study"),
-                "--device", str(device.type), "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32"]
-        plan = json.loads(study.main(argv + (["--data", args.data] if args.data else [])).read_text())
+        out = Path(tmp) / "study"
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "study.py"), "--preset", args.study_preset,
+               "--dry-run", "--model", str(ckpt), "--out", str(out), "--device", str(device.type),
+               "--dtype", "bf16" if dtype == torch.bfloat16 else "fp32", *(["--data", args.data] if args.data else [])]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.plan_timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"study.py --dry-run exited with status {done.returncode}: "
+                               f"{done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}")
+        plan = json.loads((out / "plan.json").read_text())
     items = [{"name": i["name"], "script": i["script"], "flops": i["flops"], "bound": i["bound"],
               "argv": i["argv"]} for i in plan["items"]]
     out = {"preset": args.study_preset, "planned_flops": plan["planned_flops"], "budget": plan["budget"],
@@ -310,14 +325,15 @@ def main(argv: list[str] | None = None) -> dict:
             run_part(name, lambda fn=runners[name]: fn(ckpt, dtype, device, args), parts)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        if args.json:  # after every part: a check stopped from outside keeps what it measured
+            write_json(args.json, res)
     res["ok"] = all(p["ok"] for p in parts.values())
     res["seconds"] = time.perf_counter() - t0
     failed = [k for k, p in parts.items() if not p["ok"]]
     print(f"[gpu_check] {'FAILED: ' + ', '.join(failed) if failed else 'all parts ok'} ({res['seconds']:.0f} s)",
           flush=True)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(res, indent=2))
+        write_json(args.json, res)
     tmp.cleanup()
     return res
 

@@ -63,7 +63,13 @@ def test_a_failing_part_leaves_the_others_reported(tiny_ckpt, tmp_path):
     parts = json.loads(out.read_text())["parts"]
     assert set(parts) == {"logits", "plan"} and not res["ok"]
     assert parts["logits"]["ok"] and parts["logits"]["greedy_identical"]
-    assert parts["plan"]["ok"] is False and "SystemExit" in parts["plan"]["error"]
+    assert parts["plan"]["ok"] is False and "exited with status 2" in parts["plan"]["error"]
+
+
+def test_a_plan_over_its_time_is_reported(tiny_ckpt, tmp_path):
+    res = gpu_check.main(["--device", "cpu", "--model", str(tiny_ckpt), "--parts", "plan", "--study-preset", "tiny",
+                          "--plan-timeout", "0.5"])
+    assert res["parts"]["plan"]["ok"] is False and "TimeoutExpired" in res["parts"]["plan"]["error"]
 
 
 def test_sizes_are_checked():
