@@ -22,7 +22,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from qwen_min import Qwen2, QwenConfig, save_pretrained
+from qwen_min import Qwen2, QwenConfig, init_weights, save_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> Path:
                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
     torch.manual_seed(args.seed)
-    model = Qwen2(config)
-    with torch.no_grad():  # the Qwen2 initialisation: normal(0, 0.02) weights, zero biases
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                continue
-            param.normal_(0.0, 0.02) if param.dim() == 2 else param.zero_()
+    model = init_weights(Qwen2(config))  # normal(0, 0.02) weights, zero biases, unit norms
     model = model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     out = save_pretrained(model, args.out)
     source = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir()

@@ -1,17 +1,19 @@
 """qwen_min: a small, explicit Qwen2 / Qwen2.5 in PyTorch.
 
 Public API: ``QwenConfig``, ``Qwen2``, ``KVCache``, ``from_pretrained``, ``save_pretrained``,
-``load_config``, ``load_tokenizer``, ``generate``, ``chunked_cross_entropy``.
+``load_config``, ``load_tokenizer``, ``generate``, ``chunked_cross_entropy``, ``init_weights``
+(random Qwen2 weights) and ``QWEN25_05B`` (the 0.5B model's config.json figures).
 """
 
-from qwen_min.config import ConfigError, QwenConfig
+from qwen_min.config import QWEN25_05B, ConfigError, QwenConfig
 from qwen_min.generate import Generation, generate
 from qwen_min.load import CheckpointError, from_pretrained, load_config, save_pretrained
 from qwen_min.loss import chunked_cross_entropy
-from qwen_min.model import KVCache, Qwen2
+from qwen_min.model import KVCache, Qwen2, init_weights
 from qwen_min.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = [
-    "CheckpointError", "ConfigError", "Generation", "KVCache", "Qwen2", "QwenConfig", "Tokenizer",
-    "chunked_cross_entropy", "from_pretrained", "generate", "load_config", "load_tokenizer", "save_pretrained",
+    "QWEN25_05B", "CheckpointError", "ConfigError", "Generation", "KVCache", "Qwen2", "QwenConfig", "Tokenizer",
+    "chunked_cross_entropy", "from_pretrained", "generate", "init_weights", "load_config", "load_tokenizer",
+    "save_pretrained",
 ]

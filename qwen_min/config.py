@@ -12,6 +12,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+# Qwen2.5-0.5B(-Instruct)'s config.json, the figures that shape the model: the benchmark's and the
+# device check's random checkpoints, and the tests' full-size architecture.
+QWEN25_05B: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, max_position_embeddings=32768,
+)
+
 
 class ConfigError(ValueError):
     """A config.json that is malformed or asks for something this implementation does not do."""

@@ -15,6 +15,13 @@ For the duration, on this model instance only:
 * with ``rows`` given, every bf16 CPU ``nn.Linear`` in the transformer blocks multiplies by a
   oneDNN-prepacked copy of its weight (``prepacked_layers``).
 
+Which devices apply depends on where the model runs, and ``devices_for(device, dtype)`` says so
+explicitly (``fast_inference`` asks it unless told): on a CPU the folded attention, the in-place
+SwiGLU and the reused logits buffer, and the prepacked weights only for bf16 where oneDNN has bf16
+kernels (a CPU with AVX-512 BF16 or AMX); on CUDA none of them (the plain model path, whose SDPA
+calls take the flash / memory-efficient kernels, and a caching allocator that makes fresh tensors
+cheap); on the meta device (planning) none, so nothing there ever asks about the hardware.
+
 Each device is set as an instance attribute (``module.forward`` or ``module.attend``), which takes
 precedence over the class's method; leaving the block deletes it again. A module already swapped
 belongs to an enclosing ``fast_inference`` and is left alone, so nested use (a ``stop`` callback
@@ -30,7 +37,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from functools import partial
+from dataclasses import dataclass
+from functools import cache, partial
+from pathlib import Path
 from types import MethodType
 
 import torch
@@ -38,6 +47,73 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qwen_min.model import MLP, Attention, Qwen2
+
+# ---------------------------------------------------------------------------------------------
+# Which devices apply where
+
+
+@dataclass(frozen=True)
+class Devices:
+    """The inference devices that pay on one (device, dtype), and how often a decode loop may wait
+    for the device to learn whether every row has stopped."""
+
+    folded_decode: bool = False    # folded_decode_attend for one-token steps
+    inplace_swiglu: bool = False   # inplace_swiglu under no_grad
+    prepack: bool = False          # prepacked_layers for the decode steps
+    reused_logits: bool = False    # reused_output for the decode loop's output layer
+    stop_check_every: int = 1      # decode steps between host-side "all rows done?" checks
+
+
+# On an accelerator, reading a device value (bool(t), t.item(), t.tolist()) waits for everything
+# queued before it: a check every step would keep the GPU idle between steps. Checked every 16 steps,
+# a finished batch runs at most 15 steps more, whose tokens are discarded (stopped rows are padded).
+ACCELERATOR_STOP_CHECK_EVERY = 16
+
+
+@cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux; elsewhere empty)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
+    return frozenset(line.partition(":")[2].split())
+
+
+def cpu_has_bf16_kernels(flags: frozenset[str] | set[str] | None = None) -> bool:
+    """True where oneDNN runs bf16 matmuls with native bf16 instructions: a CPU with AVX-512 BF16 or
+    AMX and a torch built with oneDNN's bf16 support. Elsewhere (AVX2, AVX-512 without BF16) bf16 is
+    emulated and prepacking it buys nothing. ``flags``: the CPU's flags (default: this machine's)."""
+    flags = cpu_flags() if flags is None else flags
+    if not ({"avx512_bf16", "amx_bf16"} & set(flags)):
+        return False
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+def devices_for(device: torch.device | str, dtype: torch.dtype, *, bf16_kernels: bool | None = None) -> Devices:
+    """The devices that apply to a model with weights of ``dtype`` on ``device``.
+
+    cpu: folded one-token attention, in-place SwiGLU and the reused logits buffer; prepacked weights
+    only for bf16 with ``bf16_kernels`` (default: ``cpu_has_bf16_kernels()`` of this machine).
+    cuda and any other accelerator: none (the plain path), and the stop check every
+    ``ACCELERATOR_STOP_CHECK_EVERY`` steps. meta: none, and nothing about the hardware is asked.
+    """
+    device = torch.device(device)
+    if device.type == "meta":
+        return Devices()
+    if device.type != "cpu":
+        return Devices(stop_check_every=ACCELERATOR_STOP_CHECK_EVERY)
+    prepack = dtype == torch.bfloat16 and (cpu_has_bf16_kernels() if bf16_kernels is None else bf16_kernels)
+    return Devices(folded_decode=True, inplace_swiglu=True, prepack=prepack, reused_logits=True)
+
+
+def model_devices(model: Qwen2) -> Devices:
+    """``devices_for`` the device and dtype of the model's (base) weights."""
+    w = model.embed_tokens.weight
+    return devices_for(w.device, w.dtype)
+
 
 # ---------------------------------------------------------------------------------------------
 # The devices
@@ -73,9 +149,9 @@ def inplace_swiglu(mlp: MLP, x: Tensor) -> Tensor:
 
 
 def can_prepack(weight: Tensor) -> bool:
-    """True where oneDNN can prepack this weight: a bf16 CPU tensor on a CPU with bf16 support."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """True where prepacking this weight pays: a bf16 CPU tensor on a CPU whose oneDNN has native
+    bf16 kernels (``cpu_has_bf16_kernels``)."""
+    return weight.device.type == "cpu" and weight.dtype == torch.bfloat16 and cpu_has_bf16_kernels()
 
 
 def prepack(weight: Tensor, rows: int) -> Callable[[Tensor, Tensor | None], Tensor]:
@@ -135,17 +211,22 @@ def prepacked_layers(model: Qwen2, rows: int) -> Iterator[None]:
 
 
 @contextmanager
-def fast_inference(model: Qwen2, rows: int | None = None) -> Iterator[None]:
-    """For the duration: folded one-token attention, in-place SwiGLU under no_grad and, with ``rows``
-    (the decode batch size), prepacked bf16 CPU weights in the blocks. See the module docstring."""
-    attends = [(m, "attend", MethodType(folded_decode_attend, m)) for m in model.modules() if isinstance(m, Attention)]
-    mlps = [(m, "forward", MethodType(inplace_swiglu, m)) for m in model.modules() if isinstance(m, MLP)]
+def fast_inference(model: Qwen2, rows: int | None = None, devices: Devices | None = None) -> Iterator[None]:
+    """For the duration, the ``devices`` (default: ``model_devices(model)``, what pays where the
+    model is): folded one-token attention, in-place SwiGLU under no_grad and, with ``rows`` (the
+    decode batch size), prepacked bf16 CPU weights in the blocks. See the module docstring."""
+    devices = model_devices(model) if devices is None else devices
+    attends = [(m, "attend", MethodType(folded_decode_attend, m)) for m in model.modules()
+               if isinstance(m, Attention)] if devices.folded_decode else []
+    mlps = [(m, "forward", MethodType(inplace_swiglu, m)) for m in model.modules()
+            if isinstance(m, MLP)] if devices.inplace_swiglu else []
     with ExitStack() as stack:
         stack.enter_context(_swapped(attends + mlps))
-        if rows is not None:
+        if rows is not None and devices.prepack:
             stack.enter_context(prepacked_layers(model, rows))
         yield
 
 
-__all__ = ["can_prepack", "fast_inference", "folded_decode_attend", "inplace_swiglu", "prepack", "prepacked_layers",
+__all__ = ["ACCELERATOR_STOP_CHECK_EVERY", "Devices", "can_prepack", "cpu_flags", "cpu_has_bf16_kernels", "devices_for",
+           "fast_inference", "folded_decode_attend", "inplace_swiglu", "model_devices", "prepack", "prepacked_layers",
            "reused_output"]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from qwen_min.fastpath import fast_inference, reused_output
+from qwen_min.fastpath import fast_inference, model_devices, reused_output
 from qwen_min.model import KVCache, Qwen2
 
 
@@ -79,8 +79,12 @@ def generate(
     True for it (e.g. "50 semicolons produced"); generation ends when every row has stopped.
     ``allowed_token_ids`` restricts decoding to those tokens and then only computes their logits.
     ``num_samples`` > 1 draws that many continuations per prompt from one shared prefill.
-    Runs under ``qwen_min.fastpath.fast_inference``: with bf16 weights on a CPU, the decoding steps
-    use oneDNN-prepacked copies of the weights (one extra copy of the weights in memory while it runs).
+    Runs under ``qwen_min.fastpath.fast_inference`` with the devices that pay where the model is
+    (``fastpath.devices_for``): on a CPU, among others, oneDNN-prepacked copies of the weights for the
+    decoding steps where it has bf16 kernels (one extra copy of the weights while it runs); on CUDA
+    the plain path. The decode loop never reads a device value except to ask whether every row has
+    stopped, which on an accelerator it asks every ``ACCELERATOR_STOP_CHECK_EVERY`` steps (so a
+    finished batch may run a few steps more; their tokens are padding, the result is the same).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -88,6 +92,7 @@ def generate(
         raise ValueError("num_samples > 1 needs temperature > 0 (greedy samples would all be equal)")
     B, T = input_ids.shape
     device = input_ids.device
+    devices = model_devices(model)
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or []),
                        device=device, dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
@@ -114,7 +119,7 @@ def generate(
         mask = torch.ones(B, T + max_new_tokens, dtype=torch.long, device=device)
         mask[:, :T] = attention_mask
     # The prompt goes through with the plain weights (many rows: oneDNN's reorder is amortised).
-    with fast_inference(model):
+    with fast_inference(model, devices=devices):
         logits = next_logits(input_ids, None if mask is None else mask[:, :T], cache, lambda h: F.linear(h, weight))
     if num_samples > 1:  # one prefill, then every sample continues from a copy of its prompt's cache
         cache = cache.repeat_interleave(num_samples)
@@ -126,10 +131,11 @@ def generate(
     logprobs = torch.zeros(rows, max_new_tokens, device=device) if return_logprobs else None
     done = torch.zeros(rows, dtype=torch.bool, device=device)
     lengths = torch.zeros(rows, dtype=torch.long, device=device)
-    # The decoding steps, a few rows each, also use prepacked weights (when there are any), and
+    # The decoding steps, a few rows each, also use prepacked weights (where they pay), and on a CPU
     # their output layer writes into one reused buffer.
-    head = reused_output(weight, rows)
-    with fast_inference(model, rows if max_new_tokens > 1 else None):
+    head = reused_output(weight, rows) if devices.reused_logits else (lambda h: F.linear(h, weight))
+    every = devices.stop_check_every
+    with fast_inference(model, rows if max_new_tokens > 1 else None, devices=devices):
         for t in range(max_new_tokens):
             choice = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
             chosen = allowed[choice] if allowed is not None else choice
@@ -142,7 +148,7 @@ def generate(
             done |= torch.isin(token, eos)
             if stop is not None:
                 done |= stop(tokens[:, : t + 1])
-            if bool(done.all()) or t + 1 == max_new_tokens:
+            if t + 1 == max_new_tokens or ((t + 1) % every == 0 and bool(done.all())):
                 break
             # Stopped rows keep running (a batch moves together) on their own valid choice; their
             # outputs are discarded. Feeding `pad` could be an id outside the vocabulary.

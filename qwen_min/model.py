@@ -242,3 +242,18 @@ class Qwen2(nn.Module):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)}")
             mask = mask & attention_mask.bool()[:, None, None, :] | (k_pos == q_pos)[None, None]
         return mask
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module) -> nn.Module:
+    """The Qwen2 initialisation, as transformers does it: every matrix normal(0, 0.02), every other
+    parameter (biases) zero, norm weights one. Draws from torch's global generator; seed it first.
+    Works on a model whose storage is uninitialised (built on meta, then ``to_empty``)."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        elif param.dim() == 2:
+            param.normal_(0.0, 0.02)
+        else:
+            param.zero_()
+    return model

@@ -13,11 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-QWEN25_05B = dict(  # Qwen2.5-0.5B-Instruct's config.json, the figures that shape the model
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-    num_attention_heads=14, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-    tie_word_embeddings=True, max_position_embeddings=32768,
-)
+from qwen_min.config import QWEN25_05B  # Qwen2.5-0.5B-Instruct's shape, defined once (tests import it from here)
+
 TINY = dict(  # real vocabulary size, so the real tokenizer works with it
     vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, rope_theta=1_000_000.0, rms_norm_eps=1e-6,

@@ -1,5 +1,6 @@
-"""The benchmark's account of where it ran and where the time goes (experiments/benchmark.py), on the
-tiny checkpoint: the figures themselves are the benchmark's business, not a unit test's."""
+"""The benchmark's account of where it ran and where the time goes (experiments/benchmark.py and its
+pieces in experiments/lib/bench_*.py), on the tiny checkpoint: the figures themselves are the
+benchmark's business, not a unit test's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import qwen_min
-from experiments import benchmark
+from experiments.lib import bench_cases, bench_env, bench_phases
 
 CPU = torch.device("cpu")
 
@@ -26,7 +27,7 @@ def proc_cpuinfo() -> tuple[str, set[str]]:
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads Linux's /proc/cpuinfo")
 def test_environment_reports_this_machine(monkeypatch):
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
-    env = benchmark.environment(CPU)
+    env = bench_env.environment(CPU)
     model, flags = proc_cpuinfo()
     assert env["cpu"] == model
     assert set(env["isa_flags"]) == {"amx_bf16", "avx512_bf16", "avx512f", "avx2"}
@@ -47,7 +48,7 @@ def test_onednn_isa_cap_is_recorded_and_obeyed(monkeypatch):
     """ONEDNN_MAX_CPU_ISA=AVX512_CORE (below AVX-512 BF16) must show in the record and keep oneDNN
     off the bf16 and AMX kernels in the measured child."""
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE")
-    env = benchmark.environment(CPU)
+    env = bench_env.environment(CPU)
     assert env["ONEDNN_MAX_CPU_ISA"] == "AVX512_CORE"
     kernel = env["onednn_dispatch"]["bf16_matmul_kernel"] or ""
     assert "avx512_core_bf16" not in kernel and "amx" not in kernel
@@ -77,11 +78,11 @@ def test_onednn_isa_cap_is_recorded_and_obeyed(monkeypatch):
     ("aten::something_new", [], None),
 ])
 def test_phase_of_known_operators(name, shapes, phase):
-    assert benchmark.phase_of(name, shapes, vocab=151936) == phase
+    assert bench_phases.phase_of(name, shapes, vocab=151936) == phase
 
 
 def check_breakdown(b: dict) -> None:
-    assert set(b["ms"]) == set(b["fraction"]) == set(benchmark.PHASES)
+    assert set(b["ms"]) == set(b["fraction"]) == set(bench_phases.PHASES)
     assert math.isclose(sum(b["fraction"].values()), 1.0, rel_tol=1e-9)
     assert math.isclose(sum(b["ms"].values()), b["total_ms"], rel_tol=1e-9)
     assert all(v >= 0 for v in b["ms"].values())
@@ -98,7 +99,7 @@ def test_forward_breakdown_ours(tiny_ckpt):
         with torch.no_grad():
             model(ids)
 
-    b = benchmark.profile_phases(fwd, model, CPU, model.config.vocab_size)
+    b = bench_phases.profile_phases(fwd, model, CPU, model.config.vocab_size)
     check_breakdown(b)
     assert b["steps"] == 1
     for phase in ("matmul", "attention", "norms/rotary", "output layer/loss"):
@@ -115,7 +116,7 @@ def test_forward_breakdown_transformers(hf_tiny):
         with torch.no_grad():
             hf_tiny(input_ids=ids)
 
-    b = benchmark.profile_phases(fwd, hf_tiny, CPU, hf_tiny.config.vocab_size)
+    b = bench_phases.profile_phases(fwd, hf_tiny, CPU, hf_tiny.config.vocab_size)
     check_breakdown(b)
     for phase in ("matmul", "attention", "norms/rotary", "output layer/loss"):
         assert b["ms"][phase] > 0, phase
@@ -127,9 +128,9 @@ def test_decode_step_breakdown(tiny_ckpt, hf_tiny):
     prompts = torch.randint(0, 1000, (3, 8))
     mask = torch.ones_like(prompts)
     mask[0, :3] = 0
-    fns = benchmark.generate_fns(model, hf_tiny, prompts, mask, 5)
+    fns = bench_cases.generate_fns(model, hf_tiny, prompts, mask, 5)
     for fn, m in zip(fns, (model, hf_tiny), strict=True):
-        b = benchmark.profile_phases(fn, m, CPU, model.config.vocab_size, per_decode_step=True)
+        b = bench_phases.profile_phases(fn, m, CPU, model.config.vocab_size, per_decode_step=True)
         check_breakdown(b)
         assert b["steps"] == 4
         assert b["ms"]["matmul"] > 0 and b["ms"]["output layer/loss"] > 0
@@ -143,5 +144,25 @@ def test_decode_step_needs_a_generation(tiny_ckpt):
             model(torch.zeros(1, 4, dtype=torch.long))
 
     with pytest.raises(ValueError, match="1 model call"):
-        benchmark.profile_phases(fwd, model, CPU, model.config.vocab_size, per_decode_step=True)
+        bench_phases.profile_phases(fwd, model, CPU, model.config.vocab_size, per_decode_step=True)
 
+
+
+def test_benchmark_script_is_assembled_from_the_pieces():
+    from experiments import benchmark
+
+    assert benchmark.profile_phases is bench_phases.profile_phases
+    assert benchmark.environment is bench_env.environment and benchmark.time_train_step is bench_cases.time_train_step
+
+
+def test_write_checkpoint_is_the_tied_random_qwen(tmp_path):
+    """bench_cases.write_checkpoint at a small shape: qwen_min.init_weights' values, read back, with the
+    tokenizer files when asked."""
+    shape = dict(qwen_min.QWEN25_05B, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                 num_attention_heads=4, num_key_value_heads=2)
+    ckpt = bench_cases.write_checkpoint(tmp_path / "c", torch.float32, shape, tokenizer=True)
+    assert (ckpt / "tokenizer.json").is_file()
+    model = qwen_min.from_pretrained(ckpt, dtype=torch.float32)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    w = model.layers[0].mlp.up_proj.weight
+    assert abs(w.std().item() - 0.02) < 0.002 and torch.equal(model.norm.weight, torch.ones(32))

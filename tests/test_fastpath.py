@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen_min
-from qwen_min import KVCache
+from qwen_min import KVCache, fastpath
 from qwen_min.fastpath import (
     can_prepack,
     fast_inference,
@@ -161,3 +161,109 @@ def test_fast_inference_swaps_per_instance_nests_and_undoes_on_error(tiny_ckpt):
     assert not _swaps(model)
     qwen_min.generate(model, torch.tensor([[1, 2, 3]]), 3)  # generate opts in, and leaves nothing behind
     assert not _swaps(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which devices apply where: chosen by device and dtype, the GPU selection tested without a GPU
+
+
+def test_devices_for_cuda_is_the_plain_path():
+    for device in (torch.device("cuda"), torch.device("cuda", 1), "cuda:0"):
+        for dtype in (torch.bfloat16, torch.float32):
+            d = fastpath.devices_for(device, dtype, bf16_kernels=True)
+            assert not (d.folded_decode or d.inplace_swiglu or d.prepack or d.reused_logits)
+            assert d.stop_check_every == fastpath.ACCELERATOR_STOP_CHECK_EVERY > 1
+
+
+def test_devices_for_cpu_prepacks_bf16_only_with_bf16_kernels():
+    for kernels in (True, False):
+        d = fastpath.devices_for(torch.device("cpu"), torch.bfloat16, bf16_kernels=kernels)
+        assert d.folded_decode and d.inplace_swiglu and d.reused_logits and d.stop_check_every == 1
+        assert d.prepack is kernels
+        assert not fastpath.devices_for("cpu", torch.float32, bf16_kernels=kernels).prepack
+    assert fastpath.devices_for("cpu", torch.bfloat16).prepack is fastpath.cpu_has_bf16_kernels()
+
+
+def test_cpu_bf16_kernels_need_avx512_bf16_or_amx():
+    assert not fastpath.cpu_has_bf16_kernels(frozenset({"avx2", "fma"}))
+    assert not fastpath.cpu_has_bf16_kernels(frozenset({"avx2", "avx512f", "avx512bw", "avx512vl"}))
+    mkldnn_bf16 = torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert fastpath.cpu_has_bf16_kernels(frozenset({"avx512f", "avx512_bf16"})) is mkldnn_bf16
+    flags = fastpath.cpu_flags()
+    if flags and not ({"avx512_bf16", "amx_bf16"} & flags):  # e.g. this AVX2 machine: no prepacking
+        assert not fastpath.cpu_has_bf16_kernels()
+        assert not can_prepack(torch.zeros(2, 2, dtype=torch.bfloat16))
+
+
+def test_meta_devices_and_planning_need_no_gpu_nor_cpu_flags(monkeypatch):
+    """Planning builds the model on the meta device: no CUDA call, no look at the CPU, no swaps."""
+    from experiments.lib import forecasting, planning
+
+    def forbidden(*_, **__):
+        raise AssertionError("planning touched the hardware")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("synchronize", "current_device", "init", "get_device_name"):
+        monkeypatch.setattr(torch.cuda, name, forbidden)
+    monkeypatch.setattr(fastpath, "cpu_flags", forbidden)
+    monkeypatch.setattr(fastpath, "cpu_has_bf16_kernels", forbidden)
+    assert fastpath.devices_for(torch.device("meta"), torch.bfloat16) == fastpath.Devices()
+    shape = planning.meta_model(qwen_min.QwenConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
+                                                    num_hidden_layers=2, num_attention_heads=4,
+                                                    num_key_value_heads=2))
+    assert fastpath.model_devices(shape) == fastpath.Devices()
+    with fast_inference(shape, rows=4):
+        assert not _swaps(shape)
+    total, _ = forecasting.generation_flops(shape, batch=2, prompt_len=10, steps=5, num_samples=1, vocab=13,
+                                            sampled=False, padded=True)
+    assert total > 0
+
+
+def test_fast_inference_takes_the_devices_it_is_given(tiny_ckpt):
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    with fast_inference(model, rows=4, devices=fastpath.devices_for("cuda", torch.float32)):
+        assert not _swaps(model)
+    with fast_inference(model, rows=4, devices=fastpath.Devices(inplace_swiglu=True)):
+        assert set(_swaps(model)) == {(f"layers.{i}.mlp", "forward") for i in range(2)}
+    assert not _swaps(model)
+
+
+class _HostReads:
+    """Counts the reads of a tensor's value from the host (each a sync on an accelerator)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.n = 0
+        for name in ("__bool__", "item", "tolist", "__int__", "__index__", "__float__", "cpu", "numpy"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _original=original, **kw):
+                self.n += 1
+                return _original(t, *a, **kw)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize("stopping", [False, True])
+def test_generate_with_the_gpu_devices_gives_the_same_and_reads_the_device_rarely(tiny_ckpt, monkeypatch, stopping):
+    """generate with the CUDA selection (plain path, stop check every 16 steps), run on the CPU:
+    the same tokens, lengths and logprobs as the CPU path, and besides its set-up and its result it
+    reads a device value once per 16 steps (the CPU path: every step)."""
+    import importlib
+
+    gen = importlib.import_module("qwen_min.generate")  # (the package's name `generate` is the function)
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    ids, mask = left_padded([7, 12, 12], seed=4)
+    free = qwen_min.generate(model, ids, 6, attention_mask=mask)
+    kw = dict(attention_mask=mask, return_logprobs=True)
+    if stopping:  # every row stops by step 6: the rest are padding, and a finished batch may run on
+        eos = [int(t) for t in free.tokens[:, -1]]
+        kw |= dict(eos_token_id=eos, pad_token_id=-1)
+    want = qwen_min.generate(model, ids, 40, **kw)
+    monkeypatch.setattr(gen, "model_devices", lambda m: fastpath.devices_for("cuda", torch.float32))
+    reads = _HostReads(monkeypatch)
+    got = qwen_min.generate(model, ids, 40, **kw)
+    monkeypatch.undo()
+    assert torch.equal(got.tokens, want.tokens) and torch.equal(got.lengths, want.lengths)
+    assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
+    # set-up: the attention mask's all() and, with eos ids, the default pad; the end: lengths.max()
+    assert reads.n <= 2 + 40 // fastpath.ACCELERATOR_STOP_CHECK_EVERY + 1, reads.n
