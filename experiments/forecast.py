@@ -39,7 +39,6 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-import lora
 import qwen_min
 from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs, training
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
-        lora.load_adapter(shape, args.adapter)
+        runs.load_adapter(shape, args)
     planned = len(models) * planning.forecast_plan(args, shape, tokenizer, prompts)
     reservation = runs.reserve(args, planned, kind="forecast",
                                config={"models": [m for m, _ in models], "systems": len(systems)})
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, _ = runs.load_model(args, device)
         for label, adapter in models:
             if adapter:
-                lora.load_adapter(model, adapter)
+                runs.load_adapter(model, args, run_data)
             model.eval()
             results[label] = {}
             for mode, S in [("greedy", 1)] + ([("samples", args.samples)] if args.samples else []):
