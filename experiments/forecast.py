@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     files.write_json(out / "forecast_metrics.json", report)
     save_forecasts(out / "forecasts.h5", enc, systems, truth, series[:, :C], run_data.time, forecasts, bands, results)
     try:
-        plots.plot_examples(out / "examples.png", run_data.time, series, C, forecasts, bands)
+        plots.plot_examples(out / "examples.png", series, C, forecasts, bands, system_ids=systems)
         plots.plot_error_vs_horizon(out / "error_vs_horizon.png", scores["summary"])
     except ImportError as e:
         print(f"no plots: {e}")
