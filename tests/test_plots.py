@@ -74,6 +74,7 @@ def test_error_vs_horizon_plot(tmp_path, forecasts):
         assert ax.get_xlabel() == "steps ahead (time steps)" and ax.get_ylabel() == "MAE (population, data units)"
         assert _integer_ticks(ax)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(summary)
+    assert all("(identical: a = a_copy)" in ax.get_title() for ax in fig.axes)  # two curves, one line
     # errors spanning decades in one variable only: both panels logarithmic, and the labels say so
     summary["tiny"] = json.loads(json.dumps(summary["a"]))
     summary["tiny"]["per_horizon"]["prey"]["mae"] = [1e-5] * 4

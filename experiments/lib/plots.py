@@ -147,6 +147,9 @@ def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, 
         if log:  # else an untrained model's errors flatten the rest
             ax.set_yscale("log", nonpositive="clip")
         handles = []
+        means = {label: np.array([np.nan if x is None else x for x in r["per_horizon"][name][metric]], dtype=float)
+                 for label, r in summary.items()}
+        same = [" = ".join(g) for g in _same_groups(means)]
         for j, result in enumerate(summary.values()):
             block = result["per_horizon"][name]
             mean = np.array([np.nan if x is None else x for x in block[metric]], dtype=float)
@@ -156,7 +159,8 @@ def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, 
             (line,) = ax.plot(steps, mean, **kw)
             ax.fill_between(steps, mean - se, mean + se, color=kw["color"], alpha=0.15, lw=0)
             handles.append(line)
-        ax.set_title(f"{name}: {metric.upper()} vs horizon (±1 SE)", fontsize=10)
+        note = f"\n(identical: {'; '.join(same)})" if same else ""
+        ax.set_title(f"{name}: {metric.upper()} vs horizon (±1 SE){note}", fontsize=10)
         ax.set_xlabel("steps ahead (time steps)")
         ax.set_ylabel(f"{metric.upper()} ({UNITS}{', log scale' if log else ''})", fontsize=9)
         integer_steps(ax)
