@@ -20,7 +20,6 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import lora
 import qwen_min
 from experiments.lib import data, files, planning, runs, training
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- plan (the tokens each batch scores: exactly what it charges), reserved before any model work
     shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
-        lora.load_adapter(shape, args.adapter)
+        runs.load_adapter(shape, args)
     n = len(windows.input_ids)
     costs = planning.ScoredCosts(shape, args.batch_size, L)
     planned = costs.windows_loss(windows.labels)
@@ -57,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     with training.Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
         model, _ = runs.load_model(args, device)
         if args.adapter:
-            lora.load_adapter(model, args.adapter)
+            runs.load_adapter(model, args, run_data)
         model.eval()
 
         def charge_batch(rows: int, scored: int) -> None:

@@ -19,8 +19,8 @@ see experiments/lib/metrics.py.
 Files in --out: forecast_metrics.json (per model: coverage, filled-in MAE/MSE overall, over the
 first 10 steps and per horizon step, common-support MAE, relative score, CRPS and band coverage
 with --samples, all with standard errors over systems; paired differences), forecasts.h5 (per
-model: forecasts, samples, the generated texts, in original units; the encoding to decode the texts
-again), examples.png and error_vs_horizon.png. Generation FLOPs are reserved in the ledger before
+model: forecasts, samples, in original units; the generated texts as string datasets; the encoding
+to decode the texts again), examples.png and error_vs_horizon.png. Generation FLOPs are reserved in the ledger before
 any model work and charged per generate call.
 """
 
@@ -39,7 +39,6 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-import lora
 import qwen_min
 from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs, training
 
@@ -76,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
     if args.adapter:
-        lora.load_adapter(shape, args.adapter)
+        runs.load_adapter(shape, args)
     planned = len(models) * planning.forecast_plan(args, shape, tokenizer, prompts)
     reservation = runs.reserve(args, planned, kind="forecast",
                                config={"models": [m for m, _ in models], "systems": len(systems)})
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, _ = runs.load_model(args, device)
         for label, adapter in models:
             if adapter:
-                lora.load_adapter(model, adapter)
+                runs.load_adapter(model, args, run_data)
             model.eval()
             results[label] = {}
             for mode, S in [("greedy", 1)] + ([("samples", args.samples)] if args.samples else []):
@@ -127,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     files.write_json(out / "forecast_metrics.json", report)
     save_forecasts(out / "forecasts.h5", enc, systems, truth, series[:, :C], run_data.time, forecasts, bands, results)
     try:
-        plots.plot_examples(out / "examples.png", run_data.time, series, C, forecasts, bands)
+        plots.plot_examples(out / "examples.png", series, C, forecasts, bands, system_ids=systems)
         plots.plot_error_vs_horizon(out / "error_vs_horizon.png", scores["summary"])
     except ImportError as e:
         print(f"no plots: {e}")
@@ -150,7 +149,9 @@ def save_forecasts(path: Path, encoding: llmtime.EncodingConfig, systems: np.nda
                    lm_runs: dict[str, dict[str, forecasting.ForecastRun]]) -> None:
     """forecasts.h5: the systems, their truth and prompt, and per model its forecast (the language
     models also their samples and every generated text; medians their 10-90% band), in original
-    units. The encoding is stored too (attribute ``encoding_json``), so the texts decode again."""
+    units. The texts are string datasets ``<model>/greedy_texts`` (N, 1) and ``<model>/samples_texts``
+    (N, S), UTF-8 (read with ``f[...].asstr()[()]``). The encoding is stored too (attribute
+    ``encoding_json``), so the texts decode again."""
     with h5py.File(path, "w") as f:
         f.attrs["encoding_json"] = json.dumps(asdict(encoding))
         f["system_ids"], f["truth"], f["prompt"], f["time"] = systems, truth, prompt, time
@@ -162,7 +163,8 @@ def save_forecasts(path: Path, encoding: llmtime.EncodingConfig, systems: np.nda
             for mode, run in lm_runs.get(name, {}).items():
                 if mode == "samples":
                     g["samples"] = run.values
-                g.attrs[f"{mode}_texts_json"] = json.dumps(run.texts)
+                g.create_dataset(f"{mode}_texts", data=np.array(run.texts, dtype=object),
+                                 dtype=h5py.string_dtype())
 
 
 if __name__ == "__main__":

@@ -25,18 +25,29 @@ the file; a PEFT user attaches it in three lines (the same logits as ours, in fp
 
 A bias-only adapter (rank 0) is saved with ``"r": 0`` and no targets: PEFT refuses that config, as
 there is no LoRA in it; load the bias as above onto the plain transformers model.
+
+``base_model.json`` (ours only; PEFT ignores it) records the fingerprint of the base model the adapter
+was trained on: the SHA-256 of its config (the canonical JSON of qwen_min's config fields) and, when
+the model was loaded from a checkpoint, the SHA-256 of each safetensors file. ``load_adapter``
+refuses a model with another fingerprint (a LoRA update only means something on the weights it was
+trained against) unless ``allow_other_base=True``, which records a warning instead. Adapters without
+the file (PEFT's, older ones) are not checked. Weights that are not finite are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -47,6 +58,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BIAS_FILE = "lm_head_bias.safetensors"
 BIAS_KEY = "lm_head.bias"
+BASE_FILE = "base_model.json"
 PREFIX = "base_model.model.model."  # PeftModelForCausalLM -> LoraModel -> Qwen2ForCausalLM -> Qwen2Model
 
 # adapter_config.json fields that change the maths (or what is trained) and that we do not implement;
@@ -62,6 +74,88 @@ UNSUPPORTED_OFF: dict[str, tuple[Any, ...]] = {
 
 class AdapterError(ValueError):
     """An adapter folder that cannot be read, or that does not fit the model."""
+
+
+@contextmanager
+def _open(path: Path) -> Iterator[Any]:
+    """safe_open on an adapter file; a file safetensors cannot parse (truncated, a garbage header) is an
+    AdapterError naming it."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise AdapterError(f"{path}: truncated or corrupt safetensors file ({e})") from None
+
+
+def _finite(path: Path, key: str, t: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise AdapterError(f"{path}: tensor {key} has {bad} non-finite value(s) (NaN or inf) of {t.numel()}; "
+                           "the adapter is damaged or its training diverged")
+    return t
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """What identifies the base model: {"name_or_path", "config_sha256", "checkpoint_sha256"}.
+
+    config_sha256 is the SHA-256 of the canonical JSON (sorted keys, no spaces) of the model's
+    config fields; checkpoint_sha256 maps each safetensors file the model was loaded from
+    (``model.checkpoint_files``, set by ``qwen_min.from_pretrained``) to its SHA-256, or is None when
+    unknown (a model built in memory, or the meta-device shape used for planning). The file hashes
+    are computed once per model and kept on it (``model.checkpoint_sha256``).
+    """
+    from dataclasses import asdict
+
+    canonical = json.dumps(asdict(model.config), sort_keys=True, separators=(",", ":"))
+    digests = getattr(model, "checkpoint_sha256", None)
+    files = getattr(model, "checkpoint_files", None)
+    if digests is None and files:
+        digests = {Path(f).name: _sha256(Path(f)) for f in files}
+        model.checkpoint_sha256 = digests
+    return {"name_or_path": getattr(model, "name_or_path", None),
+            "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(), "checkpoint_sha256": digests}
+
+
+def _check_base(directory: Path, model: nn.Module, allow_other_base: bool, warn: list[str] | None) -> None:
+    """Compare the adapter's recorded base fingerprint with the model's (see the module docstring)."""
+    path = directory / BASE_FILE
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        recorded = None
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("config_sha256"), str):
+        raise AdapterError(f"{path}: not a base-model fingerprint (a JSON object with config_sha256)")
+    mine = base_fingerprint(model)
+    differs = recorded["config_sha256"] != mine["config_sha256"]
+    theirs_ckpt, my_ckpt = recorded.get("checkpoint_sha256"), mine["checkpoint_sha256"]
+    if theirs_ckpt and my_ckpt:  # compared only where both sides know their files
+        differs = differs or theirs_ckpt != my_ckpt
+    if not differs:
+        return
+
+    def show(fp: dict) -> str:
+        ckpt = fp.get("checkpoint_sha256")
+        files = ", ".join(f"{k} {v}" for k, v in ckpt.items()) if ckpt else "checkpoint unknown"
+        return f"{fp.get('name_or_path')} (config sha256 {fp['config_sha256']}; {files})"
+
+    msg = (f"adapter {directory} was trained on another base model: {show(recorded)}; the model it is loaded "
+           f"into is {show(mine)}")
+    if not allow_other_base:
+        raise AdapterError(f"{msg}; pass allow_other_base=True (--allow-other-base) to load it anyway")
+    if warn is None:
+        warnings.warn(msg, stacklevel=3)
+    else:
+        warn.append(msg)
 
 
 def _peft_key(name: str, which: str) -> str:
@@ -128,6 +222,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
         "alpha_pattern": {},
     }
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if hasattr(model, "config"):
+        (directory / BASE_FILE).write_text(json.dumps(base_fingerprint(model), indent=2) + "\n")
     return directory
 
 
@@ -166,14 +262,18 @@ def _peft_targets(target_modules: str | list[str] | None, hf_name: str) -> bool:
     return hf_name in target_modules or any(hf_name.endswith(f".{t}") for t in target_modules)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+def load_adapter(model: nn.Module, directory: str | os.PathLike, *, allow_other_base: bool = False,
+                 warn: list[str] | None = None) -> list[str]:
     """Load a LoRA adapter (ours or PEFT's) into the model; returns the adapted module names.
 
     A model without LoRA gets it applied with the adapter's settings (rank, alpha, dropout, targets,
     lm_head bias), every other parameter frozen. A model that already has LoRA must have the same
     rank, alpha, targets and bias (its dropout is kept); it then just receives the values. On a
     meta-device model only the structure is applied (useful for counting FLOPs). Nothing in the
-    model changes unless every check passes.
+    model changes unless every check passes: the files parse, every tensor is finite and has its
+    shape, and the adapter's base-model fingerprint (base_model.json) is the model's. Another base is
+    refused unless ``allow_other_base``; then the note is appended to ``warn`` (or, without a list,
+    issued with ``warnings.warn``).
     """
     directory = Path(directory)
     config = _read_config(directory)
@@ -201,7 +301,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
             raise AdapterError(f"{weights_path}: no such file")
         shapes = {}
     else:
-        with safe_open(str(weights_path), "pt") as f:
+        with _open(weights_path) as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     expected = {_peft_key(n, w): n for n in targeted for w in ("lora_A", "lora_B")}
     unexpected = sorted(set(shapes) - set(expected))
@@ -219,12 +319,23 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
                 raise AdapterError(f"{weights_path}: {_peft_key(name, which)} has shape {got}; the model's {name} "
                                    f"({lin.in_features} -> {lin.out_features}) with r={rank} needs {want}")
     if has_bias:
-        with safe_open(str(bias_path), "pt") as f:
+        with _open(bias_path) as f:
             if list(f.keys()) != [BIAS_KEY]:
                 raise AdapterError(f"{bias_path}: expected exactly one tensor {BIAS_KEY!r}, found {list(f.keys())}")
             got, want = tuple(f.get_slice(BIAS_KEY).get_shape()), (model.lm_head.out_features,)
             if got != want:
                 raise AdapterError(f"{bias_path}: {BIAS_KEY} has shape {got}; the model's vocabulary needs {want}")
+
+    # ---- the values, read (they are small) and checked before anything in the model changes
+    values = {}
+    if shapes:
+        with _open(weights_path) as f:
+            values = {k: _finite(weights_path, k, f.get_tensor(k)) for k in shapes}
+    if has_bias:
+        with _open(bias_path) as f:
+            values[BIAS_KEY] = _finite(bias_path, BIAS_KEY, f.get_tensor(BIAS_KEY))
+    if hasattr(model, "config"):
+        _check_base(directory, model, allow_other_base, warn)
 
     # ---- a model that already has LoRA must have the same kind
     settings = _adapter_settings(model)
@@ -254,14 +365,11 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     on_meta = any(p.is_meta for p in model.parameters())
     if not on_meta:
         with torch.no_grad():
-            if layers:
-                with safe_open(str(weights_path), "pt") as f:
-                    for name, layer in layers.items():
-                        layer.lora_A.weight.copy_(f.get_tensor(_peft_key(name, "lora_A")))
-                        layer.lora_B.weight.copy_(f.get_tensor(_peft_key(name, "lora_B")))
+            for name, layer in layers.items():
+                layer.lora_A.weight.copy_(values[_peft_key(name, "lora_A")])
+                layer.lora_B.weight.copy_(values[_peft_key(name, "lora_B")])
             if has_bias:
-                with safe_open(str(bias_path), "pt") as f:
-                    lm_head_bias(model).copy_(f.get_tensor(BIAS_KEY))
+                lm_head_bias(model).copy_(values[BIAS_KEY])
     return list(layers)
 
 

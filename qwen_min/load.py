@@ -193,6 +193,7 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     model.rotary.reset_parameters()
     load_weights(model, directory)
     model.name_or_path = str(name_or_path)
+    model.checkpoint_files = tuple(str(f) for f in _weight_files(directory))  # for lora's base fingerprint
     return model.eval()
 
 

@@ -58,3 +58,18 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, lv_data_file):
     assert str(other) in warning and str(lv_data_file.resolve()) in warning
     with pytest.raises(SystemExit, match="--split train: adapter .* was trained on these systems"):
         evaluate.main(script_argv(tiny_ckpt, lv_data_file, tmp_path / "e4", "--split", "train", "--adapter", moved))
+
+    # another base model (the same architecture, other weights): refused, or scored with a warning
+    other_base = tmp_path / "other-base"
+    shutil.copytree(tiny_ckpt, other_base)
+    from safetensors.torch import load_file, save_file
+    weights = load_file(str(other_base / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, str(other_base / "model.safetensors"), metadata={"format": "pt"})
+    argv = script_argv(other_base, lv_data_file, tmp_path / "e5", "--split", "val", "--max-systems", 1,
+                       "--context-length", 128, "--adapter", moved)
+    with pytest.raises(SystemExit, match="--adapter: adapter .* was trained on another base model.*--allow-other-base"):
+        evaluate.main(argv)
+    evaluate.main(argv + ["--allow-other-base"])
+    [warning] = json.loads((tmp_path / "e5" / "eval_metrics.json").read_text())["warnings"]
+    assert "another base model" in warning and str(other_base) in warning

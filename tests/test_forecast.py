@@ -49,10 +49,13 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
         assert llmtime.EncodingConfig(**json.loads(f.attrs["encoding_json"])) == enc
         for name in ("untrained", "trained"):
             # the stored texts, decoded again with the saved encoding, are the stored numbers
-            greedy = json.loads(f[name].attrs["greedy_texts_json"])
+            assert h5py.check_string_dtype(f[f"{name}/greedy_texts"].dtype) is not None
+            greedy = f[f"{name}/greedy_texts"].asstr()[()]
+            assert greedy.shape == (N, 1) and isinstance(greedy[0, 0], str)
             again = np.stack([forecasting.decode_forecast(t[0], H, enc)[0] for t in greedy])
             assert np.array_equal(again, f[f"{name}/forecast"][()], equal_nan=True)
-            texts = json.loads(f[name].attrs["samples_texts_json"])
+            texts = f[f"{name}/samples_texts"].asstr()[()]
+            assert texts.shape == (N, 2) and not f[name].attrs.keys()  # no JSON in attributes
             again = np.stack([[forecasting.decode_forecast(t, H, enc)[0] for t in row] for row in texts])
             assert np.array_equal(again, f[f"{name}/samples"][()], equal_nan=True)
             # and the coverage in the metrics is the share of those steps that decoded

@@ -291,3 +291,72 @@ def test_qwen25_05b_adapter_roundtrip_with_peft(qwen05_ckpt, tmp_path):
         diff = maxdiff(a, theirs(input_ids=ids).logits)
     print(f"Qwen2.5-0.5B config, rank 8: logits max |diff| vs PEFT = {diff:.3g}")
     assert diff <= PEFT_TOL
+
+
+# ---- what load_adapter checks in the files: finite values, parseable files, the base model
+
+
+def test_non_finite_adapter_weights_refused(tiny_ckpt, saved_adapter):
+    from safetensors.torch import load_file, save_file
+
+    path = saved_adapter / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    model = ours_from(tiny_ckpt)
+    with pytest.raises(lora.AdapterError, match=f"adapter_model.safetensors: tensor {key} has 1 non-finite"):
+        lora.load_adapter(model, saved_adapter)
+    assert not lora.lora_layers(model)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage header"])
+def test_damaged_adapter_file_refused_naming_it(tiny_ckpt, saved_adapter, damage):
+    path = saved_adapter / "adapter_model.safetensors"
+    raw = path.read_bytes()
+    path.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else b"\xff" * 8 + raw[8:])
+    model = ours_from(tiny_ckpt)
+    with pytest.raises(lora.AdapterError, match=f"{path}: truncated or corrupt safetensors file"):
+        lora.load_adapter(model, saved_adapter)
+    assert not lora.lora_layers(model)
+
+
+def test_base_fingerprint_saved_and_checked(tiny_ckpt, saved_adapter, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    recorded = json.loads((saved_adapter / "base_model.json").read_text())
+    assert recorded == lora.base_fingerprint(ours_from(tiny_ckpt))
+    assert set(recorded["checkpoint_sha256"]) == {"model.safetensors"}
+    lora.load_adapter(ours_from(tiny_ckpt), saved_adapter)  # the same base: accepted, silently
+
+    # The same architecture with other weights: another checkpoint hash.
+    other = tmp_path / "other"
+    other.mkdir()
+    for f in tiny_ckpt.iterdir():
+        if f.is_file():
+            (other / f.name).write_bytes(f.read_bytes())
+    weights = load_file(str(other / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"] * 1.5
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    model = ours_from(other)
+    with pytest.raises(lora.AdapterError, match=r"trained on another base model: .*model.safetensors "
+                                                f"{recorded['checkpoint_sha256']['model.safetensors']}.*"
+                                                "pass allow_other_base=True"):
+        lora.load_adapter(model, saved_adapter)
+    assert not lora.lora_layers(model)
+    notes: list[str] = []
+    assert lora.load_adapter(model, saved_adapter, allow_other_base=True, warn=notes)
+    assert len(notes) == 1 and "another base model" in notes[0]
+    assert model.checkpoint_sha256 == lora.base_fingerprint(model)["checkpoint_sha256"]  # hashed once, kept
+    with pytest.warns(UserWarning, match="another base model"):
+        lora.load_adapter(ours_from(other), saved_adapter, allow_other_base=True)
+
+    # Another config (the meta shape used for planning knows no checkpoint: the config alone decides).
+    with torch.device("meta"):
+        shape = Qwen2(qwen_min.load_config(tiny_ckpt).__class__(**{**vars(ours_from(tiny_ckpt).config),
+                                                                     "rms_norm_eps": 1e-5}))
+    with pytest.raises(lora.AdapterError, match="another base model"):
+        lora.load_adapter(shape, saved_adapter)
+    with torch.device("meta"):
+        same = Qwen2(qwen_min.load_config(tiny_ckpt))
+    lora.load_adapter(same, saved_adapter)

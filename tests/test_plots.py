@@ -1,6 +1,10 @@
-"""The plots: non-empty PNG files, and when the error axis goes logarithmic."""
+"""The plots: non-empty PNG files a person reads at a glance (titles with the data's system ids,
+labelled axes with units, integer step ticks, legends, distinguishable and flagged identical
+curves, the same scale on sibling panels), and when the error axis goes logarithmic."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
@@ -8,21 +12,96 @@ import pytest
 from experiments.lib import metrics, plots
 
 
-def test_plots_write_nonempty_pngs(tmp_path):
-    pytest.importorskip("matplotlib")
+def _is_png(path) -> bool:
+    data = path.read_bytes()
+    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _integer_ticks(ax) -> bool:
+    from matplotlib.ticker import MaxNLocator
+
+    loc = ax.xaxis.get_major_locator()
+    return isinstance(loc, MaxNLocator) and loc._integer
+
+
+@pytest.fixture
+def forecasts():
     rng = np.random.default_rng(0)
-    time = np.linspace(0, 10, 12)
     series = rng.uniform(0.5, 2.0, (3, 12, 2))
     truth = series[:, 8:12]
-    forecasts = {"a": truth + 0.1, "b": np.where(rng.uniform(size=truth.shape) < 0.3, np.nan, truth)}
+    fc = {"a": truth + 0.1, "b": np.where(rng.uniform(size=truth.shape) < 0.3, np.nan, truth)}
+    fc["a_copy"] = fc["a"].copy()
+    fc["nothing"] = np.full_like(truth, np.nan)
     median, band = metrics.median_and_band(truth[:, None] + rng.normal(0, 0.1, (3, 5, 4, 2)))
-    forecasts["b_median"] = median
-    plots.plot_examples(tmp_path / "ex.png", time, series, 8, forecasts, {"b_median": band})
-    summary = metrics.compare(forecasts, truth, series[:, 7])["summary"]
-    plots.plot_error_vs_horizon(tmp_path / "err.png", summary)
-    for name in ("ex.png", "err.png"):
-        data = (tmp_path / name).read_bytes()
-        assert len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+    fc["b_median"] = median
+    return series, truth, fc, {"b_median": band}
+
+
+def test_examples_plot(tmp_path, forecasts):
+    pytest.importorskip("matplotlib")
+    series, _, fc, bands = forecasts
+    fig = plots.plot_examples(tmp_path / "ex.png", series, 8, fc, bands, system_ids=np.array([812, 17, 403]))
+    assert _is_png(tmp_path / "ex.png")
+    axes = np.array(fig.axes).reshape(3, 2)
+    for i, sid in enumerate((812, 17, 403)):
+        for v, name in enumerate(("prey", "predator")):
+            ax = axes[i, v]
+            assert ax.get_title().startswith(f"system {sid}: {name}")
+            assert "a = a_copy identical" in ax.get_title() and "nothing decoded: nothing" in ax.get_title()
+            assert ax.get_ylabel() == f"{name} (population, data units)"
+            assert _integer_ticks(ax)
+    assert [ax.get_xlabel() for ax in axes[-1]] == ["time step", "time step"]
+    [legend] = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert {"truth", "prompt | forecast", "a", "a_copy", "b_median", "b_median 10–90% band"} <= set(labels)
+    # every forecast its own colour, dash pattern and marker, the identical pair included
+    lines = {ln.get_label(): ln for ln in axes[0, 0].lines}
+    styles = [(plots.style(j)["color"], plots.style(j)["ls"], plots.style(j)["marker"]) for j in range(len(fc))]
+    assert len(set(styles)) == len(fc)
+    assert lines["a"].get_marker() != lines["a_copy"].get_marker()
+    with pytest.raises(ValueError, match="2 system ids for 3 series"):
+        plots.plot_examples(tmp_path / "x.png", series, 8, fc, system_ids=[1, 2])
+
+
+def test_error_vs_horizon_plot(tmp_path, forecasts):
+    pytest.importorskip("matplotlib")
+    series, truth, fc, _ = forecasts
+    summary = metrics.compare({k: v for k, v in fc.items() if k != "nothing"}, truth, series[:, 7])["summary"]
+    fig = plots.plot_error_vs_horizon(tmp_path / "err.png", summary)
+    assert _is_png(tmp_path / "err.png")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
+    for ax in fig.axes:
+        assert ax.get_xlabel() == "steps ahead (time steps)" and ax.get_ylabel() == "MAE (population, data units)"
+        assert _integer_ticks(ax)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(summary)
+    assert all("(identical: a = a_copy)" in ax.get_title() for ax in fig.axes)  # two curves, one line
+    # errors spanning decades in one variable only: both panels logarithmic, and the labels say so
+    summary["tiny"] = json.loads(json.dumps(summary["a"]))
+    summary["tiny"]["per_horizon"]["prey"]["mae"] = [1e-5] * 4
+    fig = plots.plot_error_vs_horizon(tmp_path / "err.png", summary)
+    assert [ax.get_yscale() for ax in fig.axes] == ["log", "log"]
+    assert all(ax.get_ylabel().endswith("log scale)") for ax in fig.axes)
+
+
+def test_loss_curves_one_row_per_stage(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = []
+    for stage, names in (("grid", ["lr1e-05_r2", "lr1e-05_r4", "lr5e-05_r2"]), ("context", ["ctx128", "ctx512"])):
+        for k, name in enumerate(names):
+            d = tmp_path / "study" / stage / name
+            d.mkdir(parents=True)
+            rows = [{"kind": "train", "step": s, "loss": 1.0 - 0.01 * s * k} for s in range(1, 5)]
+            rows += [{"kind": "val", "step": s, "loss": 0.9} for s in (0, 4)]
+            rows += [{"kind": "val_forecast", "step": s, "relative_score": 0.5 + k * s} for s in (0, 4)]
+            (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+            runs.append(d)
+    fig = plots.plot_loss_curves(tmp_path / "curves.png", runs)
+    assert _is_png(tmp_path / "curves.png")
+    axes = np.array(fig.axes).reshape(2, 2)
+    assert axes[0, 0].get_title().startswith("grid/") and axes[1, 1].get_title() == "context/: validation forecasts"
+    assert [t.get_text() for t in axes[0, 1].get_legend().get_texts()] == ["lr1e-05_r2", "lr1e-05_r4", "lr5e-05_r2"]
+    assert all(_integer_ticks(ax) and ax.get_xlabel() == "optimizer step" for ax in axes.flat)
+    assert axes[0, 0].get_ylabel() == "cross-entropy (nats/token)"
 
 
 def test_error_plot_axis_goes_logarithmic_when_errors_span_decades():

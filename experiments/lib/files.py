@@ -4,6 +4,7 @@ run after a kill) never sees half a file."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,25 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """JSON, indented; numpy scalars and arrays and paths written as plain values."""
-    return write_text(path, json.dumps(obj, indent=2, default=_jsonable))
+    """Strict JSON, indented: numpy scalars and arrays and paths written as plain values, and every
+    non-finite float (NaN, inf; numpy's too) written as null, so any JSON reader reads the file."""
+    return write_text(path, json.dumps(strict(obj), indent=2, allow_nan=False))
 
 
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.integer, np.floating)):
-        return x.item()
+def strict(x: Any) -> Any:
+    """``x`` with numpy values and paths made plain and non-finite floats made None, recursively."""
+    if isinstance(x, dict):
+        return {(k.item() if isinstance(k, np.generic) else k): strict(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict(v) for v in x]
     if isinstance(x, np.ndarray):
-        return x.tolist()
+        return strict(x.tolist())
+    if isinstance(x, np.generic):
+        return strict(x.item())
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
     if isinstance(x, Path):
         return str(x)
+    if x is None or isinstance(x, (str, int)):  # bool is an int
+        return x
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")

@@ -143,8 +143,8 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
     try:
         shown = {k: v for k, v in test["forecasts"].items()
                  if k in ("untrained", "trained", "trained_median", "persistence", "ode_fit")}
-        plots.plot_examples(out / "test_examples.png", arrays["time"][:series.shape[1]], series,
-                            arrays["prompt"].shape[1], shown, test["bands"])
+        plots.plot_examples(out / "test_examples.png", series, arrays["prompt"].shape[1], shown, test["bands"],
+                            system_ids=arrays["system_ids"])
         plots.plot_error_vs_horizon(out / "test_error_vs_horizon.png", test["scores"]["summary"])
         train_runs = sorted(p.parent for p in out.glob("**/summary.json"))
         plots.plot_loss_curves(out / "loss_curves.png", train_runs)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import flops
+import lora
 import qwen_min
 from experiments.lib import data, files, llmtime, lotka_volterra
 from qwen_min import Qwen2, Tokenizer
@@ -74,6 +75,10 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-other-data", action="store_true",
                    help="score an adapter on a data file other than the one it was trained on (its SHA-256 "
                         "differs); refused without this flag, recorded as a warning in the results with it")
+    p.add_argument("--allow-other-base", action="store_true",
+                   help="load an adapter into a base model other than the one it was trained on (its config or "
+                        "checkpoint SHA-256, recorded in the adapter's base_model.json, differs); refused without "
+                        "this flag, recorded as a warning in the results with it")
 
 
 def add_run_to_limit(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> None:
@@ -343,3 +348,15 @@ def file_sha256(path: str | os.PathLike) -> str:
 def load_model(args: argparse.Namespace, device: torch.device) -> tuple[Qwen2, Tokenizer]:
     model = qwen_min.from_pretrained(args.model, revision=args.revision, dtype=DTYPES[args.dtype], device=device)
     return model, qwen_min.load_tokenizer(args.model, revision=args.revision)
+
+
+def load_adapter(model: Qwen2, args: argparse.Namespace, run_data: RunData | None = None) -> None:
+    """lora.load_adapter with --allow-other-base; its warning goes to ``run_data.warnings`` (None: the
+    meta-device shape planned first, whose notes the real load records again). A refusal is a SystemExit."""
+    notes: list[str] = []
+    try:
+        lora.load_adapter(model, args.adapter, allow_other_base=getattr(args, "allow_other_base", False), warn=notes)
+    except lora.AdapterError as e:
+        raise SystemExit(f"--adapter: {e}") from None
+    for note in notes if run_data else []:
+        _warn(run_data.warnings, note)
