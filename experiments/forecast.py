@@ -41,7 +41,20 @@ from tqdm import tqdm
 
 import lora
 import qwen_min
-from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs, training
+from experiments.lib import (
+    baselines,
+    cli,
+    data,
+    errors,
+    files,
+    forecasting,
+    llmtime,
+    metrics,
+    planning,
+    plots,
+    runs,
+    training,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         examples = data.forecast_examples(run_data.trajectories, systems, enc, context_steps=C, horizon=H)
     except ValueError as e:
-        raise SystemExit(f"--context-steps/--horizon: {e}") from None
+        raise errors.UsageError(f"--context-steps/--horizon: {e}") from None
     prompts = [e.prompt for e in examples]
     truth = np.stack([e.target for e in examples])      # (N, H, 2)
     series = run_data.trajectories[systems]             # (N, T, 2): the prompts' numbers, and the plots'
@@ -166,4 +179,4 @@ def save_forecasts(path: Path, encoding: llmtime.EncodingConfig, systems: np.nda
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_as_script(main))

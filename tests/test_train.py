@@ -25,7 +25,7 @@ import flops
 import lora
 import qwen_min
 from experiments import forecast, train
-from experiments.lib import checkpoint, planning, training, validation
+from experiments.lib import checkpoint, cli, planning, training, validation
 from flops import Ledger
 from qwen_min import QwenConfig
 from tests.conftest import script_argv
@@ -245,7 +245,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_keeping_the_last_checkpoint_and
         monkeypatch.setattr(training, "windows_loss", windows_loss)
         stop, kept = r"step 4: the validation-subset loss is nan", 3
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
+    with pytest.raises(training.Diverged, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
                                               r".*adapter holds the best adapter so far \(step 2\)"):
         train.main(script_argv(tiny_ckpt, lv_data_file, out, *SMALL, "--eval-every", 2, "--checkpoint-every", 1))
     assert checkpoint.read_state(out / "checkpoint").step == kept   # the NaN state was not saved over it
@@ -285,8 +285,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, lv_data_f
 @pytest.mark.parametrize("extra, refusal", [
     (["--budget", 1e9, "--max-steps", 5], r"refused before any model work: run 'run' plans .* FLOPs but only "
                                           r"1\.0000e\+09 are left"),
-    (["--val-systems", 0], r"the validation split \(0 systems\): no windows to score"),
-    (["--eval-windows", 0], r"--eval-windows 0: the validation subset .* would be empty"),
+    (["--val-systems", 0], r"argument --val-systems: 0: must be at least 1"),
+    (["--eval-windows", 0], r"argument --eval-windows: 0: must be at least 1"),
     (["--rank", 0], r"nothing to train: --rank 0 without --train-lm-head-bias"),
 ], ids=["over budget", "no validation systems", "empty validation subset", "nothing to train"])
 def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_work(tmp_path, tiny_ckpt, lv_data_file,
@@ -298,7 +298,7 @@ def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_wor
         if not f.name.endswith(".safetensors"):
             (bare / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=refusal):
+    with pytest.raises(cli.EXPECTED, match=refusal):
         train.main(script_argv(bare, lv_data_file, out, "--max-systems", 2, "--val-systems", 2, *extra))
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
     assert Ledger(out.parent / "ledger.jsonl").entries() == []

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from experiments.lib import errors
 from experiments.lib.training import RunState
 
 
@@ -55,7 +56,7 @@ def _current(folder: Path) -> Path:
     if not (folder / "state.json").is_file() and (old / "state.json").is_file():
         return old
     if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+        raise errors.NoCheckpointError(f"--resume: no checkpoint in {folder}")
     return folder
 
 
@@ -66,8 +67,12 @@ _RETIRED = ("logged_step", "logged_flops")
 
 def read_state(folder: Path) -> RunState:
     """The saved run state alone (no tensors): what a resumed run plans its remaining FLOPs from."""
-    fields = json.loads((_current(folder) / "state.json").read_text())
-    return RunState(**{k: v for k, v in fields.items() if k not in _RETIRED})
+    path = _current(folder) / "state.json"
+    try:
+        fields = json.loads(path.read_text())
+        return RunState(**{k: v for k, v in fields.items() if k not in _RETIRED})
+    except (OSError, ValueError, TypeError) as e:
+        raise errors.CheckpointError(f"{path}: damaged checkpoint state ({e})") from None
 
 
 def load(folder: Path, model: torch.nn.Module,
@@ -75,7 +80,7 @@ def load(folder: Path, model: torch.nn.Module,
     """Restore the trainable weights, AdamW's moments and the RNG state in place; the run's state and
     the best adapter so far are returned."""
     folder = _current(folder)
-    tensors = load_file(str(folder / "state.safetensors"))
+    tensors = _tensors(folder / "state.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in params.items():
@@ -86,7 +91,14 @@ def load(folder: Path, model: torch.nn.Module,
             opt.state[p] = {k.rsplit(".", 1)[1]: v.to(p.device) if v.dim() else v
                             for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")}
     torch.set_rng_state(tensors["rng.torch"])
-    return read_state(folder), load_file(str(folder / "best.safetensors"))
+    return read_state(folder), _tensors(folder / "best.safetensors")
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # (safetensors' own error, or OSError: a missing or damaged file)
+        raise errors.CheckpointError(f"{path}: missing or damaged checkpoint file ({e})") from None
 
 
 def load_untrained(folder: Path) -> np.ndarray | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import sys
@@ -24,11 +25,118 @@ import torch
 
 import flops
 import qwen_min
-from experiments.lib import data, files, llmtime, lotka_volterra
+from experiments.lib import cli, data, errors, files, llmtime, lotka_volterra
 from qwen_min import Qwen2, Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: argparse types that say what is allowed (a value outside is refused when parsed)
+
+
+def _number(text: str, kind: type) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    v = _number(text, int)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return v
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    v = _number(text, int)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
+    return v
+
+
+def at_least_two(text: str) -> int:
+    """An integer >= 2 (a window of tokens: one to read, one to predict)."""
+    v = _number(text, int)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 2")
+    return v
+
+
+def finite_float(text: str) -> float:
+    """A finite number."""
+    v = _number(text, float)
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number")
+    return v
+
+
+def finite_positive_float(text: str) -> float:
+    """A finite number > 0."""
+    v = finite_float(text)
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
+    return v
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    v = finite_float(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be a finite number, 0 or more")
+    return v
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1]."""
+    v = finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be above 0 and at most 1")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    v = finite_float(text)
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 1")
+    return v
+
+
+def percentile(text: str) -> float:
+    """A number in (0, 100]."""
+    v = finite_float(text)
+    if not 0 < v <= 100:
+        raise argparse.ArgumentTypeError(f"{text}: must be above 0 and at most 100")
+    return v
+
+
+def check_splits(splits: tuple[float, ...] | list[float]) -> None:
+    """--splits: three fractions, each 0 or more, summing to 1 (UsageError otherwise)."""
+    if any(f < 0 for f in splits) or abs(sum(splits) - 1) > 1e-6:
+        raise errors.UsageError(f"argument --splits: {' '.join(f'{f:g}' for f in splits)}: must be three "
+                                f"non-negative fractions summing to 1")
+
+
+class CheckedParser(cli.ArgumentParser):
+    """The scripts' parser: what no single flag's type can check (--splits' sum) is checked once parsed."""
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "splits", None) is not None:
+            check_splits(parsed.splits)
+        return parsed
+
+
+def script_parser(description: str | None = None) -> CheckedParser:
+    """An experiment script's parser: one-line usage errors, defaults in --help, and --debug."""
+    p = CheckedParser(description=description)
+    cli.add_debug(p)
+    return p
 
 
 # ---------------------------------------------------------------------------------------------
@@ -38,29 +146,32 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 def add_common_args(p: argparse.ArgumentParser, *, out_default: str) -> None:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default=DEFAULT_MODEL,
-                   help="Hub repo id or local checkpoint folder (default: %(default)s)")
+                   help="Hub repo id or local checkpoint folder")
     g.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
     g.add_argument("--data", default=None,
                    help="HDF5 data file (trajectories (N,T,2), time (T,)); default: the generated data set")
     g.add_argument("--out", default=out_default,
-                   help="run folder for every file this run writes (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed for splits, sampling and initialisation")
+                   help="run folder for every file this run writes")
+    g.add_argument("--seed", type=non_negative_int, default=0, help="seed for splits, sampling and initialisation")
     g.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                   help="base-model weight dtype; LoRA weights and optimizer stay fp32 (default: %(default)s)")
-    g.add_argument("--context-length", type=int, default=256,
-                   help="tokens per training/evaluation window (default: %(default)s)")
-    g.add_argument("--batch-size", type=int, default=4, help="sequences per step (global, over all ranks)")
-    g.add_argument("--decimals", type=int, default=2, help="LLMTIME decimals")
-    g.add_argument("--percentile", type=float, default=90.0,
-                   help="the training-value percentile that LLMTIME scaling maps to 10")
-    g.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.15, 0.15), metavar=("TRAIN", "VAL", "TEST"),
-                   help="fractions of systems in train/validation/test")
+                   help="base-model weight dtype; LoRA weights and optimizer stay fp32")
+    g.add_argument("--context-length", type=at_least_two, default=256,
+                   help="tokens per training/evaluation window (at least one time step of text)")
+    g.add_argument("--batch-size", type=positive_int, default=4, help="sequences per step (global, over all ranks)")
+    g.add_argument("--decimals", type=non_negative_int, default=2, help="LLMTIME decimals")
+    g.add_argument("--percentile", type=percentile, default=90.0,
+                   help="the training-value percentile (in (0, 100]) that LLMTIME scaling maps to 10")
+    g.add_argument("--splits", type=non_negative_float, nargs=3, default=(0.7, 0.15, 0.15),
+                   metavar=("TRAIN", "VAL", "TEST"),
+                   help="fractions of systems in train/validation/test (summing to 1)")
     b = p.add_argument_group("FLOP budget")
-    b.add_argument("--budget", type=float, default=flops.DEFAULT_BUDGET,
-                   help="total FLOP budget of the ledger (default: %(default)g)")
+    b.add_argument("--budget", type=finite_positive_float, default=flops.DEFAULT_BUDGET,
+                   help="total FLOP budget of the ledger")
     b.add_argument("--ledger", default=flops.DEFAULT_LEDGER, help="FLOP ledger file shared by all experiments")
     b.add_argument("--name", default=None, help="experiment name in the ledger (default: the run folder's name)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write into an --out that holds a finished or interrupted run (refused without it)")
     b.add_argument("--reservation", default=None,
                    help="charge an open ledger reservation made by another process (study.py passes its own) "
                         "instead of reserving anew")
@@ -70,7 +181,7 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", default=None,
                    help="a saved LoRA adapter folder (PEFT layout); none: the untrained model")
     p.add_argument("--split", choices=["train", "val", "test"], default="test", help="which systems to use")
-    p.add_argument("--max-systems", type=int, default=None, help="use only the first N systems of the split")
+    p.add_argument("--max-systems", type=positive_int, default=None, help="use only the first N systems of the split")
     p.add_argument("--allow-other-data", action="store_true",
                    help="score an adapter on a data file other than the one it was trained on (its SHA-256 "
                         "differs); refused without this flag, recorded as a warning in the results with it")
@@ -91,53 +202,56 @@ SCHEDULES = ("cosine", "linear", "constant")  # the learning rate after the warm
 
 def train_parser(description: str | None = None) -> argparse.ArgumentParser:
     """train.py's command line (study.py prices the runs it will start with it)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(description)
     add_common_args(p, out_default="runs/train")
     t = p.add_argument_group("training")
-    t.add_argument("--rank", type=int, default=4, help="LoRA rank on q_proj and v_proj (0: no adapters)")
-    t.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: = rank, scaling 1)")
-    t.add_argument("--lora-dropout", type=float, default=0.0)
+    t.add_argument("--rank", type=non_negative_int, default=4, help="LoRA rank on q_proj and v_proj (0: no adapters)")
+    t.add_argument("--lora-alpha", type=finite_positive_float, default=None,
+                   help="LoRA alpha (none: = rank, scaling 1)")
+    t.add_argument("--lora-dropout", type=fraction, default=0.0, help="dropout on the LoRA input, in [0, 1]")
     t.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"], help="linear layers to wrap")
     t.add_argument("--train-lm-head-bias", action="store_true", help="also train a bias on the output layer")
-    t.add_argument("--lr", type=float, default=1e-3,
-                   help="AdamW peak learning rate (default: %(default)g; LoRA wants ~10x full fine-tuning's: at "
+    t.add_argument("--lr", type=finite_positive_float, default=1e-3,
+                   help="AdamW peak learning rate (LoRA wants ~10x full fine-tuning's: at "
                         "1e-5 the validation CE falls while the forecasts get worse)")
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps (default: %(default)s)")
+    t.add_argument("--weight-decay", type=non_negative_float, default=0.0, help="AdamW weight decay")
+    t.add_argument("--warmup-steps", type=non_negative_int, default=20, help="linear warm-up steps")
     t.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                    help="after the warm-up: decay to --min-lr-ratio x lr at --max-steps (cosine, linear), or "
-                        "constant (default: %(default)s)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1,
-                   help="the learning rate at the end of the decay, as a fraction of --lr (default: %(default)s)")
-    t.add_argument("--max-steps", type=int, default=600,
-                   help="optimizer steps; the decay ends here (default: %(default)s: past the early dip, where "
+                        "constant")
+    t.add_argument("--min-lr-ratio", type=fraction, default=0.1,
+                   help="the learning rate at the end of the decay, as a fraction of --lr (in [0, 1])")
+    t.add_argument("--max-steps", type=positive_int, default=600,
+                   help="optimizer steps; the decay ends here (the default: past the early dip, where "
                         "forecasts first get worse, then better than the untrained model's)")
-    t.add_argument("--stride", type=int, default=None, help="window stride in tokens (default: context/2)")
-    t.add_argument("--eval-every", type=int, default=50,
+    t.add_argument("--stride", type=positive_int, default=None, help="window stride in tokens (none: context/2)")
+    t.add_argument("--eval-every", type=non_negative_int, default=50,
                    help="evaluate (validation CE and forecasts) every N steps, and at step 0 (0: never)")
-    t.add_argument("--eval-windows", type=int, default=64, help="windows in the fixed validation subset")
-    t.add_argument("--patience", type=int, default=0,
-                   help="stop after N evaluations without improvement (default 0: never; forecasts get worse "
+    t.add_argument("--eval-windows", type=positive_int, default=64, help="windows in the fixed validation subset")
+    t.add_argument("--patience", type=non_negative_int, default=0,
+                   help="stop after N evaluations without improvement (0: never; forecasts get worse "
                         "before they get better, so early stopping would end a run inside the dip)")
-    t.add_argument("--checkpoint-every", type=int, default=50, help="write a resumable checkpoint every N steps")
+    t.add_argument("--checkpoint-every", type=positive_int, default=50,
+                   help="write a resumable checkpoint every N steps")
     v = p.add_argument_group("model selection (each evaluation: step 0, then every --eval-every steps)")
     v.add_argument("--select-by", choices=SELECT_BY, default="mae",
                    help="keep the adapter whose validation forecasts have the lowest filled-in MAE (mae), the "
                         "lowest relative score (relative), or the lowest validation-subset cross-entropy (loss); "
-                        "step 0, the untrained model, is a candidate (default: %(default)s)")
-    v.add_argument("--val-forecast-systems", type=int, default=32,
+                        "step 0, the untrained model, is a candidate")
+    v.add_argument("--val-forecast-systems", type=non_negative_int, default=32,
                    help="validation systems forecast (greedy) at every evaluation (0: none; needs --select-by loss)")
     v.add_argument("--eval-at-start", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate the untrained model at step 0 too, so it is a candidate (default: yes)")
-    v.add_argument("--context-steps", type=int, default=50, help="time steps in a validation forecast's prompt")
-    v.add_argument("--horizon", type=int, default=50, help="time steps a validation forecast predicts")
+                   help="evaluate the untrained model at step 0 too, so it is a candidate")
+    v.add_argument("--context-steps", type=positive_int, default=50,
+                   help="time steps in a validation forecast's prompt")
+    v.add_argument("--horizon", type=positive_int, default=50, help="time steps a validation forecast predicts")
     add_run_to_limit(v)
-    t.add_argument("--charge-every", type=int, default=1,
-                   help="charge the FLOP ledger every N optimizer steps (default 1: a SIGKILL loses at most the "
+    t.add_argument("--charge-every", type=positive_int, default=1,
+                   help="charge the FLOP ledger every N optimizer steps (1: a SIGKILL loses at most the "
                         "step in flight from the ledger; more: fewer ledger lines, up to N steps lost)")
     t.add_argument("--resume", action="store_true", help="continue from --out/checkpoint exactly")
-    t.add_argument("--max-systems", type=int, default=None, help="use only the first N training systems")
-    t.add_argument("--val-systems", type=int, default=None, help="use only the first N validation systems")
+    t.add_argument("--max-systems", type=positive_int, default=None, help="use only the first N training systems")
+    t.add_argument("--val-systems", type=positive_int, default=None, help="use only the first N validation systems")
     t.add_argument("--wandb", action="store_true", help="log to Weights & Biases (WANDB_MODE=offline works)")
     t.add_argument("--compile", action="store_true",
                    help="torch.compile the model's forward for the training steps: the elementwise chains "
@@ -149,21 +263,22 @@ def train_parser(description: str | None = None) -> argparse.ArgumentParser:
 
 def forecast_parser(description: str | None = None) -> argparse.ArgumentParser:
     """forecast.py's command line (study.py prices the forecasts it will start with it)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser(description)
     add_common_args(p, out_default="runs/forecast")
     add_adapter_args(p)
     f = p.add_argument_group("forecasting")
-    f.add_argument("--context-steps", type=int, default=50, help="time steps in the prompt (C)")
-    f.add_argument("--horizon", type=int, default=50, help="time steps to forecast (H)")
-    f.add_argument("--samples", type=int, default=0, help="sampled forecasts per system (0: greedy only)")
-    f.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    f.add_argument("--top-p", type=float, default=1.0)
-    f.add_argument("--forecast-batch", type=int, default=16, help="prompts per generate call")
+    f.add_argument("--context-steps", type=positive_int, default=50, help="time steps in the prompt (C)")
+    f.add_argument("--horizon", type=positive_int, default=50, help="time steps to forecast (H)")
+    f.add_argument("--samples", type=non_negative_int, default=0, help="sampled forecasts per system (0: greedy only)")
+    f.add_argument("--temperature", type=finite_positive_float, default=0.7, help="sampling temperature")
+    f.add_argument("--top-p", type=probability, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                   "holding this share of the probability, in (0, 1]")
+    f.add_argument("--forecast-batch", type=positive_int, default=16, help="prompts per generate call")
     f.add_argument("--unconstrained", action="store_true",
                    help="let the model emit any token (default: only digits , . ;)")
     add_run_to_limit(f)
     f.add_argument("--no-untrained", action="store_true", help="with --adapter, skip the untrained model")
-    f.add_argument("--no-baselines", action="store_true")
+    f.add_argument("--no-baselines", action="store_true", help="skip persistence, linear AR and the ODE fit")
     return p
 
 
@@ -182,7 +297,7 @@ def start_run(args: argparse.Namespace, script: str) -> Path:
 
 
 def reserve(args: argparse.Namespace, planned: float, *, kind: str, config: dict[str, Any]) -> flops.Reservation:
-    """Hold the run's planned FLOPs in the ledger, or refuse it (SystemExit) before any model work.
+    """Hold the run's planned FLOPs in the ledger, or refuse it (flops.LedgerError) before any model work.
 
     With --reservation the FLOPs were reserved by the process that started this run (a study, for all
     its runs at once): this run charges that reservation under its own name and leaves it open."""
@@ -194,9 +309,9 @@ def reserve(args: argparse.Namespace, planned: float, *, kind: str, config: dict
             return reservation
         return ledger.reserve(planned, name=args.name, kind=kind, config=config)
     except (flops.BudgetExceeded, flops.LedgerDamaged) as e:
-        raise SystemExit(f"refused before any model work: {e}") from None
+        raise type(e)(f"refused before any model work: {e}") from None
     except (KeyError, ValueError) as e:  # no such reservation, or it is closed
-        raise SystemExit(f"--reservation {args.reservation}: {e}") from None
+        raise errors.UsageError(f"--reservation {args.reservation}: {cli.one_line(e)}") from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -257,7 +372,7 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
 
     With ``args.adapter`` (evaluate.py, forecast.py) the adapter folder itself decides, wherever it
     was moved: its splits.json and encoding.json are used, --data defaults to the file in its
-    data.json, and a file whose SHA-256 differs from the recorded one is refused (SystemExit naming
+    data.json, and a file whose SHA-256 differs from the recorded one is refused (DataError naming
     both files and checksums) unless ``args.allow_other_data``, which turns the refusal into a
     warning in ``.warnings``. Scoring the adapter's own training split (``args.split`` "train") is
     refused. An adapter folder without data.json (saved by an older train.py) falls back to its run
@@ -267,7 +382,7 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
     info = adapter_info(args.adapter, warnings) if getattr(args, "adapter", None) else None
     if info:
         if getattr(args, "split", None) == "train":
-            raise SystemExit(f"--split train: adapter {info.folder} was trained on these systems; score val or "
+            raise errors.UsageError(f"--split train: adapter {info.folder} was trained on these systems; score val or "
                              f"test")
         reuse = info.source or reuse
     path = args.data or (info.data["path"] if info and info.data else None)
@@ -275,13 +390,13 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
         path = str(lotka_volterra.default_dataset())
     elif not Path(path).is_file():
         where = "" if args.data else f" (recorded in {info.folder / 'data.json'}; pass --data)"
-        raise SystemExit(f"data file {path} not found{where}")
+        raise errors.DataError(f"data file {path} not found{where}")
     digest = file_sha256(path)
     if info and info.data and digest != info.data["sha256"]:
         msg = (f"data file {path} (sha256 {digest}) is not the one adapter {info.folder} was trained on: "
                f"{info.data['path']} (sha256 {info.data['sha256']})")
         if not getattr(args, "allow_other_data", False):
-            raise SystemExit(f"{msg}; pass --allow-other-data to score it anyway")
+            raise errors.DataError(f"{msg}; pass --allow-other-data to score it anyway")
         _warn(warnings, msg)
     trajectories, time = lotka_volterra.load_h5(path)
     reuse = reuse or out
@@ -322,15 +437,20 @@ def adapter_info(adapter: str | os.PathLike, warnings: list[str]) -> AdapterInfo
     """Read an adapter folder's provenance (see ``prepare_data``); notes go to ``warnings``."""
     folder = Path(adapter)
     if not (folder / "adapter_config.json").is_file():
-        raise SystemExit(f"--adapter {folder}: not an adapter folder (no adapter_config.json)")
+        raise errors.AdapterFolderError(f"--adapter {folder}: not an adapter folder (no adapter_config.json)")
     if (folder / "data.json").is_file():
         missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
         if missing:
-            raise SystemExit(f"--adapter {folder}: has data.json but not {', '.join(missing)}")
-        recorded = json.loads((folder / "data.json").read_text())
+            raise errors.AdapterFolderError(f"--adapter {folder}: has data.json but not {', '.join(missing)}")
+        try:
+            recorded = json.loads((folder / "data.json").read_text())
+        except (OSError, ValueError) as e:
+            raise errors.AdapterFolderError(f"{folder / 'data.json'}: not readable JSON ({e})") from None
+        if not isinstance(recorded, dict):
+            raise errors.AdapterFolderError(f"{folder / 'data.json'}: expected a JSON object")
         for key, kind in (("path", str), ("sha256", str), ("systems", int)):
             if not isinstance(recorded.get(key), kind):
-                raise SystemExit(f"{folder / 'data.json'}: field {key!r} must be a {kind.__name__}, "
+                raise errors.AdapterFolderError(f"{folder / 'data.json'}: field {key!r} must be a {kind.__name__}, "
                                  f"found {recorded.get(key)!r}")
         return AdapterInfo(folder, folder, recorded)
     run = adapter_run_dir(str(folder))
