@@ -50,7 +50,8 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, lv_data_file):
     other = lotka_volterra.save_h5(tmp_path / "other.h5", traj, time, params)
     argv = script_argv(tiny_ckpt, other, tmp_path / "e3", "--split", "val", "--max-systems", 1, "--context-length", 128,
                        "--adapter", moved)
-    with pytest.raises(errors.DataError, match=r"other\.h5 \(sha256 [0-9a-f]{64}\) is not the one adapter .* was trained on"):
+    with pytest.raises(errors.DataError,
+                       match=r"other\.h5 \(sha256 [0-9a-f]{64}\) is not the one adapter .* was trained on"):
         evaluate.main(argv)
     assert [r.name for r in ledger.reservations()].count("e3") == 0
     evaluate.main(argv + ["--allow-other-data"])

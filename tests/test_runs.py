@@ -117,11 +117,13 @@ def test_another_data_file_is_refused_naming_both_unless_allowed(tmp_path, lv_da
 
 def test_the_adapters_own_training_split_and_a_missing_data_file_are_refused(tmp_path, lv_data_file):
     _, adapter = _trained_adapter(tmp_path, lv_data_file)
-    with pytest.raises(errors.UsageError, match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
+    with pytest.raises(errors.UsageError,
+                       match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--split", "train"), tmp_path / "e")
     recorded = json.loads((adapter / "data.json").read_text())
     (adapter / "data.json").write_text(json.dumps({**recorded, "path": str(tmp_path / "gone.h5")}))
-    with pytest.raises(errors.DataError, match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
+    with pytest.raises(errors.DataError,
+                       match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter), tmp_path / "e")
     with pytest.raises(errors.AdapterFolderError, match="not an adapter folder"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")

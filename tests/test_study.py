@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from experiments import report, study
 import flops
+from experiments import report, study
 from experiments.lib import errors, validation
 from flops import Ledger
 from flops.liveness import process_alive
