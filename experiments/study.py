@@ -285,8 +285,11 @@ def run_item(item: Item, out: Path, reservation: str) -> None:
         print(f"[study] {item.name}: done before, kept", flush=True)
         return
     argv = item.argv + ["--reservation", reservation]
-    if item.script == "train" and (out / item.name / "checkpoint" / "state.json").is_file():
-        argv.append("--resume")
+    folder = out / item.name
+    if item.script == "train" and any((folder / c / "state.json").is_file() for c in ("checkpoint", "checkpoint.old")):
+        argv.append("--resume")   # (interrupted after a checkpoint: continue it)
+    elif (folder / f"{item.script}_args.json").is_file():
+        argv.append("--overwrite")   # (interrupted before anything could be continued: start it again)
     cmd = [sys.executable, str(SCRIPTS / f"{item.script}.py"), *argv]
     print(f"[study] {item.name}: python {' '.join(cmd[1:])}", flush=True)
     code = launch(cmd)
@@ -323,7 +326,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     study = Study(args)
     out, p = study.out, study.preset
-    out.mkdir(parents=True, exist_ok=True)
+    runs.claim_run(out)   # (a second study on this folder is refused; run again, this one continues)
     files.write_json(out / "study_args.json", {"argv": sys.argv, **vars(args), "preset_values": asdict(p)})
 
     # ---- plan everything at the most expensive choices, fit it to the budget, reserve it

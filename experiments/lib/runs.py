@@ -286,10 +286,97 @@ def forecast_parser(description: str | None = None) -> argparse.ArgumentParser:
 # The run folder, seeds and devices
 
 
-def start_run(args: argparse.Namespace, script: str) -> Path:
-    """Create the run folder and save the exact command line and arguments in it."""
-    out = Path(args.out)
+# What a resumed training run may not change: each alters the run (its data, its model, its schedule
+# or what picks the kept adapter), so the checkpoint would continue another run than the one asked for.
+RESUME_FIXED = ("model", "revision", "data", "seed", "splits", "decimals", "percentile", "context_length", "stride",
+                "batch_size", "rank", "lora_alpha", "lora_dropout", "targets", "train_lm_head_bias", "lr",
+                "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "select_by", "eval_every",
+                "eval_windows", "val_forecast_systems", "context_steps", "horizon", "max_systems", "val_systems",
+                "eval_at_start", "run_to_limit")
+
+_LOCKS: dict[str, int] = {}   # run folders this process holds (resolved path -> the open .lock file)
+
+
+def lock_run(out: Path) -> None:
+    """Hold ``out``/.lock (fcntl.flock, this pid written in it) while this process lives: a second
+    process on the same folder is refused (RunFolderError naming the holder's pid)."""
+    import fcntl
+
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    # (only the lock file is created before the folder is judged; the pid is written once it is taken)
     out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise errors.RunFolderError(f"--out {out} is in use by another run (pid {holder}, holding {out / '.lock'}); "
+                                    f"wait for it to end, or choose another --out") from None
+    _LOCKS[key] = fd
+
+
+def _write_pid(out: Path) -> None:
+    fd = _LOCKS[str(out.resolve())]
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def claim_run(out: Path) -> None:
+    """Lock ``out`` (as ``lock_run``) and write this process's pid in its lock file."""
+    lock_run(out)
+    _write_pid(out)
+
+
+def unlock_run(out: Path) -> None:
+    """Let go of ``out``'s lock (closing the file releases the flock)."""
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def check_run_folder(args: argparse.Namespace, script: str) -> None:
+    """Refuse, before anything is written, an --out holding a finished or interrupted run of ``script``
+    (its <script>_args.json) unless --overwrite, or (train.py) --resume with the same run's arguments."""
+    out = Path(args.out)
+    previous = out / f"{script}_args.json"
+    resume = getattr(args, "resume", False)
+    if resume:
+        if not previous.is_file() or not any((out / c / "state.json").is_file()
+                                              for c in ("checkpoint", "checkpoint.old")):
+            raise errors.NoCheckpointError(f"--resume: no checkpoint in {out / 'checkpoint'} to continue from")
+        try:
+            before = json.loads(previous.read_text())
+        except (OSError, ValueError) as e:
+            raise errors.RunFolderError(f"{previous}: not readable JSON ({e})") from None
+        now = json.loads(json.dumps(vars(args)))   # (tuples as the lists they were saved as)
+        for key in RESUME_FIXED:
+            if key in before and before.get(key) != now.get(key):
+                raise errors.UsageError(f"--resume: --{key.replace('_', '-')} was {before[key]!r} in {previous}, "
+                                        f"now {now.get(key)!r}: a resumed run continues the same run (pass the "
+                                        f"same value, or start a new --out)")
+    elif previous.is_file() and not getattr(args, "overwrite", False):
+        also = " or --resume to continue it" if script == "train" else ""
+        raise errors.RunFolderError(f"--out {out} already holds a {script} run ({previous.name}): pass --overwrite "
+                                    f"to replace it{also}, or choose another --out")
+
+
+def start_run(args: argparse.Namespace, script: str) -> Path:
+    """Take the run folder: refuse it (nothing written) if another process holds it, if it holds a run
+    and neither --overwrite nor a matching --resume was given; then lock it and save the exact command
+    line and arguments in it."""
+    out = Path(args.out)
+    held = str(out.resolve()) in _LOCKS
+    lock_run(out)
+    try:
+        check_run_folder(args, script)
+    except errors.ExperimentError:
+        if not held:
+            unlock_run(out)
+        raise
+    _write_pid(out)
     files.write_json(out / f"{script}_args.json", {"argv": sys.argv, **vars(args)})
     if getattr(args, "name", None) is None:
         args.name = out.name
