@@ -150,7 +150,7 @@ def test_sigkills_at_random_moments_then_resume_the_same_losses_every_flop_charg
     processes = []   # (reservation, step it started from, the metrics rows it wrote)
     for _ in range(3):
         at = _resume_step(run)   # None: killed before its first checkpoint, so the next one starts afresh
-        proc = _start(run, tiny_ckpt, lv_data_file, *(["--resume"] if at is not None else []))
+        proc = _start(run, tiny_ckpt, lv_data_file, *(["--resume"] if at is not None else ["--overwrite"]))
         rid = _wait_until_trained(ledger, proc, steps=rng.randint(1, 8))
         time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
