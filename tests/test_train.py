@@ -116,9 +116,10 @@ def _work_charged(ledger: Ledger, reservation: str) -> list[tuple[str, int, floa
             for e in ledger.entries() if e.reservation == reservation and "of" not in e.config]
 
 
-def _start(run: Path, ckpt: Path, data: Path, *extra) -> subprocess.Popen:
+def _start(run: Path, ckpt: Path, data: Path, *extra, stderr: Path | None = None) -> subprocess.Popen:
     argv = [sys.executable, TRAIN_PY, *script_argv(ckpt, data, run, *SMALL, *extra)]
-    return subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = open(stderr, "w") if stderr else subprocess.DEVNULL   # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _wait_until_trained(ledger: Ledger, proc: subprocess.Popen, steps: int) -> str:
@@ -211,10 +212,14 @@ def test_a_signal_charges_what_ran_closes_the_reservation_and_ends_the_process(t
                                                                                 sig):
     run = tmp_path / "run"
     ledger = Ledger(tmp_path / "ledger.jsonl")
-    proc = _start(run, tiny_ckpt, lv_data_file)
+    proc = _start(run, tiny_ckpt, lv_data_file, stderr=tmp_path / "stderr")
     rid = _wait_until_trained(ledger, proc, steps=5)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == -sig   # died of the signal, as without a handler
+    # one line says where it stopped and the exact command line that continues it
+    [note] = [line for line in (tmp_path / "stderr").read_text().splitlines() if line.startswith("train.py: ")]
+    assert f"interrupted by {sig.name} at step " in note and "continue with: python experiments/train.py " in note
+    assert note.endswith(" --resume") or note.endswith(" --overwrite"), note
     [record] = ledger.reservations()
     assert (record.id, record.status, record.reason) == (rid, "closed", "closed by its run")
     assert _work_charged(ledger, rid) == _work_logged(_rows(run), _shape(tiny_ckpt))   # exactly: nothing lost
