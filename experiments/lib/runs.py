@@ -488,11 +488,11 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
     trajectories, time = lotka_volterra.load_h5(path)
     reuse = reuse or out
     if reuse and (reuse / "splits.json").is_file():
-        splits = data.load_splits(reuse / "splits.json", n_systems=len(trajectories))
+        splits = _read(data.load_splits, reuse / "splits.json", n_systems=len(trajectories))
     else:
         splits = data.split_systems(len(trajectories), fractions=tuple(args.splits), seed=args.seed)
     if reuse and (reuse / "encoding.json").is_file():
-        encoding = llmtime.EncodingConfig.load(reuse / "encoding.json")
+        encoding = _read(llmtime.EncodingConfig.load, reuse / "encoding.json")
     else:
         encoding = llmtime.EncodingConfig(
             alpha=llmtime.fit_alpha(trajectories[splits["train"]], percentile=args.percentile),
@@ -501,6 +501,14 @@ def prepare_data(args: argparse.Namespace, out: Path | None = None, *, reuse: Pa
         data.save_splits(out / "splits.json", splits)
         encoding.save(out / "encoding.json")
     return RunData(trajectories, time, splits, encoding, path, digest, warnings, info)
+
+
+def _read(load: Any, path: Path, **kwargs: Any) -> Any:
+    """A run's or adapter's splits.json / encoding.json, read by ``load``; damaged: a DataError naming it."""
+    try:
+        return load(path, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise errors.DataError(f"{path}: damaged or not this data's ({cli.one_line(e)})") from None
 
 
 def _warn(warnings: list[str], msg: str) -> None:
