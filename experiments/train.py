@@ -155,6 +155,7 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
                 break
     except training.Interrupted as e:
         e.step = state.step   # (for the note that says how to continue)
+        bar.close()           # (ends the progress bar's line, so the note has its own)
         raise
     except training.Diverged as e:
         raise training.Diverged(keep_best(e, model, evaluate.best, state, out, run_data, args, dp)) from None
