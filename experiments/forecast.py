@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if not args.no_baselines and args.context_steps <= baselines.AR_ORDER:
+        raise errors.UsageError(f"--context-steps {args.context_steps}: the linear AR baseline needs at least "
+                                f"{baselines.AR_ORDER + 1} prompt steps (or pass --no-baselines)")
     out = runs.start_run(args, "forecast")
     runs.seed_everything(args.seed)
     device = runs.pick_device(args.device)

@@ -113,6 +113,7 @@ PARSE_CASES = [
     ("forecast", ["--samples", -1], "--samples: -1"),
     ("forecast", ["--max-systems", -1], "--max-systems: -1"),
     ("forecast", ["--budget", "inf"], "--budget: inf"),
+    ("forecast", ["--context-steps", 2], "--context-steps 2: the linear AR baseline needs at least 3"),
 ]
 
 
