@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if not args.rank and not args.train_lm_head_bias:
         raise errors.UsageError("nothing to train: --rank 0 without --train-lm-head-bias")
+    if args.select_by != "loss" and not args.val_forecast_systems:
+        raise errors.UsageError(f"--select-by {args.select_by} needs --val-forecast-systems > 0 (or --select-by loss)")
     dp = training.start_distributed(args.device, args.batch_size)  # torchrun: one process per rank
     out = runs.start_run(args, "train") if dp.main else Path(args.out)
     dp.barrier()

@@ -105,6 +105,7 @@ PARSE_CASES = [
     ("train", ["--batch-size", "four"], "--batch-size: 'four' is not an integer"),
     ("train", ["--no-such-flag"], "--no-such-flag"),
     ("train", ["--rank", 0], "nothing to train"),
+    ("train", ["--val-forecast-systems", 0], "--select-by mae needs --val-forecast-systems > 0"),
     ("evaluate", ["--batch-size", 0], "--batch-size: 0"),
     ("evaluate", ["--max-systems", 0], "--max-systems: 0"),
     ("forecast", ["--temperature", -1], "--temperature: -1"),
