@@ -272,6 +272,7 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite(prior, tiny_ckpt, lv
     one_error("train", code, err, 1, f"--out {prior} already holds a train run", "--overwrite", "--resume")
     assert tree_hash(prior.parent) == before
     (prior / "forecast_args.json").write_text("{}")
+    (prior / "forecast_metrics.json").write_text("{}")
     code, err = drive("forecast", script_argv(tiny_ckpt, lv_data_file, prior), capsys)
     one_error("forecast", code, err, 1, "already holds a forecast run", "--overwrite")
     code, _ = drive("train", script_argv(tiny_ckpt, lv_data_file, prior, *small, "--overwrite"), capsys)

@@ -54,7 +54,7 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, lv_data_file):
                        match=r"other\.h5 \(sha256 [0-9a-f]{64}\) is not the one adapter .* was trained on"):
         evaluate.main(argv)
     assert [r.name for r in ledger.reservations()].count("e3") == 0
-    evaluate.main(argv + ["--allow-other-data", "--overwrite"])   # (the refused run left its arguments there)
+    evaluate.main(argv + ["--allow-other-data"])   # (the refused run left only its setup: no --overwrite needed)
     [warning] = json.loads((tmp_path / "e3" / "eval_metrics.json").read_text())["warnings"]
     assert str(other) in warning and str(lv_data_file.resolve()) in warning
     with pytest.raises(errors.UsageError, match="--split train: adapter .* was trained on these systems"):

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -357,10 +358,40 @@ def check_run_folder(args: argparse.Namespace, script: str) -> None:
                 raise errors.UsageError(f"--resume: --{key.replace('_', '-')} was {before[key]!r} in {previous}, "
                                         f"now {now.get(key)!r}: a resumed run continues the same run (pass the "
                                         f"same value, or start a new --out)")
-    elif previous.is_file() and not getattr(args, "overwrite", False):
+    elif previous.is_file() and not getattr(args, "overwrite", False) and holds_work(out, script):
         also = " or --resume to continue it" if script == "train" else ""
         raise errors.RunFolderError(f"--out {out} already holds a {script} run ({previous.name}): pass --overwrite "
                                     f"to replace it{also}, or choose another --out")
+
+
+# What each script writes in a run folder beyond its setup (<script>_args.json, splits.json and
+# encoding.json, written before any work, so a run refused then leaves nothing else): its work.
+WORK_FILES = {
+    "train": ("metrics.jsonl", "metrics.csv", "summary.json", "checkpoint", "checkpoint.old", "checkpoint.tmp",
+              "adapter"),
+    "evaluate": ("eval_metrics.json",),
+    "forecast": ("forecast_metrics.json", "forecasts.h5", "examples.png", "error_vs_horizon.png"),
+}
+
+
+def holds_work(out: Path, script: str) -> bool:
+    """Whether ``out`` holds anything ``script`` produced beyond its setup (a run refused before any
+    work holds only that: running it again, fixed, needs no --overwrite)."""
+    return any((out / name).exists() for name in WORK_FILES.get(script, ()))
+
+
+def clear_run(out: Path, script: str) -> None:
+    """Remove what an earlier run of ``script`` wrote in ``out`` (its own files only, nothing else), so
+    none of it is read again: its splits and encoding would otherwise be reused, its checkpoint resumed.
+    The splits and encoding stay if another script's run shares the folder."""
+    others = [f"{s}_args.json" for s in WORK_FILES if s != script]
+    shared = () if any((out / f).exists() for f in others) else ("splits.json", "encoding.json")
+    for name in (f"{script}_args.json", *shared, *WORK_FILES.get(script, ())):
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def start_run(args: argparse.Namespace, script: str) -> Path:
@@ -376,6 +407,8 @@ def start_run(args: argparse.Namespace, script: str) -> Path:
         if not held:
             unlock_run(out)
         raise
+    if not getattr(args, "resume", False) and (out / f"{script}_args.json").is_file():
+        clear_run(out, script)   # (--overwrite, or an earlier run that was refused before any work)
     _write_pid(out)
     files.write_json(out / f"{script}_args.json", {"argv": sys.argv, **vars(args)})
     if getattr(args, "name", None) is None:
