@@ -278,3 +278,21 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite(prior, tiny_ckpt, lv
     code, _ = drive("train", script_argv(tiny_ckpt, lv_data_file, prior, *small, "--overwrite"), capsys)
     assert code == 0 and (prior / "summary.json").is_file()
     assert json.loads((prior / "train_args.json").read_text())["max_steps"] == 1
+
+
+def test_a_study_run_again_resumes_or_restarts_its_interrupted_runs(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(study, "launch", lambda cmd: launched.append(cmd[2:]) or 0)
+    items = [study.Item("grid", name, script, ["--out", str(tmp_path / name)])
+             for name, script in (("done", "train"), ("resumable", "train"), ("restart", "train"),
+                                  ("fresh", "train"), ("fc", "forecast"))]
+    for name, files in (("done", ["train_args.json", "summary.json"]),
+                        ("resumable", ["train_args.json", "checkpoint/state.json"]),
+                        ("restart", ["train_args.json", "metrics.jsonl"]), ("fc", ["forecast_args.json"])):
+        for f in files:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_text("{}")
+    for item in items:
+        study.run_item(item, tmp_path, "r1")
+    tails = [argv[-1] for argv in launched]
+    assert tails == ["--resume", "--overwrite", "r1", "--overwrite"]   # "done" is skipped; "fresh" starts as is
