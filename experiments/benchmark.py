@@ -164,4 +164,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from experiments.lib import cli
+
+    sys.exit(cli.run_as_script(main))

@@ -21,11 +21,11 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwen_min
-from experiments.lib import data, files, planning, runs, training
+from experiments.lib import cli, data, files, planning, runs, training
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.script_parser(__doc__)
     runs.add_common_args(p, out_default="runs/eval")
     runs.add_adapter_args(p)
     return p.parse_args(argv)
@@ -75,4 +75,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    training.run_as_script(main)
+    sys.exit(cli.run_as_script(main))

@@ -40,7 +40,20 @@ import numpy as np
 from tqdm import tqdm
 
 import qwen_min
-from experiments.lib import baselines, data, files, forecasting, llmtime, metrics, planning, plots, runs, training
+from experiments.lib import (
+    baselines,
+    cli,
+    data,
+    errors,
+    files,
+    forecasting,
+    llmtime,
+    metrics,
+    planning,
+    plots,
+    runs,
+    training,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if not args.no_baselines and args.context_steps <= baselines.AR_ORDER:
+        raise errors.UsageError(f"--context-steps {args.context_steps}: the linear AR baseline needs at least "
+                                f"{baselines.AR_ORDER + 1} prompt steps (or pass --no-baselines)")
     out = runs.start_run(args, "forecast")
     runs.seed_everything(args.seed)
     device = runs.pick_device(args.device)
@@ -60,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         examples = data.forecast_examples(run_data.trajectories, systems, enc, context_steps=C, horizon=H)
     except ValueError as e:
-        raise SystemExit(f"--context-steps/--horizon: {e}") from None
+        raise errors.UsageError(f"--context-steps/--horizon: {e}") from None
     prompts = [e.prompt for e in examples]
     truth = np.stack([e.target for e in examples])      # (N, H, 2)
     series = run_data.trajectories[systems]             # (N, T, 2): the prompts' numbers, and the plots'
@@ -168,4 +184,4 @@ def save_forecasts(path: Path, encoding: llmtime.EncodingConfig, systems: np.nda
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_as_script(main))

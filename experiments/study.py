@@ -55,7 +55,7 @@ import numpy as np
 import flops
 import lora
 import qwen_min
-from experiments.lib import data, files, planning, reporting, runs, training, validation
+from experiments.lib import cli, data, errors, files, planning, reporting, runs, training, validation
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -100,22 +100,27 @@ PRESETS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p = runs.script_parser(__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the study's scale (see above)")
     p.add_argument("--model", default=runs.DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
-    p.add_argument("--revision", default=None)
-    p.add_argument("--data", default=None, help="HDF5 data file (default: the generated data set)")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
+    p.add_argument("--data", default=None, help="HDF5 data file (none: the generated data set)")
     p.add_argument("--out", default="runs/study", help="the study's folder")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="bf16")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, default=flops.DEFAULT_BUDGET, help="total FLOP budget of the ledger")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", choices=sorted(runs.DTYPES), default="bf16", help="base-model weight dtype")
+    p.add_argument("--seed", type=runs.non_negative_int, default=0, help="seed for splits, sampling and initialisation")
+    p.add_argument("--budget", type=runs.finite_positive_float, default=flops.DEFAULT_BUDGET,
+                   help="total FLOP budget of the ledger")
     p.add_argument("--ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
     p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
-                   help="trim every training run's steps to fit the budget (default), or refuse")
+                   help="trim every training run's steps to fit the budget, or refuse")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    for f in ("grid_steps", "final_steps", "val_systems", "test_systems", "samples", "batch_size", "eval_every"):
-        p.add_argument("--" + f.replace("_", "-"), type=int, default=None, help=f"override the preset's {f}")
+    for f, kind in (("grid_steps", runs.positive_int), ("final_steps", runs.non_negative_int),
+                    ("val_systems", runs.positive_int), ("test_systems", runs.positive_int),
+                    ("samples", runs.non_negative_int), ("batch_size", runs.positive_int),
+                    ("eval_every", runs.positive_int)):
+        p.add_argument("--" + f.replace("_", "-"), type=kind, default=None,
+                       help=f"override the preset's {f} (none: the preset's)")
     return p.parse_args(argv)
 
 
@@ -260,7 +265,7 @@ class Study:
         plan, shape = planning.train_plan(targs, train, val, forecast_calls=forecasts and forecasts.calls)
         fixed = test + plan.full_eval + (plan.eval if targs.eval_at_start else 0.0)   # whatever the step count
         if final.flops + test > left:
-            raise SystemExit(f"[study] the final run's first step and the test forecasts need "
+            raise errors.StudyError(f"the final run's first step and the test forecasts need "
                              f"{final.flops + test:.3e} FLOPs; the study's reservation has {left:.3e} left")
         costs = planning.ScoredCosts(shape, targs.batch_size, targs.context_length)
         every = targs.eval_every
@@ -291,13 +296,16 @@ def run_item(item: Item, out: Path, reservation: str) -> None:
         print(f"[study] {item.name}: done before, kept", flush=True)
         return
     argv = item.argv + ["--reservation", reservation]
-    if item.script == "train" and (out / item.name / "checkpoint" / "state.json").is_file():
-        argv.append("--resume")
+    folder = out / item.name
+    if item.script == "train" and any((folder / c / "state.json").is_file() for c in ("checkpoint", "checkpoint.old")):
+        argv.append("--resume")   # (interrupted after a checkpoint: continue it)
+    elif (folder / f"{item.script}_args.json").is_file():
+        argv.append("--overwrite")   # (interrupted before anything could be continued: start it again)
     cmd = [sys.executable, str(SCRIPTS / f"{item.script}.py"), *argv]
     print(f"[study] {item.name}: python {' '.join(cmd[1:])}", flush=True)
     code = launch(cmd)
     if code != 0:
-        raise SystemExit(f"[study] {item.name} failed (exit status {code}); run the study again to continue")
+        raise errors.StudyError(f"{item.name} failed (exit status {code}); run the study again to continue")
 
 
 def train_score(out: Path, item: Item) -> dict:
@@ -329,7 +337,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     study = Study(args)
     out, p = study.out, study.preset
-    out.mkdir(parents=True, exist_ok=True)
+    runs.claim_run(out)   # (a second study on this folder is refused; run again, this one continues)
     files.write_json(out / "study_args.json", {"argv": sys.argv, **vars(args), "preset_values": asdict(p)})
 
     # ---- plan everything at the most expensive choices, fit it to the budget, reserve it
@@ -413,9 +421,9 @@ def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Ite
     if p.final_steps == 0 and others + sum(i.flops for i in first_step if i.stage == "final") <= left:
         return study.items(final_steps=study.final_steps_within(None, None, left - others))
     need = sum(i.flops for i in todo)
-    refusal = f"[study] the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
+    refusal = f"the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
     if not trim:
-        raise SystemExit(refusal + "; without --no-trim its training runs are trimmed to fit")
+        raise flops.BudgetExceeded(refusal + "; without --no-trim its training runs are trimmed to fit")
     scale, final_steps = 1.0, p.final_steps or final.setting["steps"]
     for _ in range(10):
         need = sum(i.flops for i in items if not i.done(study.out))
@@ -429,7 +437,7 @@ def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Ite
         study.preset = replace(p, grid_steps=max(1, int(p.grid_steps * scale)),
                                final_steps=max(1, int(final_steps * scale)))
         items = study.items()
-    raise SystemExit(refusal + ", even with every training run trimmed to one step")
+    raise flops.BudgetExceeded(refusal + ", even with every training run trimmed to one step")
 
 
 def print_plan(items: list[Item], out: Path, ledger: flops.Ledger) -> None:
@@ -441,4 +449,4 @@ def print_plan(items: list[Item], out: Path, ledger: flops.Ledger) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run_as_script(main))

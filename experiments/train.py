@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,7 +43,7 @@ from tqdm import tqdm
 import flops
 import lora
 import qwen_min
-from experiments.lib import checkpoint, data, files, planning, runs, training, validation
+from experiments.lib import checkpoint, cli, data, errors, files, planning, runs, training, validation
 from experiments.lib.training import RunState
 
 
@@ -51,15 +52,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if not args.rank and not args.train_lm_head_bias:
+        raise errors.UsageError("nothing to train: --rank 0 without --train-lm-head-bias")
+    if args.select_by != "loss" and not args.val_forecast_systems:
+        raise errors.UsageError(f"--select-by {args.select_by} needs --val-forecast-systems > 0 (or --select-by loss)")
     dp = training.start_distributed(args.device, args.batch_size)  # torchrun: one process per rank
     out = runs.start_run(args, "train") if dp.main else Path(args.out)
     dp.barrier()
     runs.seed_everything(args.seed)
 
     # ---- data, and the FLOPs still to spend reserved in the ledger, before any model work
-    if not args.rank and not args.train_lm_head_bias:
-        raise SystemExit("nothing to train: --rank 0 without --train-lm-head-bias")
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
     run_data, train, val = training.prepare_windows(args, out if dp.main else None, tokenizer)
     forecasts = validation.forecast_set_of(args, run_data, tokenizer)
@@ -69,7 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
     reservation = reserve(args, plan, at, dp.world) if dp.main else None
     with training.Booking(reservation, every=args.charge_every,
                           step_tokens=args.batch_size * args.context_length) as booking:
-        return run(args, dp, out, run_data, train, val, forecasts, plan, shape, booking)
+        try:
+            return run(args, dp, out, run_data, train, val, forecasts, plan, shape, booking)
+        except training.Interrupted as e:   # (the booking closes first; cli.run_as_script prints the note)
+            e.note = interrupted_note(e, out, argv)
+            raise
 
 
 def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data: runs.RunData, train: data.Windows,
@@ -147,8 +155,12 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
                     checkpoint.save(out / "checkpoint", model, opt, state, evaluate.best, evaluate.untrained)
             if stopped_early:
                 break
+    except training.Interrupted as e:
+        e.step = state.step   # (for the note that says how to continue)
+        bar.close()           # (ends the progress bar's line, so the note has its own)
+        raise
     except training.Diverged as e:
-        raise SystemExit(keep_best(e, model, evaluate.best, state, out, run_data, args, dp)) from None
+        raise training.Diverged(keep_best(e, model, evaluate.best, state, out, run_data, args, dp)) from None
     bar.close()
 
     # ---- the best adapter (the final one if no evaluation ran), scored on the whole validation
@@ -200,6 +212,22 @@ def save_adapter(model: qwen_min.Qwen2, out: Path, run_data: runs.RunData, args:
     runs.save_adapter_files(out / "adapter", run_data)
 
 
+def interrupted_note(e: training.Interrupted, out: Path, argv: list[str]) -> str:
+    """One line after SIGINT/SIGTERM: the step reached and the command line that continues the run."""
+    try:
+        saved = checkpoint.read_state(out / "checkpoint").step
+    except errors.ExperimentError:
+        saved = None
+    where = (f"the last checkpoint is step {saved}" if saved is not None else
+             "no checkpoint was written yet, so the run starts again from step 0")
+    again = argv if "--resume" in argv else [*argv, "--resume"]
+    if saved is None:
+        again = [a for a in again if a != "--resume"] + ["--overwrite"]
+    at = f" at step {e.step}" if e.step is not None else " before the first step"
+    return (f"{e}{at}: {where}; continue with: "
+            f"python experiments/train.py {shlex.join(again)}")
+
+
 def keep_best(e: training.Diverged, model: qwen_min.Qwen2, best: dict, state: RunState, out: Path,
               run_data: runs.RunData, args: argparse.Namespace, dp: training.Distributed) -> str:
     """After a loss that is not finite: the last checkpoint stays as it was (nothing was saved since);
@@ -213,4 +241,4 @@ def keep_best(e: training.Diverged, model: qwen_min.Qwen2, best: dict, state: Ru
 
 
 if __name__ == "__main__":
-    training.run_as_script(main)
+    sys.exit(cli.run_as_script(main))

@@ -22,10 +22,10 @@ import sys
 import torch
 
 from flops.counter import MODES, count, format_report
-from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger
+from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger, LedgerError
 from flops.ledger_entries import repair
 from flops.ledger_report import report_markdown, summary
-from qwen_min import Qwen2, QwenConfig, load_config
+from qwen_min import CheckpointError, ConfigError, Qwen2, QwenConfig, load_config
 
 
 def build(config: QwenConfig, *, lora_rank: int = 0, targets: tuple[str, ...] = ("q_proj", "v_proj"),
@@ -44,12 +44,23 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
     """The description as written, and every option's default."""
 
 
+class UsageError(Exception):
+    """A bad command line (exit 2, as argparse gives)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, a bad command line raised as UsageError: one line from ``run``, not a usage block."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (--help lists the options)")
+
+
 USAGE = """python -m flops --model MODEL --context-length N [--batch-size B] [--rank R] [--mode MODE] [options]
        python -m flops ledger [--ledger FILE] [--settle] [--repair [--yes]] [--json] [options]"""
 
 
 def count_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flops", usage=USAGE, description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(prog="python -m flops", usage=USAGE, description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--model", required=True, help="Hub repo id, checkpoint folder, or config.json path")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) of --model")
     p.add_argument("--context-length", "--seq-len", dest="context_length", type=int, required=True, metavar="N",
@@ -70,6 +81,7 @@ def count_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampling", action="store_true", help="prefill/decode: sample instead of argmax")
     p.add_argument("--terms", action="store_true", help="with --json: every priced term")
     p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     return p
 
 
@@ -105,7 +117,7 @@ them and asks first (--yes: do not ask)."""
 
 
 def ledger_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m flops ledger", description=LEDGER_HELP, formatter_class=HelpFormatter)
+    p = Parser(prog="python -m flops ledger", description=LEDGER_HELP, formatter_class=HelpFormatter)
     p.add_argument("--ledger", default=DEFAULT_LEDGER, help="ledger file")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="total FLOP budget")
     p.add_argument("--settle", action="store_true", help="settle the reservations of dead processes")
@@ -114,6 +126,7 @@ def ledger_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true", help="move damaged lines to <ledger>.damaged")
     p.add_argument("--yes", action="store_true", help="with --repair: do not ask")
     p.add_argument("--json", action="store_true", help="the report as JSON")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     return p
 
 
@@ -159,6 +172,20 @@ def ledger_main(argv: list[str]) -> int:
     return 1 if report["problems"] else status
 
 
+def run(argv: list[str] | None = None) -> int:
+    """``main`` as the command: its exit status; a ledger, config or checkpoint error (or a bad command
+    line: 2) is one line on stderr, ``python -m flops: error: <message>`` (``--debug``: the traceback)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        result = main([a for a in argv if a != "--debug"])
+    except (UsageError, LedgerError, CheckpointError, ConfigError) as e:
+        if debug:
+            raise
+        print(f"python -m flops: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
+        return 2 if isinstance(e, UsageError) else 1
+    return result if isinstance(result, int) else 0
+
+
 if __name__ == "__main__":
-    result = main()
-    sys.exit(result if isinstance(result, int) else 0)
+    sys.exit(run())

@@ -46,20 +46,50 @@ def resolve(name_or_path: str | os.PathLike, *, revision: str | None = None) -> 
         raise CheckpointError(f"{name}: not a checkpoint folder, and not a Hub repo id of the form 'owner/name'")
 
     from huggingface_hub import snapshot_download
+
+    return _from_hub(lambda **kw: Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS, **kw)),
+                     name, revision)
+
+
+def _hub_reachable() -> bool:
+    """Whether the Hub's host answers at all, asked once, quickly: without a network huggingface_hub
+    retries for about 25 s before it gives up, so a machine without one is treated as offline at once."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True   # (reachable through the proxy, or not: huggingface_hub will say)
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+    except OSError:
+        return False
+    return True
+
+
+def _from_hub(fetch: Any, name: str, revision: str | None) -> Any:
+    """``fetch(**kw)`` (a huggingface_hub download of repo ``name``), its failures as CheckpointError:
+    a repo or revision the Hub does not have, or no cached copy and no network (HF_HUB_OFFLINE=1, or
+    the Hub unreachable: then only the cache is asked), each one line saying what to do."""
+    from huggingface_hub import constants
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    offline = constants.HF_HUB_OFFLINE or not _hub_reachable()
     try:
-        return Path(snapshot_download(name, revision=revision, allow_patterns=HUB_PATTERNS))
+        return fetch(local_files_only=True) if offline else fetch()
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise CheckpointError(f"{name} (revision {revision or 'main'}): not found on the Hub: {e}") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{name} (revision {revision or 'main'}): not found on the Hub ({first})") from None
     except (LocalEntryNotFoundError, OSError) as e:
-        from huggingface_hub import constants
-
+        why = ("HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else
+               f"{constants.ENDPOINT} unreachable" if offline else f"the Hub could not be reached: {type(e).__name__}")
         raise CheckpointError(
-            f"{name} (revision {revision or 'main'}) is not in the local Hub cache ({constants.HF_HUB_CACHE}) "
-            f"and the Hub could not be reached (HF_HUB_OFFLINE={'1' if constants.HF_HUB_OFFLINE else '0'}). "
-            f"On a machine with network run `hf download {name}` (with HF_HOME pointing at the cache "
-            f"you will use here), or pass a local checkpoint folder instead. ({type(e).__name__})"
+            f"{name} (revision {revision or 'main'}) is not in the local Hub cache ({constants.HF_HUB_CACHE}: no "
+            f"snapshot) and it cannot be downloaded ({why}). On a machine with network run `hf download {name}` "
+            f"(or `huggingface-cli download {name}`, with HF_HOME pointing at the cache you will use here), or pass "
+            f"a local checkpoint folder with --model"
         ) from None
 
 
@@ -71,9 +101,14 @@ def load_config(name_or_path: str | os.PathLike, *, revision: str | None = None)
         return QwenConfig.from_json(path)
     if path.is_dir():
         return QwenConfig.from_json(path / "config.json")
+    name = str(name_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise CheckpointError(f"{name}: not a checkpoint folder or config.json, and not a Hub repo id of the form "
+                              f"'owner/name'")
     from huggingface_hub import hf_hub_download
 
-    return QwenConfig.from_json(hf_hub_download(str(name_or_path), "config.json", revision=revision))
+    return QwenConfig.from_json(_from_hub(lambda **kw: hf_hub_download(name, "config.json", revision=revision, **kw),
+                                          name, revision))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 
+import lora
 from experiments import evaluate, train
-from experiments.lib import lotka_volterra
+from experiments.lib import errors, lotka_volterra
 from flops import Ledger
 from tests.conftest import script_argv
 
@@ -50,13 +51,14 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, lv_data_file):
     other = lotka_volterra.save_h5(tmp_path / "other.h5", traj, time, params)
     argv = script_argv(tiny_ckpt, other, tmp_path / "e3", "--split", "val", "--max-systems", 1, "--context-length", 128,
                        "--adapter", moved)
-    with pytest.raises(SystemExit, match=r"other\.h5 \(sha256 [0-9a-f]{64}\) is not the one adapter .* was trained on"):
+    with pytest.raises(errors.DataError,
+                       match=r"other\.h5 \(sha256 [0-9a-f]{64}\) is not the one adapter .* was trained on"):
         evaluate.main(argv)
     assert [r.name for r in ledger.reservations()].count("e3") == 0
-    evaluate.main(argv + ["--allow-other-data"])
+    evaluate.main(argv + ["--allow-other-data"])   # (the refused run left only its setup: no --overwrite needed)
     [warning] = json.loads((tmp_path / "e3" / "eval_metrics.json").read_text())["warnings"]
     assert str(other) in warning and str(lv_data_file.resolve()) in warning
-    with pytest.raises(SystemExit, match="--split train: adapter .* was trained on these systems"):
+    with pytest.raises(errors.UsageError, match="--split train: adapter .* was trained on these systems"):
         evaluate.main(script_argv(tiny_ckpt, lv_data_file, tmp_path / "e4", "--split", "train", "--adapter", moved))
 
     # another base model (the same architecture, other weights): refused, or scored with a warning
@@ -68,7 +70,7 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, lv_data_file):
     save_file(weights, str(other_base / "model.safetensors"), metadata={"format": "pt"})
     argv = script_argv(other_base, lv_data_file, tmp_path / "e5", "--split", "val", "--max-systems", 1,
                        "--context-length", 128, "--adapter", moved)
-    with pytest.raises(SystemExit, match="--adapter: adapter .* was trained on another base model.*--allow-other-base"):
+    with pytest.raises(lora.AdapterError, match="--adapter: adapter .* was trained on another base model.*--allow-other-base"):
         evaluate.main(argv)
     evaluate.main(argv + ["--allow-other-base"])
     [warning] = json.loads((tmp_path / "e5" / "eval_metrics.json").read_text())["warnings"]

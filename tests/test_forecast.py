@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from experiments import forecast, train
-from experiments.lib import baselines, forecasting, llmtime
+from experiments.lib import baselines, errors, forecasting, llmtime
 from experiments.lib.lotka_volterra import load_h5
 from flops import Ledger
 from tests.conftest import script_argv
@@ -95,5 +95,5 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
     with h5py.File(other, "a") as f:
         f["trajectories"][0, 0, 0] += 1.0
     theirs, mine = (hashlib.sha256(p.read_bytes()).hexdigest() for p in (lv_data_file, other))
-    with pytest.raises(SystemExit, match=f"sha256 {mine}.*sha256 {theirs}"):
+    with pytest.raises(errors.DataError, match=f"sha256 {mine}.*sha256 {theirs}"):
         forecast.main(script_argv(tiny_ckpt, other, tmp_path / "fc3", "--adapter", moved, "--no-untrained"))

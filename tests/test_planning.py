@@ -23,7 +23,7 @@ def test_model_config_of_a_folder_needs_no_weights(tmp_path, tiny_ckpt):
 def test_model_config_from_the_hub_fetches_config_json_only(monkeypatch, tiny_ckpt):
     fetched = []
 
-    def hf_hub_download(repo_id, filename, *, revision=None):
+    def hf_hub_download(repo_id, filename, *, revision=None, **kwargs):   # (offline: local_files_only=True)
         fetched.append((repo_id, filename, revision))
         return str(tiny_ckpt / filename)
 

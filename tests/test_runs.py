@@ -13,7 +13,7 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments.lib import data, llmtime, lotka_volterra, runs
+from experiments.lib import data, errors, llmtime, lotka_volterra, runs
 
 
 def _args(lv_data_file, out, *extra: str) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def test_another_data_file_is_refused_naming_both_unless_allowed(tmp_path, lv_da
     mine, theirs = (hashlib.sha256(f.read_bytes()).hexdigest() for f in (other, lv_data_file))
     want = (rf"data file {re.escape(str(other))} \(sha256 {mine}\) is not the one adapter {re.escape(str(adapter))} "
             rf"was trained on: {re.escape(str(lv_data_file.resolve()))} \(sha256 {theirs}\)")
-    with pytest.raises(SystemExit, match=want + "; pass --allow-other-data"):
+    with pytest.raises(errors.DataError, match=want + "; pass --allow-other-data"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other), tmp_path / "e")
     got = runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other, "--allow-other-data"),
                             tmp_path / "e")
@@ -115,13 +115,15 @@ def test_another_data_file_is_refused_naming_both_unless_allowed(tmp_path, lv_da
 
 def test_the_adapters_own_training_split_and_a_missing_data_file_are_refused(tmp_path, lv_data_file):
     _, adapter = _trained_adapter(tmp_path, lv_data_file)
-    with pytest.raises(SystemExit, match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
+    with pytest.raises(errors.UsageError,
+                       match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--split", "train"), tmp_path / "e")
     recorded = json.loads((adapter / "data.json").read_text())
     (adapter / "data.json").write_text(json.dumps({**recorded, "path": str(tmp_path / "gone.h5")}))
-    with pytest.raises(SystemExit, match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
+    with pytest.raises(errors.DataError,
+                       match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter), tmp_path / "e")
-    with pytest.raises(SystemExit, match="not an adapter folder"):
+    with pytest.raises(errors.AdapterFolderError, match="not an adapter folder"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")
 
 
@@ -129,6 +131,6 @@ def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path
     _, adapter = _trained_adapter(tmp_path, lv_data_file)
     for f in ("splits.json", "data.json"):
         (adapter / f).unlink()
-    with pytest.raises(SystemExit, match=r"has no splits\.json, data\.json"):
+    with pytest.raises(errors.AdapterFolderError, match=r"has no splits\.json, data\.json"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
     assert not (tmp_path / "e" / "splits.json").exists()

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+import flops
 from experiments import report, study
-from experiments.lib import validation
+from experiments.lib import errors, validation
 from flops import Ledger
 from flops.liveness import process_alive
 
@@ -116,7 +117,7 @@ def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_c
     full = json.loads(study.main(argv).read_text())
     budget = full["planned_flops"] * 0.6
     refusal = f"needs {full['planned_flops']:.3e} FLOPs but {budget:.3e} are left"
-    with pytest.raises(SystemExit, match=re.escape(refusal)):
+    with pytest.raises(flops.BudgetExceeded, match=re.escape(refusal)):
         study.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "refused") + ["--budget", str(budget), "--no-trim"])
     # a final run of 10 steps does not fit in 1.05 x the 3-step plan: the training runs shrink until it does
     budget = full["planned_flops"] * 1.05
@@ -137,7 +138,7 @@ def test_the_final_run_takes_what_the_reservation_leaves(tiny_ckpt, lv_data_file
     assert cost(7) < cost(8)
     assert s.final_steps_within(best, 32, (cost(7) + cost(8)) / 2) == 7
     assert s.final_steps_within(best, 32, cost(8)) == 8
-    with pytest.raises(SystemExit, match="the final run's first step and the test forecasts need"):
+    with pytest.raises(errors.StudyError, match="the final run's first step and the test forecasts need"):
         s.final_steps_within(best, 32, cost(1) * 0.99)
 
 

@@ -25,7 +25,7 @@ import flops
 import lora
 import qwen_min
 from experiments import forecast, train
-from experiments.lib import checkpoint, planning, training, validation
+from experiments.lib import checkpoint, cli, planning, training, validation
 from flops import Ledger
 from qwen_min import QwenConfig
 from tests.conftest import script_argv
@@ -116,9 +116,10 @@ def _work_charged(ledger: Ledger, reservation: str) -> list[tuple[str, int, floa
             for e in ledger.entries() if e.reservation == reservation and "of" not in e.config]
 
 
-def _start(run: Path, ckpt: Path, data: Path, *extra) -> subprocess.Popen:
+def _start(run: Path, ckpt: Path, data: Path, *extra, stderr: Path | None = None) -> subprocess.Popen:
     argv = [sys.executable, TRAIN_PY, *script_argv(ckpt, data, run, *SMALL, *extra)]
-    return subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    err = open(stderr, "w") if stderr else subprocess.DEVNULL   # noqa: SIM115 (the child holds it)
+    return subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=err)
 
 
 def _wait_until_trained(ledger: Ledger, proc: subprocess.Popen, steps: int) -> str:
@@ -150,7 +151,7 @@ def test_sigkills_at_random_moments_then_resume_the_same_losses_every_flop_charg
     processes = []   # (reservation, step it started from, the metrics rows it wrote)
     for _ in range(3):
         at = _resume_step(run)   # None: killed before its first checkpoint, so the next one starts afresh
-        proc = _start(run, tiny_ckpt, lv_data_file, *(["--resume"] if at is not None else []))
+        proc = _start(run, tiny_ckpt, lv_data_file, *(["--resume"] if at is not None else ["--overwrite"]))
         rid = _wait_until_trained(ledger, proc, steps=rng.randint(1, 8))
         time.sleep(rng.uniform(0.0, 0.3))
         proc.kill()
@@ -211,10 +212,14 @@ def test_a_signal_charges_what_ran_closes_the_reservation_and_ends_the_process(t
                                                                                 sig):
     run = tmp_path / "run"
     ledger = Ledger(tmp_path / "ledger.jsonl")
-    proc = _start(run, tiny_ckpt, lv_data_file)
+    proc = _start(run, tiny_ckpt, lv_data_file, stderr=tmp_path / "stderr")
     rid = _wait_until_trained(ledger, proc, steps=5)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == -sig   # died of the signal, as without a handler
+    # one line says where it stopped and the exact command line that continues it
+    [note] = [line for line in (tmp_path / "stderr").read_text().splitlines() if line.startswith("train.py: ")]
+    assert f"interrupted by {sig.name} at step " in note and "continue with: python experiments/train.py " in note
+    assert note.endswith(" --resume") or note.endswith(" --overwrite"), note
     [record] = ledger.reservations()
     assert (record.id, record.status, record.reason) == (rid, "closed", "closed by its run")
     assert _work_charged(ledger, rid) == _work_logged(_rows(run), _shape(tiny_ckpt))   # exactly: nothing lost
@@ -245,7 +250,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_keeping_the_last_checkpoint_and
         monkeypatch.setattr(training, "windows_loss", windows_loss)
         stop, kept = r"step 4: the validation-subset loss is nan", 3
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
+    with pytest.raises(training.Diverged, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
                                               r".*adapter holds the best adapter so far \(step 2\)"):
         train.main(script_argv(tiny_ckpt, lv_data_file, out, *SMALL, "--eval-every", 2, "--checkpoint-every", 1))
     assert checkpoint.read_state(out / "checkpoint").step == kept   # the NaN state was not saved over it
@@ -285,8 +290,8 @@ def test_torchrun_two_processes_equal_one_process(tmp_path, tiny_ckpt, lv_data_f
 @pytest.mark.parametrize("extra, refusal", [
     (["--budget", 1e9, "--max-steps", 5], r"refused before any model work: run 'run' plans .* FLOPs but only "
                                           r"1\.0000e\+09 are left"),
-    (["--val-systems", 0], r"the validation split \(0 systems\): no windows to score"),
-    (["--eval-windows", 0], r"--eval-windows 0: the validation subset .* would be empty"),
+    (["--val-systems", 0], r"argument --val-systems: 0: must be at least 1"),
+    (["--eval-windows", 0], r"argument --eval-windows: 0: must be at least 1"),
     (["--rank", 0], r"nothing to train: --rank 0 without --train-lm-head-bias"),
 ], ids=["over budget", "no validation systems", "empty validation subset", "nothing to train"])
 def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_work(tmp_path, tiny_ckpt, lv_data_file,
@@ -298,7 +303,7 @@ def test_a_run_that_cannot_be_paid_for_or_scored_is_refused_before_any_model_wor
         if not f.name.endswith(".safetensors"):
             (bare / f.name).write_bytes(f.read_bytes())
     out = tmp_path / "run"
-    with pytest.raises(SystemExit, match=refusal):
+    with pytest.raises(cli.EXPECTED, match=refusal):
         train.main(script_argv(bare, lv_data_file, out, "--max-systems", 2, "--val-systems", 2, *extra))
     assert not (out / "metrics.jsonl").exists() and not (out / "checkpoint").exists()
     assert Ledger(out.parent / "ledger.jsonl").entries() == []

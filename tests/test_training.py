@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import qwen_min
-from experiments.lib import data, training
+from experiments.lib import data, errors, training
 from experiments.lib.training import Booking, Interrupted, MetricsLog, RunState
 from flops import Ledger
 
@@ -122,17 +122,17 @@ def test_windows_loss_refuses_to_score_nothing(tiny_ckpt):
                               after_batch=lambda rows, scored: calls.append(rows))
     assert calls == []   # refused before any work
     empty = data.Windows(*(torch.zeros(0, 8, dtype=torch.long),) * 3)
-    with pytest.raises(SystemExit, match=r"the validation split \(0 systems\): no windows to score"):
+    with pytest.raises(errors.DataError, match=r"the validation split \(0 systems\): no windows to score"):
         training.require_scored(empty, "the validation split (0 systems)")
     padding = data.Windows(ids, torch.full_like(ids, -100), torch.zeros_like(ids))
-    with pytest.raises(SystemExit, match=r"x: its 2 windows hold no token to score \(all padding\)"):
+    with pytest.raises(errors.DataError, match=r"x: its 2 windows hold no token to score \(all padding\)"):
         training.require_scored(padding, "x")
 
 
 def test_check_finite_names_the_step():
     training.check_finite(3.5, "training", 7)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(SystemExit, match=rf"step 7: the validation loss is {bad}"):
+        with pytest.raises(training.Diverged, match=rf"step 7: the validation loss is {bad}"):
             training.check_finite(bad, "validation", 7)
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import qwen_min
-from experiments.lib import data, forecasting, runs, validation
+from experiments.lib import data, errors, forecasting, runs, validation
 from experiments.lib.lotka_volterra import load_h5
 
 
@@ -34,9 +34,9 @@ def test_the_forecast_set_is_forecast_pys_prompts_of_the_first_validation_system
 
     none = validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0), run_data, tok)
     assert none is None
-    with pytest.raises(SystemExit, match="--val-forecast-systems -1"):
+    with pytest.raises(errors.UsageError, match="--val-forecast-systems: -1: must be 0 or more"):
         validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", -1), run_data, tok)
-    with pytest.raises(SystemExit, match="--context-steps/--horizon"):
+    with pytest.raises(errors.UsageError, match="--context-steps/--horizon"):
         too_long = _args(tiny_ckpt, lv_data_file, "--context-steps", 90, "--horizon", 20)
         validation.forecast_set_of(too_long, run_data, tok)
 

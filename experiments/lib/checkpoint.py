@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from experiments.lib import errors
 from experiments.lib.training import RunState
 
 
@@ -56,18 +57,21 @@ def _current(folder: Path) -> Path:
     if not (folder / "state.json").is_file() and (old / "state.json").is_file():
         return old
     if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"--resume: no checkpoint in {folder}")
+        raise errors.NoCheckpointError(f"--resume: no checkpoint in {folder}")
     return folder
 
 
 def read_state(folder: Path) -> RunState:
     """The saved run state alone (no tensors): what a resumed run plans its remaining FLOPs from."""
     path = _current(folder) / "state.json"
-    fields = json.loads(path.read_text())
-    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(RunState)})
-    if unknown:
-        raise ValueError(f"{path}: fields {unknown} are not a checkpoint of this train.py; run without --resume "
-                         f"(in another --out) to start afresh")
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise errors.CheckpointError(f"{path}: damaged checkpoint state ({e})") from None
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(RunState)}) if isinstance(fields, dict) else []
+    if not isinstance(fields, dict) or unknown:
+        raise errors.CheckpointError(f"{path}: fields {unknown} are not a checkpoint of this train.py; run without "
+                                     f"--resume (or with --overwrite) to start afresh")
     return RunState(**fields)
 
 
@@ -76,7 +80,7 @@ def load(folder: Path, model: torch.nn.Module,
     """Restore the trainable weights, AdamW's moments and the RNG state in place; the run's state and
     the best adapter so far are returned."""
     folder = _current(folder)
-    tensors = load_file(str(folder / "state.safetensors"))
+    tensors = _tensors(folder / "state.safetensors")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, p in params.items():
@@ -87,7 +91,14 @@ def load(folder: Path, model: torch.nn.Module,
             opt.state[p] = {k.rsplit(".", 1)[1]: v.to(p.device) if v.dim() else v
                             for k, v in tensors.items() if k.startswith(f"optimizer.{n}.")}
     torch.set_rng_state(tensors["rng.torch"])
-    return read_state(folder), load_file(str(folder / "best.safetensors"))
+    return read_state(folder), _tensors(folder / "best.safetensors")
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as e:  # (safetensors' own error, or OSError: a missing or damaged file)
+        raise errors.CheckpointError(f"{path}: missing or damaged checkpoint file ({e})") from None
 
 
 def load_untrained(folder: Path) -> np.ndarray | None:

@@ -34,16 +34,14 @@ from typing import Any
 import h5py
 import numpy as np
 
+from experiments.lib.errors import DataError
+
 PARAM_NAMES = ("r", "K", "a", "h", "e", "m")
 PARAM_RANGES = {"r": (0.10, 0.35), "K": (3.0, 15.0), "a": (0.2, 0.5), "h": (0.15, 1.3), "e": (0.3, 0.7),
                 "m": (0.1, 0.3)}
 INITIAL_RANGE = (0.8, 1.2)
 DEFAULT_TIME = np.linspace(0.0, 200.0, 100)
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "data" / "lotka_volterra_generated.h5"
-
-
-class DataError(ValueError):
-    """A data file that is missing, unreadable or not in the study's format."""
 
 
 def rm_derivatives(prey, predator, params: Mapping[str, Any]):

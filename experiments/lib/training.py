@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import flops
 import qwen_min
-from experiments.lib import data, runs
+from experiments.lib import data, errors, runs
 from qwen_min import Qwen2
 
 
@@ -104,30 +104,46 @@ def schedule_of(args: argparse.Namespace) -> Callable[[int], float]:
 def prepare_windows(args: argparse.Namespace, out: Path | None,
                     tokenizer: qwen_min.Tokenizer) -> tuple[runs.RunData, data.Windows, data.Windows]:
     """The run's data (saved in ``out``) cut into training windows (stride --stride, default half a
-    window) and validation windows (each transition scored once). Refused (SystemExit, before any
+    window) and validation windows (each transition scored once). Refused (UsageError or DataError, before any
     model work) when either has nothing to score, or the batch or the evaluated subset is empty."""
     run_data = runs.prepare_data(args, out)
     L = args.context_length
+    require_step_fits(L, run_data.texts("train", args.max_systems), tokenizer)
+    if args.stride is not None and not 1 <= args.stride <= L:
+        raise errors.UsageError(f"--stride {args.stride}: must be between 1 and --context-length {L}, so no "
+                                f"token is skipped")
     train = data.training_windows(run_data.texts("train", args.max_systems), tokenizer, context_length=L,
                                   stride=args.stride or L // 2)
     val = data.training_windows(run_data.texts("val", args.val_systems), tokenizer, context_length=L, stride=L - 1)
     require_scored(train, f"the training split ({len(run_data.systems('train', args.max_systems))} systems)")
     require_scored(val, f"the validation split ({len(run_data.systems('val', args.val_systems))} systems)")
     if len(train.input_ids) < args.batch_size:
-        raise SystemExit(f"only {len(train.input_ids)} training windows for batch size {args.batch_size}: "
+        raise errors.UsageError(f"only {len(train.input_ids)} training windows for batch size {args.batch_size}: "
                          f"lower --batch-size")
     if args.eval_every and args.eval_windows < 1:
-        raise SystemExit(f"--eval-windows {args.eval_windows}: the validation subset scored every "
+        raise errors.UsageError(f"--eval-windows {args.eval_windows}: the validation subset scored every "
                          f"--eval-every {args.eval_every} steps would be empty")
     return run_data, train, val
+
+
+def require_step_fits(context_length: int, texts: list[str], tokenizer: qwen_min.Tokenizer) -> None:
+    """--context-length must hold at least one whole time step of text (its longest among the first
+    steps of the first system): a window shorter than that never sees a value whole. UsageError."""
+    if not texts:
+        return
+    steps = [t + ";" for t in texts[0].split(";")[:20] if t]
+    need = max((len(tokenizer.encode(t)) for t in steps), default=0)
+    if context_length < need:
+        raise errors.UsageError(f"--context-length {context_length}: a window must hold at least one time step of "
+                                f"text, and one step takes up to {need} tokens here (e.g. {steps[0]!r})")
 
 
 def require_scored(windows: data.Windows, what: str) -> None:
     """Refuse to score nothing: a mean over zero tokens is no loss (0.0 would even win early stopping)."""
     if not len(windows.input_ids):
-        raise SystemExit(f"{what}: no windows to score")
+        raise errors.DataError(f"{what}: no windows to score")
     if not bool((windows.labels != -100).any()):
-        raise SystemExit(f"{what}: its {len(windows.input_ids)} windows hold no token to score (all padding)")
+        raise errors.DataError(f"{what}: its {len(windows.input_ids)} windows hold no token to score (all padding)")
 
 
 @torch.no_grad()
@@ -152,9 +168,7 @@ def windows_loss(model: Qwen2, input_ids: torch.Tensor, labels: torch.Tensor, ba
     return total / count, count
 
 
-class Diverged(SystemExit):
-    """A loss that is not a finite number: the run stops (exit status 1, with the message), keeping the
-    last good checkpoint and the best adapter so far."""
+Diverged = errors.Diverged   # a loss that is not finite: exit 1 with its message, the best adapter so far kept
 
 
 def check_finite(loss: float, what: str, step: int) -> None:
@@ -235,18 +249,21 @@ def start_wandb(args: argparse.Namespace) -> Any:
     try:
         import wandb
     except ImportError:
-        raise SystemExit("--wandb needs the wandb package: pip install wandb") from None
+        raise errors.MissingDependencyError("--wandb needs the wandb package: pip install wandb") from None
     return wandb.init(project="qwen-lora-ts", name=args.name, config=vars(args), resume="allow")
 
 
 class Interrupted(BaseException):
     """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it): the run
-    charges what it spent and closes its reservation on the way out; ``run_as_script`` then ends the
-    process by the same signal, with the exit status that signal always gives."""
+    charges what it spent and closes its reservation on the way out; ``cli.run_as_script`` then prints
+    ``note`` (set on the way out, e.g. train.py's step and --resume command line) and ends the process
+    by the same signal, with the exit status that signal always gives."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
+        self.note = ""
+        self.step: int | None = None   # train.py: the optimizer steps taken when it arrived
 
 
 class Booking:
@@ -345,15 +362,6 @@ class Booking:
             self.pending_steps, self.pending_flops = 0, 0.0
 
 
-def run_as_script(main: Callable[[], object]) -> None:
-    """Run a script's main; if a signal interrupted it (after it closed its booking), die of that signal."""
-    try:
-        main()
-    except Interrupted as e:
-        signal.signal(e.signum, signal.SIG_DFL)
-        os.kill(os.getpid(), e.signum)
-
-
 # ---------------------------------------------------------------------------------------------
 # Data parallel (torchrun): every rank holds the whole model and takes a share of each batch
 
@@ -385,7 +393,7 @@ def start_distributed(device: str, batch_size: int) -> Distributed:
     if world > 1:
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
         if batch_size % world:
-            raise SystemExit(f"--batch-size {batch_size} must be divisible by the {world} processes")
+            raise errors.UsageError(f"--batch-size {batch_size} must be divisible by the {world} processes")
     return Distributed(world, rank, where)
 
 

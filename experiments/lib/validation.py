@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from experiments.lib import data, forecasting, llmtime, metrics, planning, runs, training
+from experiments.lib import data, errors, forecasting, llmtime, metrics, planning, runs, training
 from experiments.lib.training import RunState
 from qwen_min import Qwen2, Tokenizer
 
@@ -48,7 +48,7 @@ class ForecastSet:
 def forecast_set_of(args: argparse.Namespace, run_data: runs.RunData, tokenizer: Tokenizer) -> ForecastSet | None:
     """train.py's validation forecasts: the first --val-forecast-systems validation systems (None for 0)."""
     if args.val_forecast_systems < 0:
-        raise SystemExit(f"--val-forecast-systems {args.val_forecast_systems}: must be 0 or more")
+        raise errors.UsageError(f"--val-forecast-systems {args.val_forecast_systems}: must be 0 or more")
     if not args.val_forecast_systems:
         return None
     return forecast_set(run_data.trajectories, run_data.systems("val", args.val_forecast_systems), run_data.encoding,
@@ -59,12 +59,12 @@ def forecast_set(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtim
                  tokenizer: Tokenizer, *, context_steps: int, horizon: int, to_limit: bool = False) -> ForecastSet:
     """The prompts and truths of ``systems`` (forecast.py's own, via ``data.forecast_examples``)."""
     if not len(systems):
-        raise SystemExit("--val-forecast-systems: no validation system to forecast")
+        raise errors.UsageError("--val-forecast-systems: no validation system to forecast")
     try:
         examples = data.forecast_examples(trajectories, systems, encoding, context_steps=context_steps,
                                           horizon=horizon)
     except ValueError as e:
-        raise SystemExit(f"--context-steps/--horizon: {e}") from None
+        raise errors.UsageError(f"--context-steps/--horizon: {e}") from None
     prompts = [e.prompt for e in examples]
     calls = forecasting.planned_calls([len(ids) for ids in tokenizer.encode_batch(prompts)], prompts, horizon,
                                       batch_size=len(prompts), num_samples=1, vocab=len(forecasting.ALPHABET),
@@ -83,8 +83,8 @@ def score_forecasts(model: Qwen2, tokenizer: Tokenizer, fs: ForecastSet, device:
     values = run.values[:, 0]
     s = metrics.forecast_scores(values, fs.truth, fs.last)
     if s["relative_score"] is None or not math.isfinite(s["relative_score"]):
-        raise SystemExit("validation forecasts: no system has a nonzero persistence error to compare with; "
-                         "choose other --val-forecast-systems or --select-by loss")
+        raise errors.DataError("validation forecasts: no system has a nonzero persistence error to compare with; "
+                               "choose other --val-forecast-systems or --select-by loss")
     blocks = {f"mae_{b}": v["mae"] for b, v in s["blocks"].items()}
     return {k: s.get(k) for k in ("relative_score", "mae", "mae_h1_10", "coverage")} | blocks | {"forecasts": values}
 
@@ -122,7 +122,7 @@ class Validator:
         if select_by not in runs.SELECT_BY:
             raise ValueError(f"select by {select_by!r}: one of {runs.SELECT_BY}")
         if select_by != "loss" and forecasts is None:
-            raise SystemExit(f"--select-by {select_by} needs --val-forecast-systems > 0")
+            raise errors.UsageError(f"--select-by {select_by} needs --val-forecast-systems > 0")
         self.windows, self.forecasts, self.select_by, self.batch_size = windows, forecasts, select_by, batch_size
         self.costs, self.booking, self.log = costs, booking, log
         self.tokenizer, self.device, self.world = tokenizer, device, world

@@ -1,0 +1,84 @@
+"""The command line a person meets: one parser class and one handler for every script.
+
+``run_as_script(main)`` runs a script's ``main`` and is the one place its errors are caught: an
+error of the experiments' own (``errors.ExperimentError``), of the ledger (``flops.LedgerError``),
+of a checkpoint or config (``qwen_min.CheckpointError``/``ConfigError``), of an adapter
+(``lora.AdapterError``) or of the data (``lotka_volterra.DataError``) is printed as one line,
+``<script>: error: <message>``, and the exit status is 1 (2 for a usage error, as argparse gives).
+Any other exception is a bug and keeps its traceback; ``--debug`` shows the traceback of any error.
+A run interrupted by SIGINT or SIGTERM (``training.Interrupted``) closes its booking on the way out
+and then dies of that same signal, after printing what it left for ``--resume``, if anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import flops
+import lora
+import qwen_min
+from experiments.lib import errors
+
+# Everything a person can fix; any other exception is a bug.
+EXPECTED: tuple[type[BaseException], ...] = (errors.ExperimentError, flops.LedgerError, qwen_min.CheckpointError,
+                                             qwen_min.ConfigError, lora.AdapterError)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description as written, and every option's default."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with a bad command line raised as ``errors.UsageError`` (one line, exit 2, from the
+    handler) instead of a usage block and an exit, and every option's default in --help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise errors.UsageError(f"{message} (--help lists the options)")
+
+
+def add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__
+
+
+def run_as_script(main: Callable[[list[str]], object], argv: Sequence[str] | None = None, *,
+                  name: str | None = None) -> int:
+    """Run ``main(argv)`` (default: the process's arguments); its exit status (0: it ended normally).
+
+    Errors a person can fix print ``<name>: error: <message>`` on stderr and give 1 (a usage error:
+    2); with ``--debug`` in ``argv`` they raise, traceback and all. argparse's own exit (--help)
+    passes through. Interrupted by a signal: the message of what to do next (if the run left one),
+    then the process dies of that signal."""
+    from experiments.lib import training  # (training imports runs, which imports this module's neighbours)
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    name = name or Path(inspect.getfile(main)).name
+    try:
+        main(argv)
+    except training.Interrupted as e:
+        if e.note:
+            print(f"{name}: {e.note}", file=sys.stderr, flush=True)
+        signal.signal(e.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), e.signum)
+        return 128 + e.signum   # (only if the signal was blocked)
+    except EXPECTED as e:
+        if "--debug" in argv:
+            raise
+        print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
+        return getattr(e, "exit_code", 1)
+    return 0

@@ -1,0 +1,298 @@
+"""The command line a person meets: every script's bad inputs end in one line on stderr,
+``<script>: error: <message>`` naming the value or the file, exit 2 for a usage error and 1 for the
+rest, no traceback, and nothing changed in an existing run folder or the ledger. Run folders are
+owned: a second run on one --out, a finished --out without --overwrite, and a --resume that would
+change the run are refused before any file changes."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import flops
+from experiments import evaluate, forecast, report, study, train
+from experiments.lib import cli, runs
+from flops import __main__ as flops_cli
+from tests.conftest import script_argv
+
+SCRIPTS = {"train": train.main, "evaluate": evaluate.main, "forecast": forecast.main, "study": study.main,
+           "report": report.main}
+
+
+def drive(script: str, argv: list, capsys) -> tuple[int, str]:
+    """Run a script's main through the handler the script itself uses; (exit status, stderr)."""
+    capsys.readouterr()
+    argv = [str(a) for a in argv]
+    try:
+        code = flops_cli.run(argv) if script == "flops" else cli.run_as_script(SCRIPTS[script], argv)
+    except SystemExit as e:   # (argparse's --help only)
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def one_error(script: str, code: int, err: str, want_code: int, *needles: str) -> str:
+    name = "python -m flops" if script == "flops" else f"{script}.py"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "Traceback" not in err, err
+    assert code == want_code, (code, err)
+    assert len(lines) == 1 and lines[0].startswith(f"{name}: error: "), err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def tree_hash(*paths: Path) -> dict[str, str]:
+    """Every file under ``paths`` (its lock file aside) -> its SHA-256."""
+    out = {}
+    for root in paths:
+        for f in sorted(root.rglob("*") if root.is_dir() else [root]):
+            if f.is_file() and f.name != ".lock":
+                out[str(f)] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def prior(tmp_path, tiny_ckpt, lv_data_file) -> Path:
+    """A run folder as an interrupted train.py leaves it (its arguments, splits, a checkpoint's
+    state), beside a ledger with one closed reservation."""
+    run = tmp_path / "prior"
+    run.mkdir()
+    argv = script_argv(tiny_ckpt, lv_data_file, run, "--max-steps", 4)
+    args = train.parse_args([str(a) for a in argv])
+    (run / "train_args.json").write_text(json.dumps({"argv": argv, **vars(args)}, default=str))
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "state.json").write_text(json.dumps({"step": 2}))
+    (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
+    ledger = flops.Ledger(tmp_path / "ledger.jsonl", budget=1e15)
+    with ledger.reserve(10.0, name="earlier", kind="eval", config={}) as r:
+        r.charge(5.0, kind="eval")   # (a closed reservation and a charge: what the refusals must not touch)
+    return run
+
+
+# Refused when parsed: (script, extra arguments, what the line names)
+PARSE_CASES = [
+    ("train", ["--budget", 0], "--budget: 0"),
+    ("train", ["--budget", "inf"], "--budget: inf"),
+    ("train", ["--batch-size", 0], "--batch-size: 0"),
+    ("train", ["--max-steps", -1], "--max-steps: -1"),
+    ("train", ["--warmup-steps", -3], "--warmup-steps: -3"),
+    ("train", ["--stride", 0], "--stride: 0"),
+    ("train", ["--eval-every", -1], "--eval-every: -1"),
+    ("train", ["--max-systems", -1], "--max-systems: -1"),
+    ("train", ["--val-systems", 0], "--val-systems: 0"),
+    ("train", ["--checkpoint-every", 0], "--checkpoint-every: 0"),
+    ("train", ["--lr", "nan"], "--lr: nan"),
+    ("train", ["--lr", 0], "--lr: 0"),
+    ("train", ["--min-lr-ratio", 1.5], "--min-lr-ratio: 1.5"),
+    ("train", ["--rank", -1], "--rank: -1"),
+    ("train", ["--patience", -1], "--patience: -1"),
+    ("train", ["--val-forecast-systems", -1], "--val-forecast-systems: -1"),
+    ("train", ["--decimals", -1], "--decimals: -1"),
+    ("train", ["--percentile", 0], "--percentile: 0"),
+    ("train", ["--percentile", 101], "--percentile: 101"),
+    ("train", ["--splits", 0.5, 0.5, 0.5], "--splits"),
+    ("train", ["--splits", 1.2, -0.1, -0.1], "--splits"),
+    ("train", ["--context-length", 1], "--context-length: 1"),
+    ("train", ["--batch-size", "four"], "--batch-size: 'four' is not an integer"),
+    ("train", ["--no-such-flag"], "--no-such-flag"),
+    ("train", ["--rank", 0], "nothing to train"),
+    ("train", ["--val-forecast-systems", 0], "--select-by mae needs --val-forecast-systems > 0"),
+    ("evaluate", ["--batch-size", 0], "--batch-size: 0"),
+    ("evaluate", ["--max-systems", 0], "--max-systems: 0"),
+    ("forecast", ["--temperature", -1], "--temperature: -1"),
+    ("forecast", ["--top-p", 2], "--top-p: 2"),
+    ("forecast", ["--top-p", 0], "--top-p: 0"),
+    ("forecast", ["--samples", -1], "--samples: -1"),
+    ("forecast", ["--max-systems", -1], "--max-systems: -1"),
+    ("forecast", ["--budget", "inf"], "--budget: inf"),
+    ("forecast", ["--context-steps", 2], "--context-steps 2: the linear AR baseline needs at least 3"),
+]
+
+
+@pytest.mark.parametrize("script, extra, needle", PARSE_CASES,
+                         ids=[f"{s} {' '.join(map(str, e))}" for s, e, _ in PARSE_CASES])
+def test_a_bad_value_is_one_usage_line_and_changes_nothing(script, extra, needle, prior, tiny_ckpt, lv_data_file,
+                                                           capsys):
+    before = tree_hash(prior.parent)
+    argv = script_argv(tiny_ckpt, lv_data_file, prior, *extra)
+    code, err = drive(script, argv, capsys)
+    one_error(script, code, err, 2, needle)
+    assert tree_hash(prior.parent) == before
+
+
+@pytest.mark.parametrize("script, argv, needle", [
+    ("study", ["--budget", "inf"], "--budget: inf"),
+    ("study", ["--val-systems", 0], "--val-systems: 0"),
+    ("study", ["--test-systems", -2], "--test-systems: -2"),
+    ("study", ["--samples", -1], "--samples: -1"),
+    ("study", ["--grid-steps", 0], "--grid-steps: 0"),
+    ("report", ["--budget", 0], "--budget: 0"),
+    ("flops", ["--model", "x", "--context-length", "abc"], "--context-length"),
+    ("flops", ["ledger", "--budget", "lots"], "--budget"),
+    ("flops", ["--context-length", 4], "--model"),
+])
+def test_study_report_and_flops_refuse_bad_values_in_one_line(script, argv, needle, tmp_path, capsys):
+    code, err = drive(script, argv + (["--out", tmp_path / "o"] if script in ("study", "report") else []), capsys)
+    one_error(script, code, err, 2, needle)
+    assert not (tmp_path / "o").exists()
+
+
+def test_files_that_are_missing_or_damaged_are_one_line_naming_them(tmp_path, tiny_ckpt, lv_data_file, capsys):
+    ledger = tmp_path / "ledger.jsonl"
+    flops.Ledger(ledger).reserve(1.0, name="x", kind="eval", config={}).close()
+    before = tree_hash(ledger)
+
+    def fails(script: str, *extra, code: int = 1, out: str = "o", model: Path = tiny_ckpt,
+              data: Path = lv_data_file) -> str:
+        argv = script_argv(model, data, tmp_path / out, *extra)
+        return one_error(script, *drive(script, argv, capsys), code)
+
+    # a missing data file, a truncated one, NaN in it
+    assert "nowhere.h5" in fails("train", out="a", data=tmp_path / "nowhere.h5")
+    cut = tmp_path / "cut.h5"
+    cut.write_bytes(lv_data_file.read_bytes()[:5000])
+    assert "cut.h5: not a readable HDF5 file" in fails("evaluate", out="b", data=cut)
+    nan = tmp_path / "nan.h5"
+    with h5py.File(nan, "w") as f:
+        traj = np.ones((6, 30, 2))
+        traj[2, 5, 1] = np.nan
+        f["trajectories"], f["time"] = traj, np.linspace(0, 10, 30)
+    assert "nan.h5: 'trajectories' has 1 non-finite value(s)" in fails("forecast", out="c", data=nan)
+    # a window shorter than one time step of text (a usage error, named by its flag)
+    assert "--context-length 3" in fails("train", "--context-length", 3, out="d", code=2)
+    # --resume in a folder that holds no run
+    assert "--resume: no checkpoint" in fails("train", "--resume", out="e")
+    # a damaged adapter
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{not json")
+    assert str(adapter) in fails("evaluate", "--adapter", adapter, "--max-systems", 2, out="f")
+    assert tree_hash(ledger) == before   # every refusal so far before any reservation
+    # a config.json that does not match its tensors, a damaged safetensors file: found as the weights load,
+    # after the reservation (planned from config.json alone), which is closed with nothing charged
+    spent = flops.Ledger(ledger).spent()
+    wrong = tmp_path / "wrong"
+    shutil.copytree(tiny_ckpt, wrong)
+    config = json.loads((wrong / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps(config | {"intermediate_size": 96}))
+    line = fails("evaluate", "--max-systems", 2, "--context-length", 64, out="g", model=wrong)
+    assert "model.safetensors" in line and "config.json implies" in line
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_ckpt, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "model.safetensors: truncated or corrupt" in fails("evaluate", "--max-systems", 2, "--context-length", 64,
+                                                              out="h", model=broken)
+    assert "config.json" in one_error("flops", *drive("flops", ["--model", tmp_path / "nope" / "config.json",
+                                                                "--context-length", 8], capsys), 1)
+    assert flops.Ledger(ledger).spent() == spent
+    assert {r.status for r in flops.Ledger(ledger).reservations()} == {"closed"}
+
+
+def test_a_bug_keeps_its_traceback_and_debug_shows_any(tmp_path, monkeypatch, capsys):
+    def broken(argv):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.run_as_script(broken, [])
+    with pytest.raises(runs.errors.DataError, match="bad file"):
+        cli.run_as_script(lambda argv: (_ for _ in ()).throw(runs.errors.DataError("bad file")), ["--debug"])
+    assert cli.run_as_script(lambda argv: (_ for _ in ()).throw(runs.errors.DataError("bad\nfile")), [],
+                             name="x.py") == 1
+    assert capsys.readouterr().err == "x.py: error: bad file\n"
+
+
+def test_every_help_shows_defaults_and_every_option_says_what_it_does(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # (help lines unwrapped)
+    for p in (runs.train_parser(), runs.forecast_parser()):
+        assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    for script, shown in (("train", "(default: 600)"), ("forecast", "(default: 0.7)"), ("study", "(default: cpu)"),
+                          ("evaluate", "(default: runs/eval)"), ("report", "(default: runs/report)")):
+        with pytest.raises(SystemExit):
+            cli.run_as_script(SCRIPTS[script], ["--help"])
+        out = capsys.readouterr().out
+        assert shown in out and "%(default)" not in out and "(default: (default" not in out
+
+
+def test_offline_without_a_cached_model_fails_at_once_in_one_line(tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    t0 = time.time()
+    code, err = drive("study", ["--preset", "cpu", "--dry-run", "--model", "nobody/no-such-model",
+                                "--out", tmp_path / "s"], capsys)
+    line = one_error("study", code, err, 1, "nobody/no-such-model", "not in the local Hub cache",
+                     "hf download nobody/no-such-model", "--model")
+    assert time.time() - t0 < 10, line
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folders are owned
+
+
+def test_a_second_run_on_one_out_is_refused_naming_the_holder(prior, tiny_ckpt, lv_data_file, capsys):
+    before = tree_hash(prior.parent)
+    fd = os.open(prior / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242\n")
+        code, err = drive("train", script_argv(tiny_ckpt, lv_data_file, prior, "--resume"), capsys)
+        one_error("train", code, err, 1, "is in use by another run (pid 4242")
+    finally:
+        os.close(fd)
+    assert tree_hash(prior.parent) == before
+
+
+@pytest.mark.parametrize("change, old, new", [(["--rank", 8], "4", "8"), (["--lr", 0.01], "0.001", "0.01"),
+                                              (["--max-steps", 9], "4", "9")])
+def test_resume_that_changes_the_run_is_refused_before_any_file_changes(prior, tiny_ckpt, lv_data_file, capsys,
+                                                                        change, old, new):
+    before = tree_hash(prior.parent)
+    argv = script_argv(tiny_ckpt, lv_data_file, prior, "--max-steps", 4, "--resume", *change)
+    code, err = drive("train", argv, capsys)
+    one_error("train", code, err, 2, f"{change[0]} was {old}", f"now {new}")
+    assert tree_hash(prior.parent) == before
+
+
+def test_a_folder_holding_a_run_is_refused_unless_overwrite(prior, tiny_ckpt, lv_data_file, capsys):
+    before = tree_hash(prior.parent)
+    small = ["--max-steps", 1, "--eval-every", 0, "--val-forecast-systems", 0, "--select-by", "loss",
+             "--max-systems", 1, "--val-systems", 1, "--context-length", 32, "--batch-size", 1]
+    code, err = drive("train", script_argv(tiny_ckpt, lv_data_file, prior, *small), capsys)
+    one_error("train", code, err, 1, f"--out {prior} already holds a train run", "--overwrite", "--resume")
+    assert tree_hash(prior.parent) == before
+    (prior / "forecast_args.json").write_text("{}")
+    (prior / "forecast_metrics.json").write_text("{}")
+    code, err = drive("forecast", script_argv(tiny_ckpt, lv_data_file, prior), capsys)
+    one_error("forecast", code, err, 1, "already holds a forecast run", "--overwrite")
+    code, _ = drive("train", script_argv(tiny_ckpt, lv_data_file, prior, *small, "--overwrite"), capsys)
+    assert code == 0 and (prior / "summary.json").is_file()
+    assert json.loads((prior / "train_args.json").read_text())["max_steps"] == 1
+
+
+def test_a_study_run_again_resumes_or_restarts_its_interrupted_runs(tmp_path, monkeypatch):
+    launched = []
+    monkeypatch.setattr(study, "launch", lambda cmd: launched.append(cmd[2:]) or 0)
+    items = [study.Item("grid", name, script, ["--out", str(tmp_path / name)])
+             for name, script in (("done", "train"), ("resumable", "train"), ("restart", "train"),
+                                  ("fresh", "train"), ("fc", "forecast"))]
+    for name, files in (("done", ["train_args.json", "summary.json"]),
+                        ("resumable", ["train_args.json", "checkpoint/state.json"]),
+                        ("restart", ["train_args.json", "metrics.jsonl"]), ("fc", ["forecast_args.json"])):
+        for f in files:
+            (tmp_path / name / f).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / f).write_text("{}")
+    for item in items:
+        study.run_item(item, tmp_path, "r1")
+    tails = [argv[-1] for argv in launched]
+    assert tails == ["--resume", "--overwrite", "r1", "--overwrite"]   # "done" is skipped; "fresh" starts as is
