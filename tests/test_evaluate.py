@@ -70,7 +70,8 @@ def test_evaluate_untrained_and_adapter(tmp_path, tiny_ckpt, lv_data_file):
     save_file(weights, str(other_base / "model.safetensors"), metadata={"format": "pt"})
     argv = script_argv(other_base, lv_data_file, tmp_path / "e5", "--split", "val", "--max-systems", 1,
                        "--context-length", 128, "--adapter", moved)
-    with pytest.raises(lora.AdapterError, match="--adapter: adapter .* was trained on another base model.*--allow-other-base"):
+    refusal = "--adapter: adapter .* was trained on another base model.*--allow-other-base"
+    with pytest.raises(lora.AdapterError, match=refusal):
         evaluate.main(argv)
     evaluate.main(argv + ["--allow-other-base"])
     [warning] = json.loads((tmp_path / "e5" / "eval_metrics.json").read_text())["warnings"]
