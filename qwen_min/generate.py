@@ -23,11 +23,14 @@ class Generation:
     logprobs [B', N]  (only if asked) log-probability of each chosen token under the model's
                       distribution at temperature 1 over the allowed vocabulary (all of it, or
                       ``allowed_token_ids``); 0 in padded places
+    steps             the tokens chosen per row, the work done: N, or more where stopping is checked only
+                      every few steps (on CUDA), so the FLOP count charges what ran
     """
 
     tokens: Tensor
     lengths: Tensor
     logprobs: Tensor | None = None
+    steps: int = 0
 
 
 def sample_next(logits: Tensor, *, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
@@ -154,4 +157,4 @@ def generate(
             # outputs are discarded. Feeding `pad` could be an id outside the vocabulary.
             logits = next_logits(chosen[:, None], None if mask is None else mask[:, : T + t + 1], cache, head)
     n = int(lengths.max())
-    return Generation(tokens[:, :n], lengths, logprobs[:, :n] if logprobs is not None else None)
+    return Generation(tokens[:, :n], lengths, logprobs[:, :n] if logprobs is not None else None, steps=t + 1)

@@ -267,3 +267,8 @@ def test_generate_with_the_gpu_devices_gives_the_same_and_reads_the_device_rarel
     assert torch.allclose(got.logprobs, want.logprobs, atol=1e-5)
     # set-up: the attention mask's all() and, with eos ids, the default pad; the end: lengths.max()
     assert reads.n <= 2 + 40 // fastpath.ACCELERATOR_STOP_CHECK_EVERY + 1, reads.n
+    # the work that ran is reported, so it is charged: the CPU path stops with the last row, the
+    # accelerator path at the next check (16 steps) or the limit
+    assert want.steps == want.tokens.shape[1]
+    every = fastpath.ACCELERATOR_STOP_CHECK_EVERY
+    assert got.steps == (min(40, -(-want.steps // every) * every) if stopping else 40)

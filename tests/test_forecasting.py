@@ -9,6 +9,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+import flops
 import qwen_min
 from experiments.lib import forecasting, llmtime, planning
 from experiments.lib.lotka_volterra import generate_dataset
@@ -104,3 +105,17 @@ def test_alphabet_is_thirteen_single_tokens(tiny):
     _, tok = tiny
     ids = forecasting.alphabet_ids(tok)
     assert len(set(ids)) == 13 and [tok.decode([i]) for i in ids] == list("0123456789,.;")
+
+
+@pytest.mark.parametrize(("padded", "sampled", "vocab"), [(False, False, 13), (True, True, None)])
+def test_generation_flops_in_closed_form_equal_every_decode_step_counted(tiny_ckpt, padded, sampled, vocab):
+    # the closed form (a decode step's cost is affine in the cached length) against the counter, step by step
+    shape = planning.meta_model(qwen_min.load_config(tiny_ckpt))
+    call = {"batch": 3, "prompt_len": 17, "steps": 40, "num_samples": 2, "vocab": vocab, "sampled": sampled,
+            "padded": padded}
+    reports = [flops.count(shape, batch=3, seq_len=17, mode="prefill", vocab=vocab, sampling=sampled, padded=padded)]
+    reports += [flops.count(shape, batch=6, seq_len=1, past_len=17 + t - 1, mode="decode", vocab=vocab,
+                            sampling=sampled, padded=padded) for t in range(1, 40)]
+    total, matmul = forecasting.generation_flops(shape, **call)
+    assert total == pytest.approx(sum(r.total for r in reports), rel=1e-12)
+    assert matmul == pytest.approx(sum(r.matmul_2mnp for r in reports), rel=1e-12)

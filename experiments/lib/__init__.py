@@ -12,4 +12,12 @@
     planning        FLOPs of runs, evaluations and forecasts from the model's config alone
     training        the pieces of train.py's loop: run state, batches, lr, metrics log, ledger, data parallel
     checkpoint      the resumable training checkpoint, saved and loaded atomically
+    validation      what an evaluation scores (validation CE and forecasts) and which adapter is kept
+    reporting       markdown tables and the study's report.md
+    errors          the typed errors the library raises (usage, data, run folder, checkpoint, ...)
+    cli             the one place a script turns those errors into one line and an exit status
+    train_step      one LoRA training step (forward, chunked CE, backward), shared with the benchmarks
+    bench_env       where a benchmark ran: CPU and its ISA flags, versions, GPU, matmul peak
+    bench_cases     the benchmarks' models and timed cases (training step, forecasting, loading)
+    bench_phases    torch.profiler phases of a forward and a decode step
 """

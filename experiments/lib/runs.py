@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,28 +46,19 @@ def _number(text: str, kind: type) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
 
 
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    v = _number(text, int)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
-    return v
+def _int_at_least(low: int, allowed: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``; ``allowed`` says so in the refusal."""
+    def parse(text: str) -> int:
+        v = _number(text, int)
+        if v < low:
+            raise argparse.ArgumentTypeError(f"{text}: must be {allowed}")
+        return v
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    v = _number(text, int)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be 0 or more")
-    return v
-
-
-def at_least_two(text: str) -> int:
-    """An integer >= 2 (a window of tokens: one to read, one to predict)."""
-    v = _number(text, int)
-    if v < 2:
-        raise argparse.ArgumentTypeError(f"{text}: must be at least 2")
-    return v
+positive_int = _int_at_least(1, "at least 1")
+non_negative_int = _int_at_least(0, "0 or more")
+at_least_two = _int_at_least(2, "at least 2 (a window of tokens: one to read, one to predict)")
 
 
 def finite_float(text: str) -> float:
