@@ -417,8 +417,7 @@ def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Ite
     todo = [i for i in items if not i.done(study.out)]
     final = next(i for i in items if i.name == "final")
     others = sum(i.flops for i in todo if i.stage != "final")   # (the final run and its test forecasts apart)
-    first_step = study.items(final_steps=1)
-    if p.final_steps == 0 and others + sum(i.flops for i in first_step if i.stage == "final") <= left:
+    if p.final_steps == 0 and others + sum(i.flops for i in study.items(final_steps=1) if i.stage == "final") <= left:
         return study.items(final_steps=study.final_steps_within(None, None, left - others))
     need = sum(i.flops for i in todo)
     refusal = f"the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"

@@ -69,44 +69,21 @@ def finite_float(text: str) -> float:
     return v
 
 
-def finite_positive_float(text: str) -> float:
-    """A finite number > 0."""
-    v = finite_float(text)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number above 0")
-    return v
+def _float_where(ok: Callable[[float], bool], allowed: str) -> Callable[[str], float]:
+    """An argparse type: a finite number for which ``ok`` holds; ``allowed`` says which in the refusal."""
+    def parse(text: str) -> float:
+        v = finite_float(text)
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{text}: must be {allowed}")
+        return v
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    """A finite number >= 0."""
-    v = finite_float(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a finite number, 0 or more")
-    return v
-
-
-def probability(text: str) -> float:
-    """A number in (0, 1]."""
-    v = finite_float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be above 0 and at most 1")
-    return v
-
-
-def fraction(text: str) -> float:
-    """A number in [0, 1]."""
-    v = finite_float(text)
-    if not 0 <= v <= 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be between 0 and 1")
-    return v
-
-
-def percentile(text: str) -> float:
-    """A number in (0, 100]."""
-    v = finite_float(text)
-    if not 0 < v <= 100:
-        raise argparse.ArgumentTypeError(f"{text}: must be above 0 and at most 100")
-    return v
+finite_positive_float = _float_where(lambda v: v > 0, "a finite number above 0")
+non_negative_float = _float_where(lambda v: v >= 0, "a finite number, 0 or more")
+probability = _float_where(lambda v: 0 < v <= 1, "above 0 and at most 1")          # (0, 1]
+fraction = _float_where(lambda v: 0 <= v <= 1, "between 0 and 1")                 # [0, 1]
+percentile = _float_where(lambda v: 0 < v <= 100, "above 0 and at most 100")      # (0, 100]
 
 
 def check_splits(splits: tuple[float, ...] | list[float]) -> None:
