@@ -7,6 +7,7 @@ scores them together with ``metrics.compare``, so the paired differences are sys
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -37,19 +38,60 @@ def pm(value: float | None, se: float | None) -> str:
 
 
 def forecast_table(scores: dict[str, Any]) -> str:
-    """Per forecaster: filled-in MAE (first 10 steps and all), coverage, relative score, CRPS; then the
-    paired differences of the trained model against every other."""
+    """Per forecaster: filled-in MAE (first 10 steps and all), coverage, relative score, CRPS; its MAE
+    per horizon block and variable; then the paired differences of the trained model against every
+    other, per block, with the systems it beats."""
     rows = [[name, pm(r.get("mae_h1_10", r["mae"]), r.get("mae_h1_10_se", r["mae_se"])), pm(r["mae"], r["mae_se"]),
              fmt(r["coverage"], 3), pm(r["relative_score"], r["relative_score_se"]),
              pm(r.get("crps"), r.get("crps_se"))] for name, r in scores["summary"].items()]
     table = md_table(["forecaster", "MAE h1–10", "MAE h1–H", "coverage", "relative score", "CRPS"], rows)
-    paired = [[pair, pm(d.get("mae_diff_h1_10"), d.get("mae_diff_h1_10_se")), pm(d["mae_diff"], d["mae_diff_se"]),
-               pm(d["common_mae_diff"], d["common_mae_diff_se"])]
+    blocks = [b for b in next(iter(scores["summary"].values()), {}).get("blocks", {})]
+    if blocks:
+        head = ["filled-in MAE"] + [f"{v} {label(b)}" for v in ("prey", "predator") for b in blocks]
+        rows = [[name] + [fmt(r["blocks"][b][f"{v}_mae"], 3) for v in ("prey", "predator") for b in blocks]
+                for name, r in scores["summary"].items()]
+        table += "\n\nPer horizon block and variable (original units):\n\n" + md_table(head, rows)
+    paired = [[pair] + [diff(d["blocks"][b]["mae_diff"], d["blocks"][b]["se"], d["blocks"][b]["better"], d["systems"])
+                        for b in blocks]
+              + [diff(d["mae_diff"], d["mae_diff_se"], d["better"], d["systems"]),
+                 pm(d["common_mae_diff"], d["common_mae_diff_se"])]
               for pair, d in scores.get("paired", {}).items() if pair.startswith("trained")]
     if not paired:
         return table
-    return table + "\n\nPaired differences, system by system (negative: the first is better):\n\n" + md_table(
-        ["a - b", "MAE h1–10", "MAE h1–H", "common-support MAE"], paired)
+    return table + ("\n\nPaired differences of filled-in MAE, system by system (negative: the first is better; "
+                    "in brackets the systems it is better on):\n\n") + md_table(
+        ["a - b"] + [f"MAE {label(b)}" for b in blocks] + ["MAE h1–H", "common-support MAE"], paired)
+
+
+def label(block: str) -> str:
+    """"h11_25" -> "h11–25"."""
+    return block.replace("_", "–")
+
+
+def diff(value: float | None, se: float | None, better: int, systems: int) -> str:
+    """A paired difference ± SE with the systems it improves: "-0.250 ± 0.093 (25/32)"."""
+    return "–" if value is None else f"{value:+.3f} ± {se or 0:.3f} ({better}/{systems})"
+
+
+def lever_table(run_dirs: list[Path]) -> str:
+    """One row per training run: its settings, the evaluation it kept and that evaluation's paired
+    difference to the untrained model's validation forecasts per horizon block (metrics.jsonl's
+    ``vs_untrained``), with the FLOPs the run charged and its wall time."""
+    rows = []
+    for d in run_dirs:
+        s, a = (json.loads((d / f).read_text()) for f in ("summary.json", "train_args.json"))
+        evals = {e["step"]: e for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+                 if e.get("kind") == "val_forecast"}
+        kept = evals.get(s["best_step"], {})
+        vs = kept.get("vs_untrained")
+        blocks = [diff(b["mae_diff"], b["se"], b["better"], vs["systems"]) for b in vs["blocks"].values()] if vs else []
+        rows.append([d.name, a["lr"], a.get("schedule", "constant"), a["rank"], a["context_length"],
+                     "yes" if a.get("train_lm_head_bias") else "no", s["steps"], s["best_step"],
+                     fmt(kept.get("mae"), 3), *(blocks or ["–"] * 3),
+                     diff(vs["mae_diff"], vs["se"], vs["better"], vs["systems"]) if vs else "–",
+                     f"{s['flops']:.2e}", f"{s['wall_s'] / 60:.1f}" if s.get("wall_s") else "–"])
+    return md_table(["run", "lr", "schedule", "rank", "context", "lm_head bias", "steps", "kept step", "val MAE",
+                     "vs untrained h1–10", "h11–25", "h26–50", "h1–50", "FLOPs", "wall (min)"], rows)
 
 
 def read_forecasts(path: Path) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], dict]:

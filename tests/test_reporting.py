@@ -1,0 +1,57 @@
+"""The report tables: per-block MAE, paired per-block differences and the lever table, against
+figures worked out by hand from constructed forecasts and run folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from experiments.lib import metrics, reporting
+
+
+def test_forecast_table_shows_blocks_and_paired_blocks_by_hand() -> None:
+    # 2 systems, 50 steps, 2 variables; truth 0, last prompt value 1 (persistence errs by 1 everywhere).
+    N, H = 2, 50
+    truth, last = np.zeros((N, H, 2)), np.ones((N, 2))
+    untrained = np.full((N, H, 2), 0.5)
+    trained = untrained.copy()
+    trained[0, :10, 0] = 0.1      # system 0, prey, h1-10: error 0.1 instead of 0.5
+    trained[1, 10:25, :] = 0.9    # system 1, both variables, h11-25: error 0.9 instead of 0.5
+    scores = metrics.compare({"untrained": untrained, "trained": trained}, truth, last)
+    text = reporting.forecast_table(scores)
+    rows = [ln.strip("| ").split(" | ") for ln in text.splitlines() if ln.startswith("| trained |")]
+    assert len(rows) == 2                                    # the headline table, then the block table
+    # prey h1-10 over both systems: (0.1 + 0.5) / 2 = 0.3; h11-25: (0.5 + 0.9) / 2 = 0.7; h26-50 untouched
+    assert rows[1][1:] == ["0.3", "0.7", "0.5", "0.5", "0.7", "0.5"]   # prey, then predator, per block
+    # h1-10 per system: system 0 -0.2 (prey -0.4, predator 0), system 1 0 -> mean -0.1, SE 0.1, 1 of 2 better
+    paired = [ln for ln in text.splitlines() if ln.startswith("| trained - untrained |")][0]
+    cells = paired.strip("| ").split(" | ")
+    assert cells[1] == "-0.100 ± 0.100 (1/2)"
+    assert cells[2] == "+0.200 ± 0.200 (0/2)"            # h11-25: system 1 +0.4, system 0 0
+    assert cells[3] == "+0.000 ± 0.000 (0/2)"
+    # h1-50: system 0 -0.4 x 10 / 100 = -0.04, system 1 +0.4 x 30 / 100 = +0.12: mean +0.04, SE 0.08
+    assert cells[4] == "+0.040 ± 0.080 (1/2)"
+
+
+def test_lever_table_reads_the_kept_evaluation(tmp_path: Path) -> None:
+    run = tmp_path / "lr1e-3"
+    run.mkdir()
+    blocks = {"h1_10": {"mae_diff": -0.25, "se": 0.093, "better": 25},
+              "h11_25": {"mae_diff": -0.127, "se": 0.115, "better": 19},
+              "h26_50": {"mae_diff": 0.05, "se": 0.2, "better": 12}}
+    lines = [{"step": 0, "kind": "val_forecast", "mae": 0.4, "vs_untrained": None},
+             {"step": 300, "kind": "val_forecast", "mae": 0.3,
+              "vs_untrained": {"mae_diff": -0.1, "se": 0.05, "better": 21, "systems": 32,
+                               "blocks": {k: {**v, "mae_diff": 9.0} for k, v in blocks.items()}}},
+             {"step": 300, "kind": "train", "loss": 0.5},
+             {"step": 600, "kind": "val_forecast", "mae": 0.2,
+              "vs_untrained": {"mae_diff": -0.188, "se": 0.134, "better": 21, "systems": 32, "blocks": blocks}}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    (run / "summary.json").write_text(json.dumps({"steps": 600, "best_step": 600, "flops": 2.5e15, "wall_s": 3000}))
+    (run / "train_args.json").write_text(json.dumps({"lr": 1e-3, "schedule": "cosine", "rank": 4,
+                                                      "context_length": 256, "train_lm_head_bias": False}))
+    row = reporting.lever_table([run]).splitlines()[2].strip("| ").split(" | ")
+    assert row == ["lr1e-3", "0.001", "cosine", "4", "256", "no", "600", "600", "0.2", "-0.250 ± 0.093 (25/32)",
+                   "-0.127 ± 0.115 (19/32)", "+0.050 ± 0.200 (12/32)", "-0.188 ± 0.134 (21/32)", "2.50e+15", "50.0"]
