@@ -73,6 +73,15 @@ def diff(value: float | None, se: float | None, better: int, systems: int) -> st
     return "–" if value is None else f"{value:+.3f} ± {se or 0:.3f} ({better}/{systems})"
 
 
+BLOCKS = tuple(f"h{a}_{b}" for a, b in metrics.HORIZON_BLOCKS)
+
+
+def block_diff(paired: dict, block: str) -> str:
+    """One block of a ``vs_untrained`` figure (as ``metrics.paired_difference`` gives it); "–" past the horizon."""
+    b = paired["blocks"].get(block)
+    return diff(b["mae_diff"], b["se"], b["better"], paired["systems"]) if b else "–"
+
+
 def lever_table(run_dirs: list[Path]) -> str:
     """One row per training run: its settings, the evaluation it kept and that evaluation's paired
     difference to the untrained model's validation forecasts per horizon block (metrics.jsonl's
@@ -84,7 +93,7 @@ def lever_table(run_dirs: list[Path]) -> str:
                  if e.get("kind") == "val_forecast"}
         kept = evals.get(s["best_step"], {})
         vs = kept.get("vs_untrained")
-        blocks = [diff(b["mae_diff"], b["se"], b["better"], vs["systems"]) for b in vs["blocks"].values()] if vs else []
+        blocks = [block_diff(vs, k) for k in BLOCKS] if vs else []
         rows.append([d.name, a["lr"], a.get("schedule", "constant"), a["rank"], a["context_length"],
                      "yes" if a.get("train_lm_head_bias") else "no", s["steps"], s["best_step"],
                      fmt(kept.get("mae"), 3), *(blocks or ["–"] * 3),
@@ -155,13 +164,14 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
                  f"{ledger.budget:.3g} budget. The ledger in full:\n", flops.report_markdown(ledger)]
 
     # ---- the choices, by the validation forecasts
-    head = ["run", "lr", "rank", "context", "steps", "best step", "val MAE", "vs untrained (MAE diff ± SE)",
-            "val relative score", "val CE"]
+    head = ["run", "lr", "rank", "context", "steps", "best step", "val MAE", "vs untrained h1–10", "h11–25",
+            "h26–50", "h1–50", "val relative score", "val CE"]
 
     def row(r: dict) -> list:
-        paired = r.get("vs_untrained")
-        vs = pm(paired["mae_diff"], paired["se"]) if paired else "—"
-        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"], vs,
+        paired = r.get("vs_untrained")   # the kept evaluation's paired difference (None: the untrained model)
+        vs = ([block_diff(paired, k) for k in BLOCKS] + [diff(paired["mae_diff"], paired["se"], paired["better"],
+                                                              paired["systems"])]) if paired else ["—"] * 4
+        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"], *vs,
                 r["relative_score"], r["val_loss"]]
 
     u, final = choices["untrained"], choices["final"]
