@@ -6,6 +6,7 @@ change the run are refused before any file changes."""
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import json
@@ -19,13 +20,13 @@ import numpy as np
 import pytest
 
 import flops
-from experiments import evaluate, forecast, report, study, train
+from experiments import evaluate, forecast, make_tiny_checkpoint, report, study, train
 from experiments.lib import cli, runs
 from flops import __main__ as flops_cli
 from tests.conftest import script_argv
 
 SCRIPTS = {"train": train.main, "evaluate": evaluate.main, "forecast": forecast.main, "study": study.main,
-           "report": report.main}
+           "report": report.main, "make_tiny_checkpoint": make_tiny_checkpoint.main}
 
 
 def drive(script: str, argv: list, capsys) -> tuple[int, str]:
@@ -213,10 +214,15 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_any(tmp_path, monkeypatch, ca
 
 def test_every_help_shows_defaults_and_every_option_says_what_it_does(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # (help lines unwrapped)
-    for p in (runs.train_parser(), runs.forecast_parser()):
+    for p in (runs.train_parser(), runs.forecast_parser(), report.build_parser(), make_tiny_checkpoint.build_parser()):
         assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    for p in (report.build_parser(), make_tiny_checkpoint.build_parser()):   # (each option's line ends in its default)
+        text = p.format_help()
+        assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+        assert text.count("(default: ") == len(p._actions) - 1, text   # (all but --help)
     for script, shown in (("train", "(default: 600)"), ("forecast", "(default: 0.7)"), ("study", "(default: cpu)"),
-                          ("evaluate", "(default: runs/eval)"), ("report", "(default: runs/report)")):
+                          ("evaluate", "(default: runs/eval)"), ("report", "(default: runs/report)"),
+                          ("make_tiny_checkpoint", "(default: 64)")):
         with pytest.raises(SystemExit):
             cli.run_as_script(SCRIPTS[script], ["--help"])
         out = capsys.readouterr().out
@@ -299,7 +305,7 @@ def test_a_study_run_again_resumes_or_restarts_its_interrupted_runs(tmp_path, mo
 
 
 # ---------------------------------------------------------------------------------------------
-# report.py: no output replaced unasked, every file written named
+# report.py and make_tiny_checkpoint.py: no output replaced unasked, every file written named
 
 
 @pytest.fixture
@@ -376,6 +382,19 @@ def test_report_overwrite_replaces_files_it_did_not_write_and_nothing_else(repor
     assert (out / "plan.json").read_text() == "{}"
 
 
+def test_make_tiny_checkpoint_overwrite_replaces_the_checkpoint_files_only(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')   # (a stale shard index)
+    (out / "notes.txt").write_text("mine")
+    small = ["--hidden-size", "8", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "16", "--layers", "1"]
+    assert cli.run_as_script(make_tiny_checkpoint.main, ["--out", str(out), *small, "--overwrite"]) == 0
+    assert not (out / "model.safetensors.index.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        f.name for f in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 8
+
+
 def _locked_by_4242(out: Path) -> int:
     out.mkdir(parents=True, exist_ok=True)
     fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
@@ -396,12 +415,26 @@ def _earlier_report_locked(out: Path) -> int:
     return _locked_by_4242(out)
 
 
+def _a_checkpoint(out: Path) -> None:
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"weights")
+
+
+def _a_file(out: Path) -> None:
+    out.write_text("not a folder")
+
+
 # Refused, nothing changed: (script, how --out is found, extra arguments, exit status, what the line names)
 OUTPUT_CASES = [
     ("report", _locked_by_4242, [], 1, ["is in use by another run (pid 4242"]),
     ("report", _earlier_report_locked, ["--overwrite"], 1, ["is in use by another run (pid 4242"]),
     ("report", _foreign_report, [], 1, ["already holds loss_curves.png, report.md", "not written by report.py",
                                         "--overwrite"]),
+    ("make_tiny_checkpoint", _a_checkpoint, [], 1, ["is not empty (it holds config.json, model.safetensors)",
+                                                    "--overwrite"]),
+    ("make_tiny_checkpoint", _a_file, ["--overwrite"], 1, ["is a file, not a folder"]),
+    ("make_tiny_checkpoint", _a_checkpoint, ["--kv-heads", 3, "--overwrite"], 1, ["multiple of num_key_value_heads"]),
 ]
 
 
@@ -414,10 +447,10 @@ def test_an_output_folder_is_never_replaced_unasked(script, prepare, extra, want
     fd = prepare(out)
     try:
         before = tree_hash(tmp_path)
-        argv = report_argv(report_runs, out, *extra)
+        argv = report_argv(report_runs, out, *extra) if script == "report" else ["--out", out, *extra]
         code, err = drive(script, argv, capsys)
         line = one_error(script, code, err, want, *needles)
-        assert str(out) in line
+        assert str(out) in line or "num_key_value_heads" in line
         assert tree_hash(tmp_path) == before
     finally:
         if isinstance(fd, int):
