@@ -22,6 +22,8 @@ if __package__ in (None, ""):
 
 import qwen_min
 from experiments.lib import cli, data, files, planning, runs, training
+from experiments.lib.booking import Booking
+from experiments.lib.windows import require_scored
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     L = args.context_length
     windows = data.training_windows(texts, tokenizer, context_length=L, stride=L - 1)
     what = f"the {args.split} split ({len(texts)} systems)"
-    training.require_scored(windows, what)
+    require_scored(windows, what)
 
     # ---- plan (the tokens each batch scores: exactly what it charges), reserved before any model work
     shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     planned = costs.windows_loss(windows.labels)
     reservation = runs.reserve(args, planned, kind="eval",
                                    config={"split": args.split, "adapter": args.adapter, "windows": n})
-    with training.Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
+    with Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
         model, _ = runs.load_model(args, device)
         if args.adapter:
             runs.load_adapter(model, args, run_data)

@@ -52,8 +52,8 @@ from experiments.lib import (
     planning,
     plots,
     runs,
-    training,
 )
+from experiments.lib.booking import Booking
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- the language models, greedy and (--samples) sampled; each generate call charged as it ends
     results: dict[str, dict[str, forecasting.ForecastRun]] = {}
-    with training.Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
+    with Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
         model, _ = runs.load_model(args, device)
         for label, adapter in models:
             if adapter:

@@ -55,7 +55,8 @@ import numpy as np
 import flops
 import lora
 import qwen_min
-from experiments.lib import cli, data, errors, files, planning, reporting, runs, training, validation
+from experiments.lib import cli, data, errors, files, planning, reporting, runs, validation
+from experiments.lib.windows import prepare_windows
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -250,7 +251,7 @@ class Study:
         """A training run's data and windows (every run of the study cuts the same systems, so they
         differ only by the window length: tokenized once per length)."""
         if targs.context_length not in self._windows:
-            self._windows[targs.context_length] = training.prepare_windows(targs, None, self.tokenizer)
+            self._windows[targs.context_length] = prepare_windows(targs, None, self.tokenizer)
         return self._windows[targs.context_length]
 
     def final_steps_within(self, best: dict | None, context: int | None, left: float) -> int:

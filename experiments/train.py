@@ -43,8 +43,22 @@ from tqdm import tqdm
 import flops
 import lora
 import qwen_min
-from experiments.lib import checkpoint, cli, data, errors, files, planning, runs, training, validation
+from experiments.lib import (
+    checkpoint,
+    cli,
+    data,
+    errors,
+    files,
+    metrics_log,
+    parallel,
+    planning,
+    runs,
+    training,
+    validation,
+)
+from experiments.lib.booking import Booking, Interrupted
 from experiments.lib.training import RunState
+from experiments.lib.windows import prepare_windows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,31 +72,31 @@ def main(argv: list[str] | None = None) -> dict:
         raise errors.UsageError("nothing to train: --rank 0 without --train-lm-head-bias")
     if args.select_by != "loss" and not args.val_forecast_systems:
         raise errors.UsageError(f"--select-by {args.select_by} needs --val-forecast-systems > 0 (or --select-by loss)")
-    dp = training.start_distributed(args.device, args.batch_size)  # torchrun: one process per rank
+    dp = parallel.start_distributed(args.device, args.batch_size)  # torchrun: one process per rank
     out = runs.start_run(args, "train") if dp.main else Path(args.out)
     dp.barrier()
     runs.seed_everything(args.seed)
 
     # ---- data, and the FLOPs still to spend reserved in the ledger, before any model work
     tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    run_data, train, val = training.prepare_windows(args, out if dp.main else None, tokenizer)
+    run_data, train, val = prepare_windows(args, out if dp.main else None, tokenizer)
     forecasts = validation.forecast_set_of(args, run_data, tokenizer)
     at = checkpoint.read_state(out / "checkpoint").step if args.resume else 0
     plan, shape = planning.train_plan(args, train, val, dp.world, from_step=at,
                                       forecast_calls=forecasts and forecasts.calls)
     reservation = reserve(args, plan, at, dp.world) if dp.main else None
-    with training.Booking(reservation, every=args.charge_every,
+    with Booking(reservation, every=args.charge_every,
                           step_tokens=args.batch_size * args.context_length) as booking:
         try:
             return run(args, dp, out, run_data, train, val, forecasts, plan, shape, booking)
-        except training.Interrupted as e:   # (the booking closes first; cli.run_as_script prints the note)
+        except Interrupted as e:   # (the booking closes first; cli.run_as_script prints the note)
             e.note = interrupted_note(e, out, argv)
             raise
 
 
-def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data: runs.RunData, train: data.Windows,
+def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data: runs.RunData, train: data.Windows,
         val: data.Windows, forecasts: validation.ForecastSet | None, plan: planning.TrainPlan, shape: qwen_min.Qwen2,
-        booking: training.Booking) -> dict:
+        booking: Booking) -> dict:
     """The run itself, once its FLOPs are reserved: load, train, evaluate, save."""
     # ---- model: the frozen base, LoRA on --targets, AdamW on what is trainable
     device = dp.device
@@ -95,8 +109,8 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
     if args.resume:
         state, best = checkpoint.load(out / "checkpoint", model, opt)
         untrained = checkpoint.load_untrained(out / "checkpoint")
-    wandb_run = training.start_wandb(args) if args.wandb and dp.main else None
-    log = training.MetricsLog(out, resume_step=state.step if args.resume else None, write=dp.main,
+    wandb_run = metrics_log.start_wandb(args) if args.wandb and dp.main else None
+    log = metrics_log.MetricsLog(out, resume_step=state.step if args.resume else None, write=dp.main,
                               wandb_run=wandb_run)
     costs = planning.ScoredCosts(shape, args.batch_size, args.context_length)
     evaluate = validation.Validator(val.head(args.eval_windows), forecasts, select_by=args.select_by,
@@ -130,7 +144,7 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
             loss_sum = qwen_min.chunked_cross_entropy(hidden(ids), model.lm_head, labels, reduction="sum")
             (loss_sum / n_scored).backward()
             if dp.world > 1:
-                loss_sum = training.sum_over_ranks(params, loss_sum)
+                loss_sum = parallel.sum_over_ranks(params, loss_sum)
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss, now = loss_sum.item() / n_scored, time.time()
@@ -155,7 +169,7 @@ def run(args: argparse.Namespace, dp: training.Distributed, out: Path, run_data:
                     checkpoint.save(out / "checkpoint", model, opt, state, evaluate.best, evaluate.untrained)
             if stopped_early:
                 break
-    except training.Interrupted as e:
+    except Interrupted as e:
         e.step = state.step   # (for the note that says how to continue)
         bar.close()           # (ends the progress bar's line, so the note has its own)
         raise
@@ -212,7 +226,7 @@ def save_adapter(model: qwen_min.Qwen2, out: Path, run_data: runs.RunData, args:
     runs.save_adapter_files(out / "adapter", run_data)
 
 
-def interrupted_note(e: training.Interrupted, out: Path, argv: list[str]) -> str:
+def interrupted_note(e: Interrupted, out: Path, argv: list[str]) -> str:
     """One line after SIGINT/SIGTERM: the step reached and the command line that continues the run."""
     try:
         saved = checkpoint.read_state(out / "checkpoint").step
@@ -229,7 +243,7 @@ def interrupted_note(e: training.Interrupted, out: Path, argv: list[str]) -> str
 
 
 def keep_best(e: training.Diverged, model: qwen_min.Qwen2, best: dict, state: RunState, out: Path,
-              run_data: runs.RunData, args: argparse.Namespace, dp: training.Distributed) -> str:
+              run_data: runs.RunData, args: argparse.Namespace, dp: parallel.Distributed) -> str:
     """After a loss that is not finite: the last checkpoint stays as it was (nothing was saved since);
     the best adapter so far is saved, if an evaluation found one. Returns the message to stop with."""
     msg = f"{e}: the run stops; {out / 'checkpoint'} keeps the last good checkpoint"

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 import qwen_min
-from experiments.lib import data, errors, training
-from experiments.lib.training import Booking, Interrupted, MetricsLog, RunState
+from experiments.lib import data, errors, training, windows
+from experiments.lib.booking import Booking, Interrupted
+from experiments.lib.metrics_log import MetricsLog
+from experiments.lib.training import RunState
 from flops import Ledger
 
 
@@ -123,10 +125,10 @@ def test_windows_loss_refuses_to_score_nothing(tiny_ckpt):
     assert calls == []   # refused before any work
     empty = data.Windows(*(torch.zeros(0, 8, dtype=torch.long),) * 3)
     with pytest.raises(errors.DataError, match=r"the validation split \(0 systems\): no windows to score"):
-        training.require_scored(empty, "the validation split (0 systems)")
+        windows.require_scored(empty, "the validation split (0 systems)")
     padding = data.Windows(ids, torch.full_like(ids, -100), torch.zeros_like(ids))
     with pytest.raises(errors.DataError, match=r"x: its 2 windows hold no token to score \(all padding\)"):
-        training.require_scored(padding, "x")
+        windows.require_scored(padding, "x")
 
 
 def test_check_finite_names_the_step():

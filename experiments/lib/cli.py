@@ -6,7 +6,7 @@ of a checkpoint or config (``qwen_min.CheckpointError``/``ConfigError``), of an 
 (``lora.AdapterError``) or of the data (``lotka_volterra.DataError``) is printed as one line,
 ``<script>: error: <message>``, and the exit status is 1 (2 for a usage error, as argparse gives).
 Any other exception is a bug and keeps its traceback; ``--debug`` shows the traceback of any error.
-A run interrupted by SIGINT or SIGTERM (``training.Interrupted``) closes its booking on the way out
+A run interrupted by SIGINT or SIGTERM (``booking.Interrupted``) closes its booking on the way out
 and then dies of that same signal, after printing what it left for ``--resume``, if anything.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import flops
 import lora
 import qwen_min
-from experiments.lib import errors
+from experiments.lib import booking, errors
 
 # Everything a person can fix; any other exception is a bug.
 EXPECTED: tuple[type[BaseException], ...] = (errors.ExperimentError, flops.LedgerError, qwen_min.CheckpointError,
@@ -64,13 +64,11 @@ def run_as_script(main: Callable[[list[str]], object], argv: Sequence[str] | Non
     2); with ``--debug`` in ``argv`` they raise, traceback and all. argparse's own exit (--help)
     passes through. Interrupted by a signal: the message of what to do next (if the run left one),
     then the process dies of that signal."""
-    from experiments.lib import training  # (training imports runs, which imports this module's neighbours)
-
     argv = sys.argv[1:] if argv is None else list(argv)
     name = name or Path(inspect.getfile(main)).name
     try:
         main(argv)
-    except training.Interrupted as e:
+    except booking.Interrupted as e:
         if e.note:
             print(f"{name}: {e.note}", file=sys.stderr, flush=True)
         signal.signal(e.signum, signal.SIG_DFL)

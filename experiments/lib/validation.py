@@ -25,6 +25,8 @@ import numpy as np
 import torch
 
 from experiments.lib import data, errors, forecasting, llmtime, metrics, planning, runs, training
+from experiments.lib.booking import Booking
+from experiments.lib.metrics_log import MetricsLog
 from experiments.lib.training import RunState
 from qwen_min import Qwen2, Tokenizer
 
@@ -116,7 +118,7 @@ class Validator:
     data-parallel run evaluates, so every charge is ``world`` times one rank's work."""
 
     def __init__(self, windows: data.Windows, forecasts: ForecastSet | None, *, select_by: str, batch_size: int,
-                 costs: planning.ScoredCosts, booking: training.Booking, log: training.MetricsLog,
+                 costs: planning.ScoredCosts, booking: Booking, log: MetricsLog,
                  tokenizer: Tokenizer, device: torch.device, world: int = 1,
                  best: dict[str, torch.Tensor] | None = None, untrained: np.ndarray | None = None) -> None:
         if select_by not in runs.SELECT_BY:

@@ -1,0 +1,126 @@
+"""A run's ledger bookings: its charges to a reservation, made as the work ends, and the signals
+(SIGINT, SIGTERM) held off while a charge, the metrics row it pays for or a checkpoint is written,
+so a kill at any moment leaves every finished piece of work charged once. Used by every script
+that spends FLOPs (train.py, evaluate.py, forecast.py); ``cli.run_as_script`` ends the process
+when ``Interrupted`` reaches it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import flops
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it): the run
+    charges what it spent and closes its reservation on the way out; ``cli.run_as_script`` then prints
+    ``note`` (set on the way out, e.g. train.py's step and --resume command line) and ends the process
+    by the same signal, with the exit status that signal always gives."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.note = ""
+        self.step: int | None = None   # train.py: the optimizer steps taken when it arrived
+
+
+class Booking:
+    """A run's charges to its ledger reservation, made as the work ends, so a kill loses at most the
+    work in flight: training steps (every ``every`` steps, pending in between), evaluations and
+    evaluation batches at once. ``reservation`` None (a data-parallel rank other than 0): nothing is charged.
+
+    As a context manager: SIGINT and SIGTERM raise Interrupted, except inside ``held()``, where they
+    wait for the block's end (a charge and the metrics row it pays for, a checkpoint: each done
+    whole). Leaving the block in any way (the end, an exception, a signal) charges what is pending
+    and closes the reservation, releasing what was not spent. Work interrupted in flight was not
+    completed and is not charged (after --resume it runs, and is charged, again).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, reservation: flops.Reservation | None, *, every: int = 1, step_tokens: int = 0) -> None:
+        if every < 1:
+            raise ValueError(f"charge every {every} steps: must be at least 1")
+        self.reservation, self.every, self.step_tokens = reservation, every, step_tokens
+        self.charged = 0.0                   # by this process
+        self.pending_steps, self.pending_flops, self.to_step = 0, 0.0, 0
+        self.since = time.time()
+        self._depth, self._signal, self._previous = 0, None, {}
+
+    def __enter__(self) -> Booking:
+        if threading.current_thread() is threading.main_thread():  # (handlers can only be set there)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        try:
+            with self.held():
+                try:
+                    self.flush()
+                finally:   # (a refused charge still closes the reservation)
+                    if self.reservation and self.reservation.owner:  # (a study's reservation: the study closes it)
+                        self.reservation.close()
+        finally:
+            for s, handler in self._previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        if self._depth:
+            self._signal = signum  # raised when the held block ends
+        else:
+            raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """A block that SIGINT and SIGTERM do not cut short; they take effect once it is done."""
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if not self._depth and self._signal is not None:
+                signum, self._signal = self._signal, None
+                raise Interrupted(signum)
+
+    def charge(self, amount: float, *, kind: str, tokens: int = 0, steps: int = 0,
+               config: dict[str, Any] | None = None) -> None:
+        """Charge work that has just ended."""
+        if self.reservation is None or not amount:
+            return
+        with self.held():
+            now = time.time()
+            self.reservation.charge(amount, kind=kind, tokens=tokens, steps=steps, seconds=now - self.since,
+                                    config=config)
+            self.charged += amount
+            self.since = now
+
+    def ensure(self, amount: float, what: str) -> None:
+        """Before doing work that will cost ``amount``: refuse it (flops.ReservationExceeded, nothing
+        done, what ran already charged) when the reservation cannot pay for it and what is pending."""
+        if self.reservation is None or self.reservation.fits(self.pending_flops + amount):
+            return
+        self.flush()
+        raise flops.ReservationExceeded(
+            f"{what} would cost {amount:.4e} FLOPs, but reservation {self.reservation.id} ({self.reservation.name}) "
+            f"has {self.reservation.left():.4e} left of {self.reservation.planned:.4e}: the run stops before it; "
+            f"everything that ran is charged, and --resume continues from the last checkpoint")
+
+    def step(self, amount: float, step: int) -> None:
+        """Optimizer step ``step`` is done: charged now, or with the next ``every``-th."""
+        self.pending_steps, self.pending_flops, self.to_step = self.pending_steps + 1, self.pending_flops + amount, step
+        if self.pending_steps >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Charge the pending steps (before every checkpoint, so a checkpoint never holds uncharged work)."""
+        if self.pending_steps:
+            n, f = self.pending_steps, self.pending_flops
+            self.charge(f, kind="train", steps=n, tokens=n * self.step_tokens,
+                        config={"from_step": self.to_step - n, "to_step": self.to_step})
+            self.pending_steps, self.pending_flops = 0, 0.0

@@ -1,0 +1,58 @@
+"""A training run's windows: its data (runs.prepare_data) cut into training and validation
+windows (data.training_windows), and the refusals of what could not be scored, all before any
+model work. Apart from data.py because it reads the run's arguments and data (runs), which
+data.py's own users do not need.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import qwen_min
+from experiments.lib import data, errors, runs
+
+
+def prepare_windows(args: argparse.Namespace, out: Path | None,
+                    tokenizer: qwen_min.Tokenizer) -> tuple[runs.RunData, data.Windows, data.Windows]:
+    """The run's data (saved in ``out``) cut into training windows (stride --stride, default half a
+    window) and validation windows (each transition scored once). Refused (UsageError or DataError, before any
+    model work) when either has nothing to score, or the batch or the evaluated subset is empty."""
+    run_data = runs.prepare_data(args, out)
+    L = args.context_length
+    require_step_fits(L, run_data.texts("train", args.max_systems), tokenizer)
+    if args.stride is not None and not 1 <= args.stride <= L:
+        raise errors.UsageError(f"--stride {args.stride}: must be between 1 and --context-length {L}, so no "
+                                f"token is skipped")
+    train = data.training_windows(run_data.texts("train", args.max_systems), tokenizer, context_length=L,
+                                  stride=args.stride or L // 2)
+    val = data.training_windows(run_data.texts("val", args.val_systems), tokenizer, context_length=L, stride=L - 1)
+    require_scored(train, f"the training split ({len(run_data.systems('train', args.max_systems))} systems)")
+    require_scored(val, f"the validation split ({len(run_data.systems('val', args.val_systems))} systems)")
+    if len(train.input_ids) < args.batch_size:
+        raise errors.UsageError(f"only {len(train.input_ids)} training windows for batch size {args.batch_size}: "
+                         f"lower --batch-size")
+    if args.eval_every and args.eval_windows < 1:
+        raise errors.UsageError(f"--eval-windows {args.eval_windows}: the validation subset scored every "
+                         f"--eval-every {args.eval_every} steps would be empty")
+    return run_data, train, val
+
+
+def require_step_fits(context_length: int, texts: list[str], tokenizer: qwen_min.Tokenizer) -> None:
+    """--context-length must hold at least one whole time step of text (its longest among the first
+    steps of the first system): a window shorter than that never sees a value whole. UsageError."""
+    if not texts:
+        return
+    steps = [t + ";" for t in texts[0].split(";")[:20] if t]
+    need = max((len(tokenizer.encode(t)) for t in steps), default=0)
+    if context_length < need:
+        raise errors.UsageError(f"--context-length {context_length}: a window must hold at least one time step of "
+                                f"text, and one step takes up to {need} tokens here (e.g. {steps[0]!r})")
+
+
+def require_scored(windows: data.Windows, what: str) -> None:
+    """Refuse to score nothing: a mean over zero tokens is no loss (0.0 would even win early stopping)."""
+    if not len(windows.input_ids):
+        raise errors.DataError(f"{what}: no windows to score")
+    if not bool((windows.labels != -100).any()):
+        raise errors.DataError(f"{what}: its {len(windows.input_ids)} windows hold no token to score (all padding)")
