@@ -3,6 +3,7 @@
     lotka_volterra  the predator-prey data: its HDF5 format, validated on load, and a generator
     llmtime         LLMTIME: numbers as text and back (encode, decode, alpha, EncodingConfig)
     data            splits by system, token windows for training, forecast prompts
+    windows         a training run's data cut into training and validation windows, refused if unscorable
     baselines       persistence, linear autoregression and an ODE fit, forecasting from the same prompts
     metrics         per-horizon errors with standard errors, paired comparisons, sample bands
     plots           example forecasts and error against horizon, as PNG
@@ -10,7 +11,10 @@
     files           files written whole (temporary name, then rename)
     runs            the command-line vocabulary, the run folder, the run's data, the model
     planning        FLOPs of runs, evaluations and forecasts from the model's config alone
-    training        the pieces of train.py's loop: run state, batches, lr, metrics log, ledger, data parallel
+    training        train.py's run state (early stopping), batch order, lr schedule, windows' loss, kept weights
+    metrics_log     train.py's metrics.jsonl and metrics.csv (cut back on --resume), optionally to wandb
+    booking         ledger charges as work ends, the reservation closed on any exit, signals held off
+    parallel        data parallel under torchrun: ranks, a share of each batch, gradients summed
     checkpoint      the resumable training checkpoint, saved and loaded atomically
     validation      what an evaluation scores (validation CE and forecasts) and which adapter is kept
     reporting       markdown tables and the study's report.md

@@ -30,6 +30,7 @@ import flops
 import lora
 import qwen_min
 from experiments.lib import cli, data, errors, files, llmtime, lotka_volterra
+from experiments.lib.training import SCHEDULES
 from qwen_min import Qwen2, Tokenizer
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -173,7 +174,6 @@ def add_run_to_limit(g: argparse._ArgumentGroup | argparse.ArgumentParser) -> No
 # What picks the best adapter: the validation forecasts' filled-in MAE (the headline metric), their
 # relative score, or the validation-subset cross-entropy.
 SELECT_BY = ("mae", "relative", "loss")
-SCHEDULES = ("cosine", "linear", "constant")  # the learning rate after the warm-up (training.lr_at)
 
 
 def train_parser(description: str | None = None) -> argparse.ArgumentParser:

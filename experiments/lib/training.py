@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 import qwen_min
-from experiments.lib import errors, runs
+from experiments.lib import errors
 from qwen_min import Qwen2
 
 
@@ -34,7 +34,7 @@ class RunState:
     tokens: int = 0               # tokens trained on (every position of every window)
     flops: float = 0.0            # FLOPs of the steps and evaluations that led to this state
     # Nothing about the ledger: a checkpoint is written only once every FLOP in it is charged (see
-    # Booking), so a resumed run owes nothing for the work before it, and what it re-runs it charges anew.
+    # booking.Booking), so a resumed run owes nothing for the work before it, and what it re-runs it charges anew.
 
     def record_val(self, score: float, figures: dict | None = None) -> bool:
         """Early stopping's bookkeeping for one evaluation (lower ``score`` is better, ``figures`` all
@@ -66,6 +66,9 @@ def next_batch(state: RunState, n_windows: int, batch_size: int, seed: int) -> n
     return batch_order(n_windows, seed, state.epoch)[state.position:state.position + batch_size]
 
 
+SCHEDULES = ("cosine", "linear", "constant")  # the learning rate after the warm-up (--schedule)
+
+
 def lr_at(step: int, lr: float, warmup_steps: int, *, schedule: str = "constant", total_steps: int = 0,
           min_lr_ratio: float = 0.0) -> float:
     """The learning rate of optimizer step ``step`` (0-based): a linear warm-up over ``warmup_steps``,
@@ -74,8 +77,8 @@ def lr_at(step: int, lr: float, warmup_steps: int, *, schedule: str = "constant"
 
     Why decay: at a constant high rate the adapter keeps moving, and its validation forecasts swing
     from one evaluation to the next; decaying to the end of the run lets it settle."""
-    if schedule not in runs.SCHEDULES:
-        raise ValueError(f"schedule {schedule!r}: one of {runs.SCHEDULES}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r}: one of {SCHEDULES}")
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant" or total_steps <= warmup_steps:
