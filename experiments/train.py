@@ -28,10 +28,12 @@ Files in --out: train_args.json, splits.json, encoding.json, metrics.jsonl, metr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -57,6 +59,7 @@ from experiments.lib import (
     validation,
 )
 from experiments.lib.booking import Booking, Interrupted
+from experiments.lib.train_step import train_step
 from experiments.lib.training import RunState
 from experiments.lib.windows import prepare_windows
 
@@ -111,49 +114,45 @@ def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data:
         untrained = checkpoint.load_untrained(out / "checkpoint")
     wandb_run = metrics_log.start_wandb(args) if args.wandb and dp.main else None
     log = metrics_log.MetricsLog(out, resume_step=state.step if args.resume else None, write=dp.main,
-                              wandb_run=wandb_run)
+                                 wandb_run=wandb_run)
     costs = planning.ScoredCosts(shape, args.batch_size, args.context_length)
+    accounts = StepAccounts(booking, costs, state, world=dp.world)
     evaluate = validation.Validator(val.head(args.eval_windows), forecasts, select_by=args.select_by,
                                     batch_size=args.batch_size, costs=costs, booking=booking, log=log,
                                     tokenizer=tokenizer, device=device, world=dp.world, best=best,
                                     untrained=untrained)
 
-    # ---- the loop
+    # ---- the loop: batch, forward, loss, backward, step, log, evaluate, checkpoint. The ledger's
+    # side of it is ``accounts`` alone (drop those lines, and the loop runs without a ledger).
     model.train()
     # Compiled, the elementwise chains (norms, rotary, SwiGLU, LoRA) fuse into fewer passes; the
     # matmuls are the same. Validation stays eager (no_grad would be a second compilation).
     hidden = torch.compile(model.hidden) if args.compile else model.hidden
     n_train, local = len(train.input_ids), args.batch_size // dp.world
     bar = tqdm(total=args.max_steps, initial=state.step, disable=not dp.main, desc="train", unit="step")
-    t_step = time.time()
-    stopped_early = False
-    lr_of = training.schedule_of(args)
+    t_step, stopped_early, lr_of = time.time(), False, training.schedule_of(args)
     try:
         if args.eval_every and args.eval_at_start and state.step == 0:  # the untrained model: a candidate
             evaluate(model, state, lr_of(0))
         while state.step < args.max_steps:
-            batch = training.next_batch(state, n_train, args.batch_size, args.seed)
+            batch = training.next_batch(state, n_train, args.batch_size, args.seed)   # the same after a resume
             rows = batch[dp.rank * local:(dp.rank + 1) * local]  # this rank's share
             ids, labels = train.input_ids[rows].to(device), train.labels[rows].to(device)
+            # Each rank's loss is its share of the *global* mean: its sum / every rank's scored tokens.
+            n_scored = int((train.labels[batch] != -100).sum())
             lr = lr_of(state.step)
             for g in opt.param_groups:
                 g["lr"] = lr
-            # Each rank's loss is its share of the *global* mean: its sum / every rank's scored tokens.
-            n_scored = int((train.labels[batch] != -100).sum())
-            booking.ensure(costs.train_step(n_scored), f"step {state.step + 1}")   # the reservation is a ceiling
-            loss_sum = qwen_min.chunked_cross_entropy(hidden(ids), model.lm_head, labels, reduction="sum")
-            (loss_sum / n_scored).backward()
+            accounts.before_step(n_scored)
+            loss_sum = train_step(hidden, model.lm_head, ids, labels, n_scored=n_scored)  # forward, loss, backward
             if dp.world > 1:
                 loss_sum = parallel.sum_over_ranks(params, loss_sum)
             opt.step()
             opt.zero_grad(set_to_none=True)
             loss, now = loss_sum.item() / n_scored, time.time()
             tok_s, t_step = args.batch_size * args.context_length / max(now - t_step, 1e-9), now
-            with booking.held():  # the step, its charge and its metrics row: a signal waits for all three
-                state.step, state.position = state.step + 1, state.position + args.batch_size
-                state.tokens += args.batch_size * args.context_length
-                state.flops += costs.train_step(n_scored)
-                booking.step(costs.train_step(n_scored), state.step)  # (the cost of each count is remembered)
+            with accounts.step_done(n_scored):   # charged; a signal waits for the step and its metrics row too
+                state.advance(args.batch_size, args.context_length)
                 log(state, "train", loss, lr, tokens_per_s=tok_s, scored_tokens=n_scored)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", flops=f"{state.flops:.2e}")
             bar.update()
@@ -164,8 +163,7 @@ def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data:
                 stopped_early = state.out_of_patience(args.patience)
             if dp.main and (state.step % args.checkpoint_every == 0 or stopped_early
                             or state.step == args.max_steps):
-                with booking.held():  # every FLOP charged before a checkpoint holds it
-                    booking.flush()
+                with accounts.settled():   # every FLOP charged before a checkpoint holds it
                     checkpoint.save(out / "checkpoint", model, opt, state, evaluate.best, evaluate.untrained)
             if stopped_early:
                 break
@@ -181,16 +179,9 @@ def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data:
     # split (charged batch by batch), saved in PEFT's layout
     training.load_trainable(model, evaluate.best)
     model.eval()
-    n_val = len(val.input_ids)
-
-    def charge_batch(rows: int, scored: int) -> None:
-        cost = dp.world * costs.evaluation(rows, scored)
-        state.flops += cost
-        booking.charge(cost, kind="eval", tokens=rows * args.context_length,
-                       config={"split": "val", "step": state.step, "windows": rows, "of": n_val})
-
     val_loss, val_tokens = training.windows_loss(model, val.input_ids, val.labels, args.batch_size, device,
-                                                 what="the validation split", after_batch=charge_batch)
+                                                 what="the validation split",
+                                                 after_batch=accounts.final_batch(len(val.input_ids)))
     training.check_finite(val_loss, "validation", state.step)
     summary = {"name": args.name, "data": run_data.data_path, "rank": args.rank, "lr": args.lr,
                "context_length": args.context_length, "steps": state.step, "best_step": state.best_step,
@@ -208,6 +199,46 @@ def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data:
         wandb_run.finish()
     dp.close()
     return summary
+
+
+class StepAccounts:
+    """The ledger's side of train.py's loop, so the loop itself is the model, LoRA and the loss.
+
+    ``before_step``: a step the reservation cannot pay for is refused before it runs (a reservation
+    is a ceiling). ``step_done``: the block where a finished step is charged and counted in
+    ``state.flops`` before the loop advances the state and writes its metrics row; SIGINT and
+    SIGTERM wait for the whole block, so the ledger and metrics.jsonl agree, and a SIGKILL can lose
+    a row but never a charge. ``settled``: a checkpoint's block, every pending step charged first.
+    ``final_batch``: the charge of each batch of the final evaluation, which every rank runs.
+    """
+
+    def __init__(self, booking: Booking, costs: planning.ScoredCosts, state: RunState, *, world: int) -> None:
+        self.booking, self.costs, self.state, self.world = booking, costs, state, world
+
+    def before_step(self, scored: int) -> None:
+        self.booking.ensure(self.costs.train_step(scored), f"step {self.state.step + 1}")
+
+    @contextlib.contextmanager
+    def step_done(self, scored: int) -> Iterator[None]:
+        cost = self.costs.train_step(scored)   # (each count's price is remembered: no recount per step)
+        with self.booking.held():
+            self.state.flops += cost
+            self.booking.step(cost, self.state.step + 1)
+            yield
+
+    @contextlib.contextmanager
+    def settled(self) -> Iterator[None]:
+        with self.booking.held():
+            self.booking.flush()
+            yield
+
+    def final_batch(self, of: int) -> Callable[[int, int], None]:
+        def charge(rows: int, scored: int) -> None:
+            cost = self.world * self.costs.evaluation(rows, scored)
+            self.state.flops += cost
+            self.booking.charge(cost, kind="eval", tokens=rows * self.costs.context_length,
+                                config={"split": "val", "step": self.state.step, "windows": rows, "of": of})
+        return charge
 
 
 def reserve(args: argparse.Namespace, plan: planning.TrainPlan, at: int, world: int) -> flops.Reservation:

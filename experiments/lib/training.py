@@ -50,6 +50,11 @@ class RunState:
         """``patience`` evaluations in a row without improvement (patience 0: never)."""
         return bool(patience) and self.bad_evals >= patience
 
+    def advance(self, batch_size: int, context_length: int) -> None:
+        """One optimizer step done: the step count, the data position and the tokens trained on move on."""
+        self.step, self.position = self.step + 1, self.position + batch_size
+        self.tokens += batch_size * context_length
+
 
 def batch_order(n_windows: int, seed: int, epoch: int) -> np.ndarray:
     """The window order of one epoch: a permutation that depends only on (seed, epoch), so a resumed
