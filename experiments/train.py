@@ -102,7 +102,7 @@ def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data:
         booking: Booking) -> dict:
     """The run itself, once its FLOPs are reserved: load, train, evaluate, save."""
     # ---- model: the frozen base, LoRA on --targets, AdamW on what is trainable
-    device = dp.device
+    device, t_start = dp.device, time.time()
     model, tokenizer = runs.load_model(args, device)
     lora.apply_lora(model, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
                     dropout=args.lora_dropout, train_lm_head_bias=args.train_lm_head_bias)
@@ -188,7 +188,8 @@ def run(args: argparse.Namespace, dp: parallel.Distributed, out: Path, run_data:
                "select_by": args.select_by, "best_val": state.best_scores, "val_loss": val_loss,
                "val_tokens": val_tokens,
                "stopped_early": stopped_early, "trainable_parameters": lora.trainable_parameters(model),
-               "step_flops_planned": plan.step, "flops": state.flops}
+               "step_flops_planned": plan.step, "flops": state.flops,
+               "wall_s": time.time() - t_start}   # this invocation: load, loop, evaluations, final validation
     if dp.main:
         save_adapter(model, out, run_data, args)
         log(state, "val_full", val_loss, lr_of(max(0, state.step - 1)),

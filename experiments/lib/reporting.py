@@ -88,14 +88,16 @@ def lever_table(run_dirs: list[Path]) -> str:
     ``vs_untrained``), with the FLOPs the run charged and its wall time."""
     rows = []
     for d in run_dirs:
-        s, a = (json.loads((d / f).read_text()) for f in ("summary.json", "train_args.json"))
+        s = json.loads((d / "summary.json").read_text())
+        # the run's arguments; a run folder without them (written by hand, or by another tool) shows its summary
+        a = {**s, **(json.loads((d / "train_args.json").read_text()) if (d / "train_args.json").is_file() else {})}
         evals = {e["step"]: e for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                  if e.get("kind") == "val_forecast"}
         kept = evals.get(s["best_step"], {})
         vs = kept.get("vs_untrained")
         blocks = [block_diff(vs, k) for k in BLOCKS] if vs else []
-        rows.append([d.name, a["lr"], a.get("schedule", "constant"), a["rank"], a["context_length"],
-                     "yes" if a.get("train_lm_head_bias") else "no", s["steps"], s["best_step"],
+        rows.append([d.name, a.get("lr"), a.get("schedule", "–"), a.get("rank"), a.get("context_length"),
+                     {True: "yes", False: "no"}.get(a.get("train_lm_head_bias"), "–"), s["steps"], s["best_step"],
                      fmt(kept.get("mae"), 3), *(blocks or ["–"] * 3),
                      diff(vs["mae_diff"], vs["se"], vs["better"], vs["systems"]) if vs else "–",
                      f"{s['flops']:.2e}", f"{s['wall_s'] / 60:.1f}" if s.get("wall_s") else "–"])
