@@ -309,13 +309,23 @@ def run_item(item: Item, out: Path, reservation: str) -> None:
         raise errors.StudyError(f"{item.name} failed (exit status {code}); run the study again to continue")
 
 
-def train_score(out: Path, item: Item) -> dict:
-    """A finished training run's choice figures: its best adapter's validation forecasts and CE."""
+def train_score(out: Path, item: Item, *, trained: bool = False) -> dict:
+    """A finished training run's choice figures: its kept adapter's validation forecasts and CE.
+
+    ``trained``: score it instead by its best evaluation *after* step 0, for comparing settings
+    with each other. A grid cell still inside the early dip keeps the untrained model and would
+    tie with every other such cell at the untrained model's MAE (the first of them winning by
+    position); what a setting is judged by is what its training produced."""
     summary = json.loads((out / item.name / "summary.json").read_text())
-    best = summary["best_val"]
+    best, step = summary["best_val"], summary["best_step"]
+    if trained:
+        lines = (json.loads(line) for line in (out / item.name / "metrics.jsonl").read_text().splitlines())
+        after = [e for e in lines if e.get("kind") == "val_forecast" and e["step"] > 0 and e.get("mae") is not None]
+        if after:
+            best = min(after, key=lambda e: e["mae"])
+            step = best["step"]
     return {"name": item.name, **item.setting, "score": best.get("mae"), "relative_score": best.get("relative_score"),
-            "vs_untrained": best.get("vs_untrained"), "best_step": summary["best_step"],
-            "val_loss": summary["val_loss"]}
+            "vs_untrained": best.get("vs_untrained"), "best_step": step, "val_loss": summary["val_loss"]}
 
 
 def untrained_score(out: Path) -> dict:
@@ -374,7 +384,7 @@ def main(argv: list[str] | None = None) -> Path:
         grid = [i for i in items if i.stage == "grid"]
         for item in grid:
             run_item(item, out, r.id)
-        grid_scores = [train_score(out, i) for i in grid]
+        grid_scores = [train_score(out, i, trained=True) for i in grid]
         best = best_of(grid_scores)
         print(f"[study] best of the grid: lr {best['lr']:g}, rank {best['rank']} (validation MAE "
               f"{best['score']}; untrained {untrained['score']})", flush=True)
@@ -384,7 +394,7 @@ def main(argv: list[str] | None = None) -> Path:
         contexts = [i for i in items if i.stage == "context"]
         for item in contexts:
             run_item(item, out, r.id)
-        context_scores = [train_score(out, i) for i in contexts]
+        context_scores = [train_score(out, i, trained=True) for i in contexts]
         context = best_of(context_scores)["context_length"] if context_scores else p.grid_context
         print(f"[study] best context length: {context} tokens", flush=True)
         if p.final_steps == 0:   # the final run takes what the reservation has left (as first decided, if resumed)

@@ -172,3 +172,29 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path, tiny_ckpt, lv_data_
     first_run, second_run = Ledger(out / "ledger.jsonl").reservations()
     assert first_run.status == "settled" and second_run.status == "closed"
     assert Ledger(out / "ledger.jsonl").spent() <= 1e17
+
+
+def test_grid_cells_inside_the_dip_are_compared_by_what_their_training_produced(tmp_path: Path) -> None:
+    # Both cells keep the untrained model (best_step 0, the same MAE); by position the first would win.
+    # Scored by their best evaluation after step 0, the second (0.48 at step 150) beats the first (1.10).
+    untrained = {"mae": 0.398, "relative_score": 0.61, "vs_untrained": None}
+    evals = {"lr1e-4": [(50, 1.37), (100, 1.65), (150, 1.10)], "lr1e-3": [(50, 1.85), (100, 0.66), (150, 0.48)]}
+    items = []
+    for name, rows in evals.items():
+        d = tmp_path / "grid" / name
+        d.mkdir(parents=True)
+        lines = [{"step": 0, "kind": "val_forecast", **untrained}] + [
+            {"step": s, "kind": "val", "loss": 0.7} for s, _ in rows] + [
+            {"step": s, "kind": "val_forecast", "mae": m, "relative_score": 1.0,
+             "vs_untrained": {"mae_diff": m - 0.398, "se": 0.1, "better": 3, "systems": 32, "blocks": {}}}
+            for s, m in rows]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+        (d / "summary.json").write_text(json.dumps({"best_val": untrained, "best_step": 0, "val_loss": 0.8}))
+        items.append(study.Item(stage="grid", name=f"grid/{name}", script="train", argv=[],
+                                setting={"lr": float(name[2:]), "rank": 4}))
+    kept = [study.train_score(tmp_path, i) for i in items]
+    assert [k["score"] for k in kept] == [0.398, 0.398] and study.best_of(kept)["lr"] == 1e-4   # the tie
+    scored = [study.train_score(tmp_path, i, trained=True) for i in items]
+    assert [(s["score"], s["best_step"]) for s in scored] == [(1.10, 150), (0.48, 150)]
+    assert study.best_of(scored)["lr"] == 1e-3
+    assert scored[1]["vs_untrained"]["mae_diff"] == pytest.approx(0.48 - 0.398)
