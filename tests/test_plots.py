@@ -92,16 +92,20 @@ def test_loss_curves_one_row_per_stage(tmp_path):
             d.mkdir(parents=True)
             rows = [{"kind": "train", "step": s, "loss": 1.0 - 0.01 * s * k} for s in range(1, 5)]
             rows += [{"kind": "val", "step": s, "loss": 0.9} for s in (0, 4)]
-            rows += [{"kind": "val_forecast", "step": s, "relative_score": 0.5 + k * s} for s in (0, 4)]
+            rows += [{"kind": "val_forecast", "step": s, "mae": 0.5 + k * s, "relative_score": 9.0} for s in (0, 4)]
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
             runs.append(d)
     fig = plots.plot_loss_curves(tmp_path / "curves.png", runs)
     assert _is_png(tmp_path / "curves.png")
     axes = np.array(fig.axes).reshape(2, 2)
-    assert axes[0, 0].get_title().startswith("grid/") and axes[1, 1].get_title() == "context/: validation forecasts"
+    assert axes[0, 0].get_title().startswith("grid/")
+    assert axes[1, 1].get_title() == "context/: validation forecasts (step 0: untrained)"
     assert [t.get_text() for t in axes[0, 1].get_legend().get_texts()] == ["lr1e-05_r2", "lr1e-05_r4", "lr5e-05_r2"]
     assert all(_integer_ticks(ax) and ax.get_xlabel() == "optimizer step" for ax in axes.flat)
     assert axes[0, 0].get_ylabel() == "cross-entropy (nats/token)"
+    assert axes[0, 1].get_ylabel() == "filled-in MAE (data units)"   # the selection criterion, not the relative score
+    line = axes[0, 1].get_lines()[2]                                 # grid's third run: MAE 0.5 + 2 * step
+    assert list(line.get_xdata()) == [0, 4] and list(line.get_ydata()) == [0.5, 8.5]
 
 
 def test_error_plot_axis_goes_logarithmic_when_errors_span_decades():

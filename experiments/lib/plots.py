@@ -174,9 +174,10 @@ def plot_error_vs_horizon(path: str | os.PathLike, summary: dict[str, dict[str, 
 def plot_loss_curves(path: str | os.PathLike, runs: list[Path]):
     """For every training run folder in ``runs`` (its metrics.jsonl): training (solid) and
     validation-subset (dashed, markers) cross-entropy against step, and beside them the run's
-    validation forecasts' relative score. One row of panels per stage (the runs' parent folder, e.g.
-    a study's grid/ and context/), so no panel holds more than a stage's runs; each row's legend sits
-    outside its axes, a run in one colour and marker throughout the row."""
+    validation forecasts' filled-in MAE (what selects the kept adapter). One row of panels per
+    stage (the runs' parent folder, e.g. a study's grid/ and context/), so no panel holds more than
+    a stage's runs; each row's legend sits outside its axes, a run in one colour and marker
+    throughout the row."""
     plt = _pyplot()
     stages: dict[Path, list[Path]] = {}
     for run in runs:
@@ -189,7 +190,7 @@ def plot_loss_curves(path: str | os.PathLike, runs: list[Path]):
             kw = style(j)
             for kind, axis, key, extra in (("train", ax, "loss", dict(marker=None, ls="-")),
                                            ("val", ax, "loss", dict(ls="--")),
-                                           ("val_forecast", ax_f, "relative_score", dict(ls="-"))):
+                                           ("val_forecast", ax_f, "mae", dict(ls="-"))):
                 pts = [(r["step"], r[key]) for r in rows if r["kind"] == kind and r.get(key) is not None]
                 if pts:
                     axis.plot(*zip(*pts, strict=True), **{**kw, **extra}, alpha=0.85,
@@ -197,8 +198,8 @@ def plot_loss_curves(path: str | os.PathLike, runs: list[Path]):
         where = members[0].name if len(members) == 1 else f"{stage.name}/"
         ax.set(xlabel="optimizer step", ylabel="cross-entropy (nats/token)",
                title=f"{where}: training CE (solid), validation CE (dashed)")
-        ax_f.set(xlabel="optimizer step", ylabel="relative score (< 1 beats persistence)",
-                 title=f"{where}: validation forecasts")
+        ax_f.set(xlabel="optimizer step", ylabel="filled-in MAE (data units)",
+                 title=f"{where}: validation forecasts (step 0: untrained)")
         for a in (ax, ax_f):
             a.title.set_fontsize(9)
             integer_steps(a)
