@@ -55,7 +55,7 @@ import numpy as np
 import flops
 import lora
 import qwen_min
-from experiments.lib import cli, data, errors, files, planning, reporting, runs, validation
+from experiments.lib import cli, data, errors, files, metrics_log, planning, reporting, runs, validation
 from experiments.lib.windows import prepare_windows
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -319,8 +319,8 @@ def train_score(out: Path, item: Item, *, trained: bool = False) -> dict:
     summary = json.loads((out / item.name / "summary.json").read_text())
     best, step = summary["best_val"], summary["best_step"]
     if trained:
-        lines = (json.loads(line) for line in (out / item.name / "metrics.jsonl").read_text().splitlines())
-        after = [e for e in lines if e.get("kind") == "val_forecast" and e["step"] > 0 and e.get("mae") is not None]
+        after = [e for e in metrics_log.read_rows(out / item.name, "val_forecast")
+                 if e["step"] > 0 and e.get("mae") is not None]
         if after:
             best = min(after, key=lambda e: e["mae"])
             step = best["step"]

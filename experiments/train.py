@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       forecast_calls=forecasts and forecasts.calls)
     reservation = reserve(args, plan, at, dp.world) if dp.main else None
     with Booking(reservation, every=args.charge_every,
-                          step_tokens=args.batch_size * args.context_length) as booking:
+                 step_tokens=args.batch_size * args.context_length) as booking:
         try:
             return run(args, dp, out, run_data, train, val, forecasts, plan, shape, booking)
         except Interrupted as e:   # (the booking closes first; cli.run_as_script prints the note)

@@ -37,7 +37,7 @@ class MetricsLog:
         if resume_step is None or not self.jsonl.is_file():
             self.jsonl.unlink(missing_ok=True)
             return
-        rows = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= resume_step]
+        rows = [r for r in read_rows(self.jsonl) if r["step"] <= resume_step]
         self.jsonl.write_text("".join(files.dumps(r) + "\n" for r in rows))
         for row in rows:
             self._csv_row(row)
@@ -66,6 +66,14 @@ class MetricsLog:
             if new:
                 w.writeheader()
             w.writerow(row)
+
+
+def read_rows(path: Path, kind: str | None = None) -> list[dict]:
+    """The rows of a metrics.jsonl (``path``: the file, or the run folder holding it), in file
+    order; with ``kind`` ("train", "val", "val_forecast", "val_full") only the rows of that kind."""
+    path = path / "metrics.jsonl" if path.is_dir() else path
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows if kind is None else [r for r in rows if r.get("kind") == kind]
 
 
 def start_wandb(args: argparse.Namespace) -> Any:

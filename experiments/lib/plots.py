@@ -12,7 +12,6 @@ same kind of axis, legends outside the axes.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from experiments.lib.metrics import VARIABLES
+from experiments.lib.metrics_log import read_rows
 
 
 def _pyplot():
@@ -186,7 +186,7 @@ def plot_loss_curves(path: str | os.PathLike, runs: list[Path]):
     for row, (stage, members) in enumerate(stages.items()):
         ax, ax_f = axes[row]
         for j, run in enumerate(members):
-            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            rows = read_rows(run)
             kw = style(j)
             for kind, axis, key, extra in (("train", ax, "loss", dict(marker=None, ls="-")),
                                            ("val", ax, "loss", dict(ls="--")),

@@ -16,6 +16,7 @@ import numpy as np
 
 import flops
 from experiments.lib import files, metrics, plots
+from experiments.lib.metrics_log import read_rows
 
 
 def fmt(x: Any, digits: int = 4) -> str:
@@ -51,8 +52,7 @@ def forecast_table(scores: dict[str, Any]) -> str:
         rows = [[name] + [fmt(r["blocks"][b][f"{v}_mae"], 3) for v in ("prey", "predator") for b in blocks]
                 for name, r in scores["summary"].items()]
         table += "\n\nPer horizon block and variable (original units):\n\n" + md_table(head, rows)
-    paired = [[pair] + [diff(d["blocks"][b]["mae_diff"], d["blocks"][b]["se"], d["blocks"][b]["better"], d["systems"])
-                        for b in blocks]
+    paired = [[pair] + [block_diff(d, b) for b in blocks]
               + [diff(d["mae_diff"], d["mae_diff_se"], d["better"], d["systems"]),
                  pm(d["common_mae_diff"], d["common_mae_diff_se"])]
               for pair, d in scores.get("paired", {}).items() if pair.startswith("trained")]
@@ -82,6 +82,14 @@ def block_diff(paired: dict, block: str) -> str:
     return diff(b["mae_diff"], b["se"], b["better"], paired["systems"]) if b else "–"
 
 
+def vs_untrained_cells(paired: dict | None) -> list[str]:
+    """A ``vs_untrained`` figure (metrics.jsonl, summary.json) as four cells: h1–10, h11–25, h26–50, h1–50."""
+    if not paired:
+        return ["–"] * 4
+    return [block_diff(paired, k) for k in BLOCKS] + [diff(paired["mae_diff"], paired["se"], paired["better"],
+                                                           paired["systems"])]
+
+
 def lever_table(run_dirs: list[Path]) -> str:
     """One row per training run: its settings, the evaluation it kept and that evaluation's paired
     difference to the untrained model's validation forecasts per horizon block (metrics.jsonl's
@@ -91,15 +99,10 @@ def lever_table(run_dirs: list[Path]) -> str:
         s = json.loads((d / "summary.json").read_text())
         # the run's arguments; a run folder without them (written by hand, or by another tool) shows its summary
         a = {**s, **(json.loads((d / "train_args.json").read_text()) if (d / "train_args.json").is_file() else {})}
-        evals = {e["step"]: e for e in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
-                 if e.get("kind") == "val_forecast"}
-        kept = evals.get(s["best_step"], {})
-        vs = kept.get("vs_untrained")
-        blocks = [block_diff(vs, k) for k in BLOCKS] if vs else []
+        kept = next((e for e in read_rows(d, "val_forecast") if e["step"] == s["best_step"]), {})
         rows.append([d.name, a.get("lr"), a.get("schedule", "–"), a.get("rank"), a.get("context_length"),
                      {True: "yes", False: "no"}.get(a.get("train_lm_head_bias"), "–"), s["steps"], s["best_step"],
-                     fmt(kept.get("mae"), 3), *(blocks or ["–"] * 3),
-                     diff(vs["mae_diff"], vs["se"], vs["better"], vs["systems"]) if vs else "–",
+                     fmt(kept.get("mae"), 3), *vs_untrained_cells(kept.get("vs_untrained")),
                      f"{s['flops']:.2e}", f"{s['wall_s'] / 60:.1f}" if s.get("wall_s") else "–"])
     return md_table(["run", "lr", "schedule", "rank", "context", "lm_head bias", "steps", "kept step", "val MAE",
                      "vs untrained h1–10", "h11–25", "h26–50", "h1–50", "FLOPs", "wall (min)"], rows)
@@ -170,11 +173,9 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
             "h26–50", "h1–50", "val relative score", "val CE"]
 
     def row(r: dict) -> list:
-        paired = r.get("vs_untrained")   # the kept evaluation's paired difference (None: the untrained model)
-        vs = ([block_diff(paired, k) for k in BLOCKS] + [diff(paired["mae_diff"], paired["se"], paired["better"],
-                                                              paired["systems"])]) if paired else ["—"] * 4
-        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"], *vs,
-                r["relative_score"], r["val_loss"]]
+        # the kept evaluation's paired difference to the untrained model (None: the untrained model itself)
+        return [r["name"], r["lr"], r["rank"], r["context_length"], r["steps"], r["best_step"], r["score"],
+                *vs_untrained_cells(r.get("vs_untrained")), r["relative_score"], r["val_loss"]]
 
     u, final = choices["untrained"], choices["final"]
     sections += [f"## Learning rate x rank (validation forecasts of {len(choices['grid'])} runs)\n",
