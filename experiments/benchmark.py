@@ -33,6 +33,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -43,6 +44,7 @@ import torch
 from experiments.lib.bench_cases import (
     ALLOWED,
     DTYPES,
+    PAD_ID,
     alternate,
     forecast_prompts,
     forward_fns,
@@ -57,109 +59,147 @@ from experiments.lib.bench_cases import (
 from experiments.lib.bench_env import environment, matmul_peak, print_environment
 from experiments.lib.bench_phases import print_phases, profile_phases
 
+PARTS = ("train", "memory", "forward", "forecast", "generate", "load", "phases")
+B, T = 4, 512          # the training step's and the forward's batch
+N_GEN, NEW = 64, 128   # batched greedy generation: 64 prompts of up to 64 tokens, 128 new tokens each
 
-def main(argv: list[str] | None = None) -> dict:
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--reps", type=int, default=3, help="alternating repetitions per measurement")
-    parts = ["train", "memory", "forward", "forecast", "generate", "load", "phases"]
-    p.add_argument("--only", nargs="+", default=parts, choices=parts)
+    p.add_argument("--only", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     p.add_argument("--checkpoint", default=None, help="use this Qwen2 checkpoint folder instead of random weights")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    import qwen_min
-    from experiments.lib.runs import pick_device
 
-    device = pick_device(args.device)
-    dtype = DTYPES[args.dtype]
-    tmp = tempfile.TemporaryDirectory()
-    ckpt = Path(args.checkpoint) if args.checkpoint else write_checkpoint(Path(tmp.name) / "qwen05", dtype)
-    size = sum(f.stat().st_size for f in ckpt.glob("*.safetensors"))
-    env = environment(device)
-    print_environment(env)
-    res: dict = {"environment": env, "dtype": args.dtype, "ours": {}, "theirs": {}, "ratios": {}, "phases": {}}
+@dataclass
+class Bench:
+    """What every part shares: the checkpoint, where it runs, the inputs (random token ids below the
+    first special token, drawn once from one seed) and the results."""
 
-    def record(key: str, ours: float, theirs: float, unit: str) -> None:
-        res["ours"][key], res["theirs"][key], res["ratios"][key] = ours, theirs, ours / theirs
+    ckpt: Path
+    dtype_name: str
+    device: torch.device
+    reps: int
+    res: dict
+    ids: torch.Tensor = field(init=False)           # (B, T) training and forward batch
+    prompts: torch.Tensor = field(init=False)       # (N_GEN, 64), half of them left-padded by 16
+    mask: torch.Tensor = field(init=False)
+    fc_prompts: torch.Tensor = field(init=False)    # 32 LLMTIME-like prompts of ~50 steps (~500 tokens)
+
+    def __post_init__(self) -> None:
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, PAD_ID, (B, T), generator=gen).to(self.device)
+        self.prompts = torch.randint(0, PAD_ID, (N_GEN, 64), generator=gen).to(self.device)
+        self.mask = torch.ones_like(self.prompts)
+        self.mask[::2, :16] = 0
+        self.fc_prompts = forecast_prompts(32, 500, gen).to(self.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    def models(self, lora_rank: int | None = None) -> tuple:
+        return (load_ours(self.ckpt, self.dtype, self.device, lora_rank=lora_rank),
+                load_theirs(self.ckpt, self.dtype, self.device, lora_rank=lora_rank))
+
+    def record(self, key: str, ours: float, theirs: float, unit: str) -> None:
+        self.res["ours"][key], self.res["theirs"][key], self.res["ratios"][key] = ours, theirs, ours / theirs
         print(f"{key:28s} ours {ours:12.4g}  transformers {theirs:12.4g} {unit:10s} ratio {ours / theirs:6.2f}x",
               flush=True)
 
-    B, T = 4, 512
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 151643, (B, T), generator=gen).to(device)
-    n, new = 64, 128  # batched greedy generation: 64 prompts of up to 64 tokens, 128 new tokens each
-    prompts = torch.randint(0, 151643, (n, 64), generator=gen).to(device)
-    mask = torch.ones_like(prompts)
-    mask[::2, :16] = 0  # half the prompts shorter, left-padded
 
-    if "load" in args.only:
-        o, t = in_child("ours:load", ckpt, args.dtype, device), in_child("theirs:load", ckpt, args.dtype, device)
-        record("load_seconds", o["seconds"], t["seconds"], "s")
-        record("load_peak_memory", o["peak_bytes"], t["peak_bytes"], "bytes")
-        res["ours"]["load_peak_over_checkpoint_size"] = o["peak_bytes"] / size
-        print(f"{'':28s} ours' peak while loading / checkpoint on disk = {o['peak_bytes'] / size:.2f}")
+def bench_load(b: Bench, only: list[str]) -> None:
+    """Checkpoint loading, each side in a fresh child process: seconds and peak memory."""
+    o, t = (in_child(f"{who}:load", b.ckpt, b.dtype_name, b.device) for who in ("ours", "theirs"))
+    b.record("load_seconds", o["seconds"], t["seconds"], "s")
+    b.record("load_peak_memory", o["peak_bytes"], t["peak_bytes"], "bytes")
+    size = sum(f.stat().st_size for f in b.ckpt.glob("*.safetensors"))
+    b.res["ours"]["load_peak_over_checkpoint_size"] = o["peak_bytes"] / size
+    print(f"{'':28s} ours' peak while loading / checkpoint on disk = {o['peak_bytes'] / size:.2f}")
 
-    if "train" in args.only or "forward" in args.only:
-        ours = load_ours(ckpt, dtype, device, lora_rank=4)
-        theirs = load_theirs(ckpt, dtype, device, lora_rank=4)
-        if "forward" in args.only:
-            fwd_ours, fwd_theirs = forward_fns(ours, theirs, ids)
-            s = alternate({"ours": fwd_ours, "theirs": fwd_theirs}, args.reps, device)
-            record("forward_tokens_per_s", B * T / s["ours"], B * T / s["theirs"], "tok/s")
-        if "train" in args.only:
-            peak = matmul_peak(dtype, device)
-            row = time_train_step(ours, theirs, ids, args.reps, device, peak)
-            record("train_tokens_per_s", row["tokens_per_s_ours"], row["tokens_per_s_theirs"], "tok/s")
-            res["mfu"], res["theirs"]["mfu"], res["matmul_peak_flops_per_s"] = row["mfu_ours"], row["mfu_theirs"], peak
-            print(f"{'mfu':28s} ours {res['mfu']:.1%}  transformers {res['theirs']['mfu']:.1%}  (counter: "
-                  f"{row['flops_per_step_actual']:.3e} FLOPs/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", flush=True)
-        del ours, theirs
 
-    if "memory" in args.only:
-        o, t = in_child("ours:train", ckpt, args.dtype, device), in_child("theirs:train", ckpt, args.dtype, device)
-        record("train_peak_memory", o["peak_bytes"], t["peak_bytes"], "bytes")
+def bench_train_and_forward(b: Bench, only: list[str]) -> None:
+    """The no-grad forward and the LoRA training step (rank 4 on q, v), with the step's MFU."""
+    ours, theirs = b.models(lora_rank=4)
+    if "forward" in only:
+        fwd_ours, fwd_theirs = forward_fns(ours, theirs, b.ids)
+        s = alternate({"ours": fwd_ours, "theirs": fwd_theirs}, b.reps, b.device)
+        b.record("forward_tokens_per_s", B * T / s["ours"], B * T / s["theirs"], "tok/s")
+    if "train" in only:
+        peak = matmul_peak(b.dtype, b.device)
+        row = time_train_step(ours, theirs, b.ids, b.reps, b.device, peak)
+        b.record("train_tokens_per_s", row["tokens_per_s_ours"], row["tokens_per_s_theirs"], "tok/s")
+        b.res["mfu"], b.res["theirs"]["mfu"] = row["mfu_ours"], row["mfu_theirs"]
+        b.res["matmul_peak_flops_per_s"] = peak
+        print(f"{'mfu':28s} ours {b.res['mfu']:.1%}  transformers {b.res['theirs']['mfu']:.1%}  (counter: "
+              f"{row['flops_per_step_actual']:.3e} FLOPs/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", flush=True)
 
-    if "forecast" in args.only or "generate" in args.only:
-        from experiments.lib.forecasting import ALPHABET
 
-        ours = load_ours(ckpt, dtype, device)
-        theirs = load_theirs(ckpt, dtype, device)
-        tok = qwen_min.load_tokenizer(ckpt) if (ckpt / "tokenizer.json").is_file() else None
-        if tok is not None:
-            assert ALLOWED == [tok.encode(c)[0] for c in ALPHABET]
-        if "forecast" in args.only:
-            # 32 series, prompts of 50 steps "d.dd,d.dd;" (~500 tokens), 50 steps ~ 500 new tokens.
-            fc_prompts = forecast_prompts(32, 500, gen).to(device)
-            row = time_forecast(ours, theirs, fc_prompts, 50, 500, device)
-            record("forecast_steps_per_s", row["steps_per_s_ours"], row["steps_per_s_theirs"], "steps/s")
-        if "generate" in args.only:
-            g_ours, g_theirs = generate_fns(ours, theirs, prompts, mask, new)
-            s = alternate({"ours": g_ours, "theirs": g_theirs}, 1, device, warmup=False)
-            record("generate_tokens_per_s", n * new / s["ours"], n * new / s["theirs"], "tok/s")
-        del ours, theirs
+def bench_memory(b: Bench, only: list[str]) -> None:
+    """The training step's peak memory, each side in a fresh child process."""
+    o, t = (in_child(f"{who}:train", b.ckpt, b.dtype_name, b.device) for who in ("ours", "theirs"))
+    b.record("train_peak_memory", o["peak_bytes"], t["peak_bytes"], "bytes")
 
-    if "phases" in args.only:
-        # Where the time goes, under torch.profiler: the no-grad forward above (LoRA models, 4 x 512)
-        # and one decode step of the 64-prompt generation above (plain models; 8 new tokens).
-        vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
 
-        def breakdown(key: str, fns: tuple, models: tuple, per_decode_step: bool = False) -> None:
-            res["phases"][key] = {who: profile_phases(fn, model, device, vocab, per_decode_step)
-                                  for who, fn, model in zip(("ours", "theirs"), fns, models, strict=True)}
-            print_phases(f"{key} (ms per {'step' if per_decode_step else 'call'})", **res["phases"][key])
+def bench_generation(b: Bench, only: list[str]) -> None:
+    """LLMTIME forecasting (32 series, 50 steps greedy, constrained) and batched greedy generation."""
+    import qwen_min
+    from experiments.lib.forecasting import ALPHABET
 
-        ours, theirs = load_ours(ckpt, dtype, device, lora_rank=4), load_theirs(ckpt, dtype, device, lora_rank=4)
-        breakdown("forward", forward_fns(ours, theirs, ids), (ours, theirs))
-        ours, theirs = load_ours(ckpt, dtype, device), load_theirs(ckpt, dtype, device)
-        breakdown("decode_step", generate_fns(ours, theirs, prompts, mask, 8), (ours, theirs), per_decode_step=True)
-        del ours, theirs
+    ours, theirs = b.models()
+    if (b.ckpt / "tokenizer.json").is_file():
+        assert ALLOWED == [qwen_min.load_tokenizer(b.ckpt).encode(c)[0] for c in ALPHABET]
+    if "forecast" in only:
+        row = time_forecast(ours, theirs, b.fc_prompts, 50, 500, b.device)
+        b.record("forecast_steps_per_s", row["steps_per_s_ours"], row["steps_per_s_theirs"], "steps/s")
+    if "generate" in only:
+        g_ours, g_theirs = generate_fns(ours, theirs, b.prompts, b.mask, NEW)
+        s = alternate({"ours": g_ours, "theirs": g_theirs}, 1, b.device, warmup=False)
+        b.record("generate_tokens_per_s", N_GEN * NEW / s["ours"], N_GEN * NEW / s["theirs"], "tok/s")
 
+
+def bench_phases(b: Bench, only: list[str]) -> None:
+    """Where the time goes, under torch.profiler: the no-grad forward above (LoRA models, 4 x 512)
+    and one decode step of the 64-prompt generation above (plain models; 8 new tokens)."""
+    vocab = json.loads((b.ckpt / "config.json").read_text())["vocab_size"]
+
+    def breakdown(key: str, fns: tuple, models: tuple, per_decode_step: bool = False) -> None:
+        b.res["phases"][key] = {who: profile_phases(fn, model, b.device, vocab, per_decode_step)
+                                for who, fn, model in zip(("ours", "theirs"), fns, models, strict=True)}
+        print_phases(f"{key} (ms per {'step' if per_decode_step else 'call'})", **b.res["phases"][key])
+
+    models = b.models(lora_rank=4)
+    breakdown("forward", forward_fns(*models, b.ids), models)
+    models = b.models()
+    breakdown("decode_step", generate_fns(*models, b.prompts, b.mask, 8), models, per_decode_step=True)
+
+
+# Each part, run when --only names any of its keys (parts that share loaded models run together).
+RUNS = ((("load",), bench_load), (("train", "forward"), bench_train_and_forward), (("memory",), bench_memory),
+        (("forecast", "generate"), bench_generation), (("phases",), bench_phases))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from experiments.lib.runs import pick_device
+
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(args.checkpoint) if args.checkpoint else write_checkpoint(Path(tmp) / "qwen05", DTYPES[args.dtype])
+        env = environment(device)
+        print_environment(env)
+        res: dict = {"environment": env, "dtype": args.dtype, "ours": {}, "theirs": {}, "ratios": {}, "phases": {}}
+        bench = Bench(ckpt, args.dtype, device, args.reps, res)
+        for keys, part in RUNS:
+            if any(k in args.only for k in keys):
+                part(bench, args.only)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(res, indent=2))
-    tmp.cleanup()
     return res
 
 

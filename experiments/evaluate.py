@@ -12,7 +12,6 @@ work and each batch is charged as it is done. Writes --out/eval_metrics.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,53 +20,51 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwen_min
-from experiments.lib import cli, data, files, planning, runs, training
+from experiments.lib import cli, config, data, files, planning, runs, training
 from experiments.lib.booking import Booking
+from experiments.lib.config import EvalConfig
 from experiments.lib.windows import require_scored
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = runs.script_parser(__doc__)
-    runs.add_common_args(p, out_default="runs/eval")
-    runs.add_adapter_args(p)
-    return p.parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> EvalConfig:
+    return config.parse(EvalConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    out = runs.start_run(args, "evaluate")
-    runs.seed_everything(args.seed)
-    device = runs.pick_device(args.device)
-    run_data = runs.prepare_data(args, out)  # with --adapter: its splits, encoding and (checked) data file
-    texts = run_data.texts(args.split, args.max_systems)
-    tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    L = args.context_length
+    cfg = parse_args(argv)
+    out = runs.start_run(cfg, "evaluate")
+    runs.seed_everything(cfg.seed)
+    device = runs.pick_device(cfg.device)
+    run_data = runs.prepare_data(cfg, out)  # with --adapter: its splits, encoding and (checked) data file
+    texts = run_data.texts(cfg.split, cfg.max_systems)
+    tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
+    L = cfg.context_length
     windows = data.training_windows(texts, tokenizer, context_length=L, stride=L - 1)
-    what = f"the {args.split} split ({len(texts)} systems)"
+    what = f"the {cfg.split} split ({len(texts)} systems)"
     require_scored(windows, what)
 
     # ---- plan (the tokens each batch scores: exactly what it charges), reserved before any model work
-    shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
-    if args.adapter:
-        runs.load_adapter(shape, args)
+    shape = planning.meta_model(qwen_min.load_config(cfg.model, revision=cfg.revision))
+    if cfg.adapter:
+        runs.load_adapter(shape, cfg)
     n = len(windows.input_ids)
-    costs = planning.ScoredCosts(shape, args.batch_size, L)
+    costs = planning.ScoredCosts(shape, cfg.batch_size, L)
     planned = costs.windows_loss(windows.labels)
-    reservation = runs.reserve(args, planned, kind="eval",
-                                   config={"split": args.split, "adapter": args.adapter, "windows": n})
+    reservation = runs.reserve(cfg, planned, kind="eval",
+                                   config={"split": cfg.split, "adapter": cfg.adapter, "windows": n})
     with Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
-        model, _ = runs.load_model(args, device)
-        if args.adapter:
-            runs.load_adapter(model, args, run_data)
+        model, _ = runs.load_model(cfg, device)
+        if cfg.adapter:
+            runs.load_adapter(model, cfg, run_data)
         model.eval()
 
         def charge_batch(rows: int, scored: int) -> None:
             booking.charge(costs.evaluation(rows, scored), kind="eval", tokens=rows * L,
-                           config={"split": args.split, "adapter": args.adapter, "windows": rows, "of": n})
+                           config={"split": cfg.split, "adapter": cfg.adapter, "windows": rows, "of": n})
 
-        loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, args.batch_size, device,
+        loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, cfg.batch_size, device,
                                              what=what, after_batch=charge_batch)
-    result = {"split": args.split, "adapter": args.adapter, "model": args.model, "loss": loss,
+    result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "loss": loss,
               "scored_tokens": tokens, "windows": n, "systems": len(texts), "flops": booking.charged,
               "flops_planned": planned, "data": run_data.data_path, "data_sha256": run_data.sha256,
               "warnings": run_data.warnings}

@@ -26,7 +26,6 @@ any model work and charged per generate call.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from dataclasses import asdict
@@ -43,6 +42,7 @@ import qwen_min
 from experiments.lib import (
     baselines,
     cli,
+    config,
     data,
     errors,
     files,
@@ -54,25 +54,26 @@ from experiments.lib import (
     runs,
 )
 from experiments.lib.booking import Booking
+from experiments.lib.config import ForecastConfig
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return runs.forecast_parser(__doc__).parse_args(argv)
+def parse_args(argv: list[str] | None = None) -> ForecastConfig:
+    return config.parse(ForecastConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    if not args.no_baselines and args.context_steps <= baselines.AR_ORDER:
-        raise errors.UsageError(f"--context-steps {args.context_steps}: the linear AR baseline needs at least "
+    cfg = parse_args(argv)
+    if not cfg.no_baselines and cfg.context_steps <= baselines.AR_ORDER:
+        raise errors.UsageError(f"--context-steps {cfg.context_steps}: the linear AR baseline needs at least "
                                 f"{baselines.AR_ORDER + 1} prompt steps (or pass --no-baselines)")
-    out = runs.start_run(args, "forecast")
-    runs.seed_everything(args.seed)
-    device = runs.pick_device(args.device)
+    out = runs.start_run(cfg, "forecast")
+    runs.seed_everything(cfg.seed)
+    device = runs.pick_device(cfg.device)
     # with --adapter: its own splits, encoding and (checksum-checked) data file, wherever it was moved
-    run_data = runs.prepare_data(args, out)
+    run_data = runs.prepare_data(cfg, out)
     enc = run_data.encoding
-    C, H = args.context_steps, args.horizon
-    systems = run_data.systems(args.split, args.max_systems)
+    C, H = cfg.context_steps, cfg.horizon
+    systems = run_data.systems(cfg.split, cfg.max_systems)
     try:
         examples = data.forecast_examples(run_data.trajectories, systems, enc, context_steps=C, horizon=H)
     except ValueError as e:
@@ -82,42 +83,42 @@ def main(argv: list[str] | None = None) -> dict:
     series = run_data.trajectories[systems]             # (N, T, 2): the prompts' numbers, and the plots'
     last = series[:, C - 1]                             # (N, 2): the fill for malformed steps, persistence
 
-    models = [] if (args.adapter and args.no_untrained) else [("untrained", None)]
-    if args.adapter:
-        models.append(("trained", args.adapter))
+    models = [] if (cfg.adapter and cfg.no_untrained) else [("untrained", None)]
+    if cfg.adapter:
+        models.append(("trained", cfg.adapter))
 
     # ---- plan: every row running to the token limit (exact with --run-to-limit, else an upper
     # bound), reserved before any model work
-    tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-    shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
-    if args.adapter:
-        runs.load_adapter(shape, args)
-    planned = len(models) * planning.forecast_plan(args, shape, tokenizer, prompts)
-    reservation = runs.reserve(args, planned, kind="forecast",
+    tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
+    shape = planning.meta_model(qwen_min.load_config(cfg.model, revision=cfg.revision))
+    if cfg.adapter:
+        runs.load_adapter(shape, cfg)
+    planned = len(models) * planning.forecast_plan(cfg, shape, tokenizer, prompts)
+    reservation = runs.reserve(cfg, planned, kind="forecast",
                                config={"models": [m for m, _ in models], "systems": len(systems)})
-    bound = "" if args.run_to_limit else "at most "
+    bound = "" if cfg.run_to_limit else "at most "
     print(f"plan: {bound}{planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
 
     # ---- the language models, greedy and (--samples) sampled; each generate call charged as it ends
     results: dict[str, dict[str, forecasting.ForecastRun]] = {}
     with Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
-        model, _ = runs.load_model(args, device)
+        model, _ = runs.load_model(cfg, device)
         for label, adapter in models:
             if adapter:
-                runs.load_adapter(model, args, run_data)
+                runs.load_adapter(model, cfg, run_data)
             model.eval()
             results[label] = {}
-            for mode, S in [("greedy", 1)] + ([("samples", args.samples)] if args.samples else []):
-                config = {"model": label, "adapter": adapter, "mode": mode, "samples": S, "horizon": H}
+            for mode, S in [("greedy", 1)] + ([("samples", cfg.samples)] if cfg.samples else []):
+                what = {"model": label, "adapter": adapter, "mode": mode, "samples": S, "horizon": H}
                 with tqdm(total=len(prompts), desc=f"{label} {mode}", unit="system") as bar:
                     results[label][mode] = forecasting.forecast(
-                        model, tokenizer, prompts, H, enc, batch_size=args.forecast_batch, num_samples=S,
-                        temperature=0.0 if mode == "greedy" else args.temperature, top_p=args.top_p,
-                        constrained=not args.unconstrained, seed=args.seed, device=device, progress=bar,
-                        to_limit=args.run_to_limit,
-                        on_call=lambda call, f, cfg=config: booking.charge(
+                        model, tokenizer, prompts, H, enc, batch_size=cfg.forecast_batch, num_samples=S,
+                        temperature=0.0 if mode == "greedy" else cfg.temperature, top_p=cfg.top_p,
+                        constrained=not cfg.unconstrained, seed=cfg.seed, device=device, progress=bar,
+                        to_limit=cfg.run_to_limit,
+                        on_call=lambda call, f, what=what: booking.charge(
                             f, kind="forecast", tokens=call["batch"] * call["num_samples"] * call["steps"],
-                            config={**cfg, **call}))
+                            config={**what, **call}))
 
     # ---- baselines on the same prompts
     forecasts = {k: v["greedy"].values[:, 0] for k, v in results.items()}
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     bands = {}
     for name, s in samples.items():
         forecasts[name], bands[name] = metrics.median_and_band(s)
-    if not args.no_baselines:
+    if not cfg.no_baselines:
         t_prompt, t_future = run_data.time[:C], run_data.time[C:C + H]
         for name, fn in baselines.BASELINES.items():
             forecasts[name] = fn(series[:, :C], t_prompt, t_future)
@@ -136,7 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores["summary"]["ode_fit"]["fit"] = baselines.ode_fit_diagnostics()
     for k, v in results.items():
         scores["summary"][k]["flops"] = sum(r.flops for r in v.values())
-    report = {"systems": systems.tolist(), "split": args.split, "context_steps": C, "horizon": H,
+    report = {"systems": systems.tolist(), "split": cfg.split, "context_steps": C, "horizon": H,
               "data": {"path": run_data.data_path, "sha256": run_data.sha256}, "warnings": run_data.warnings,
               "encoding": asdict(enc), "fill_rule": metrics.FILL_RULE, "definitions": metrics.DEFINITIONS, **scores}
     files.write_json(out / "forecast_metrics.json", report)

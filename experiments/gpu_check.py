@@ -215,7 +215,7 @@ def wall_time_estimate(items: list[dict], results: dict) -> dict:
     tokens/s of the size nearest its batch x context (scaled by tokens), the validation CE at three
     times that (a forward), every forecast's time steps at the forecasting steps/s of the series
     count nearest its rows per call. Not counted: loading, tokenizing, the baselines."""
-    from experiments.lib import runs
+    from experiments.lib import config
 
     train = results.get("train", {}).get("sizes") or {}
     fc = results.get("forecast", {}).get("series") or {}
@@ -232,14 +232,14 @@ def wall_time_estimate(items: list[dict], results: dict) -> dict:
     out = {}
     for item in items:
         if item["script"] == "train":
-            a = runs.train_parser().parse_args(item["argv"])
+            a = config.parse(config.TrainConfig, item["argv"])
             tokens = a.batch_size * a.context_length
             evals = (a.max_steps // a.eval_every + bool(a.eval_at_start)) if a.eval_every else 0
             rows = a.val_forecast_systems  # (one generate call of every validation prompt)
             seconds = (a.max_steps * tokens / tok_s(tokens) + evals * a.eval_windows * a.context_length
                        / (3 * tok_s(tokens)) + evals * a.val_forecast_systems * a.horizon / steps_s(rows))
         else:
-            a = runs.forecast_parser().parse_args(item["argv"])
+            a = config.parse(config.ForecastConfig, item["argv"])
             n = a.max_systems or 150  # (the study always names it)
             greedy = n * a.horizon / steps_s(min(n, a.forecast_batch))
             sampled = n * a.samples * a.horizon / steps_s(min(n, a.forecast_batch) * a.samples) if a.samples else 0.0

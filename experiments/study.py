@@ -27,9 +27,11 @@ the untrained model (every LoRA B zero), and the report says so. The whole plan,
 priced by the FLOP counter and reserved in the ledger before anything runs, each choice not yet made
 at its most expensive option; if what is left of the budget cannot pay for it, every training run's
 steps are trimmed in proportion (--no-trim: refused). Once a choice is made, the runs that depend on
-it are priced again before they start (plan.json: "bound" reserved, "flops" the price). Prices are
-exact: they follow the batches each run draws, and every forecast runs to its token limit
-(--run-to-limit), so the ledger ends equal to the plan. Killed, the study continues where it stopped
+it are priced again before they start (plan.json: "bound" reserved, "flops" the price). Each run
+is a config (experiments/lib/config.py), priced as it is, and started as the command line that
+gives it back. Training steps and cross-entropy evaluations are priced exactly (the batches each run
+draws); generation at its token limit, an upper bound: forecasts stop at the horizon, and the gap
+between price and charge is that alone (the report shows both). Killed, the study continues where it stopped
 when run again: finished runs are kept, an interrupted training run resumes from its checkpoint.
 """
 
@@ -55,7 +57,9 @@ import numpy as np
 import flops
 import lora
 import qwen_min
-from experiments.lib import cli, data, errors, files, metrics_log, planning, reporting, runs, validation
+from experiments.lib import cli, config, data, errors, files, metrics_log, planning, reporting, runs, validation
+from experiments.lib.config import ForecastConfig, RunConfig, TrainConfig
+from experiments.lib.flagtypes import finite_positive_float, non_negative_int, positive_int
 from experiments.lib.windows import prepare_windows
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -80,7 +84,7 @@ class Preset:
     context_steps: int = 50             # prompt length in time steps
     horizon: int = 50                   # forecast length in time steps
     samples: int = 20                   # sampled forecasts per test system (median and 10-90% band)
-    train_args: tuple[str, ...] = ()    # anything else for train.py
+    train_config: dict = field(default_factory=dict)   # anything else for train.py (TrainConfig fields)
 
 
 PRESETS = {
@@ -92,54 +96,63 @@ PRESETS = {
     # as the context, and a final run of several hundred steps; choices on 32 validation systems.
     "cpu": Preset(lrs=(1e-4, 1e-3), ranks=(4,), grid_steps=150, contexts=(), final_steps=400, batch_size=4,
                   eval_every=50, final_eval_every=50, eval_windows=16, val_systems=32, test_systems=32, samples=4,
-                  train_args=("--val-systems", "32")),
+                  train_config={"val_systems": 32}),
     # Seconds on a tiny random checkpoint: for the study's own tests.
     "tiny": Preset(lrs=(1e-3, 3e-2), ranks=(2, 4), grid_context=64, grid_steps=2, contexts=(32, 0), final_steps=3,
                    batch_size=2, eval_every=1, final_eval_every=1, eval_windows=2, val_systems=2, test_systems=3,
-                   context_steps=6, horizon=2, samples=2, train_args=("--max-systems", "4", "--val-systems", "2")),
+                   context_steps=6, horizon=2, samples=2, train_config={"max_systems": 4, "val_systems": 2}),
 }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = runs.script_parser(__doc__)
+    p = cli.script_parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the study's scale (see above)")
-    p.add_argument("--model", default=runs.DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
+    p.add_argument("--model", default=config.DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
     p.add_argument("--data", default=None, help="HDF5 data file (none: the generated data set)")
     p.add_argument("--out", default="runs/study", help="the study's folder")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", choices=sorted(runs.DTYPES), default="bf16", help="base-model weight dtype")
-    p.add_argument("--seed", type=runs.non_negative_int, default=0, help="seed for splits, sampling and initialisation")
-    p.add_argument("--budget", type=runs.finite_positive_float, default=flops.DEFAULT_BUDGET,
+    p.add_argument("--dtype", choices=config.DTYPE_NAMES, default="bf16", help="base-model weight dtype")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for splits, sampling and initialisation")
+    p.add_argument("--budget", type=finite_positive_float, default=flops.DEFAULT_BUDGET,
                    help="total FLOP budget of the ledger")
     p.add_argument("--ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
     p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
                    help="trim every training run's steps to fit the budget, or refuse")
     p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    for f, kind in (("grid_steps", runs.positive_int), ("final_steps", runs.non_negative_int),
-                    ("val_systems", runs.positive_int), ("test_systems", runs.positive_int),
-                    ("samples", runs.non_negative_int), ("batch_size", runs.positive_int),
-                    ("eval_every", runs.positive_int)):
+    for f, kind in (("grid_steps", positive_int), ("final_steps", non_negative_int), ("val_systems", positive_int),
+                    ("test_systems", positive_int), ("samples", non_negative_int), ("batch_size", positive_int),
+                    ("eval_every", positive_int)):
         p.add_argument("--" + f.replace("_", "-"), type=kind, default=None,
                        help=f"override the preset's {f} (none: the preset's)")
     return p.parse_args(argv)
 
 
 # ---------------------------------------------------------------------------------------------
-# The plan: every run with its arguments, priced before anything runs
+# The plan: every run with its config, priced before anything runs
 
 
 @dataclass
 class Item:
-    """One run of the study: a script, its arguments, and the FLOPs it may spend (reserved)."""
+    """One run of the study: its script's config, and the FLOPs it may spend (reserved)."""
 
     stage: str
     name: str                       # its folder under --out, and its name in the ledger
-    script: str                     # "train" or "forecast"
-    argv: list[str]
+    config: TrainConfig | ForecastConfig
     setting: dict = field(default_factory=dict)
     flops: float = 0.0              # its price: exact, but generation at its token limit (an upper bound)
     generation: float = 0.0         # the part of ``flops`` that is generation
+
+    @property
+    def script(self) -> str:
+        return "train" if isinstance(self.config, TrainConfig) else "forecast"
+
+    def plan_entry(self) -> dict:
+        """Its line in plan.json: the config, and the command line that starts it (without the
+        study's reservation)."""
+        return {"stage": self.stage, "name": self.name, "script": self.script, "argv": config.to_argv(self.config),
+                "config": asdict(self.config), "setting": self.setting, "flops": self.flops,
+                "generation": self.generation}
 
     def done(self, out: Path) -> bool:
         return (out / self.name / ("summary.json" if self.script == "train" else "forecast_metrics.json")).is_file()
@@ -155,69 +168,63 @@ class Study:
         self.ledger_path = args.ledger or str(self.out / "ledger.jsonl")
         self.shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
         self.tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
-        self._prices: dict[str, float] = {}
+        self._prices: dict[tuple[RunConfig, int], tuple[float, float]] = {}
         self._windows: dict[int, tuple[runs.RunData, data.Windows, data.Windows]] = {}
-
-    def common(self) -> list[str]:
-        a = self.args
-        argv = ["--model", a.model, "--device", a.device, "--dtype", a.dtype, "--seed", str(a.seed),
-                "--budget", repr(a.budget), "--ledger", self.ledger_path]
-        return argv + (["--revision", a.revision] if a.revision else []) + (["--data", a.data] if a.data else [])
+        # what every run of the study shares
+        self.common = {"model": args.model, "revision": args.revision, "data": args.data, "device": args.device,
+                       "dtype": args.dtype, "seed": args.seed, "budget": args.budget, "ledger": self.ledger_path}
 
     @functools.cached_property
     def forecast_window(self) -> int:
         """Tokens of the longest prompt + horizon of the validation systems forecast: a window that holds
         a whole forecast."""
         p = self.preset
-        run_data = runs.prepare_data(runs.train_parser().parse_args(self.common()))
+        run_data = runs.prepare_data(RunConfig(**self.common))
         examples = data.forecast_examples(run_data.trajectories, run_data.systems("val", p.val_systems),
                                           run_data.encoding, context_steps=p.context_steps, horizon=p.horizon)
         return max(len(self.tokenizer.encode(e.prompt + e.target_text)) for e in examples)
 
     def train_item(self, stage: str, name: str, lr: float, rank: int, context: int, steps: int, *,
-                   eval_every: int, at_start: bool) -> Item:
-        p = self.preset
-        argv = self.common() + [
-            "--out", str(self.out / name), "--name", name.replace("/", "_"), "--lr", repr(lr), "--rank", str(rank),
-            "--context-length", str(context), "--max-steps", str(steps), "--batch-size", str(p.batch_size),
-            "--eval-every", str(eval_every), "--checkpoint-every", str(eval_every), "--patience", "0",
-            "--eval-windows", str(p.eval_windows), "--val-forecast-systems", str(p.val_systems),
-            "--context-steps", str(p.context_steps), "--horizon", str(p.horizon),
-            "--eval-at-start" if at_start else "--no-eval-at-start", *p.train_args]
-        return Item(stage, name, "train", argv, {"lr": lr, "rank": rank, "context_length": context, "steps": steps})
+                   eval_every: int, at_start: bool, preset: Preset | None = None) -> Item:
+        p = preset or self.preset
+        cfg = TrainConfig(**self.common, out=str(self.out / name), name=name.replace("/", "_"), lr=lr, rank=rank,
+                          context_length=context, max_steps=steps, batch_size=p.batch_size, eval_every=eval_every,
+                          checkpoint_every=eval_every, patience=0, eval_windows=p.eval_windows,
+                          val_forecast_systems=p.val_systems, context_steps=p.context_steps, horizon=p.horizon,
+                          eval_at_start=at_start, **p.train_config)
+        return Item(stage, name, cfg, {"lr": lr, "rank": rank, "context_length": context, "steps": steps})
 
-    def forecast_item(self, name: str, split: str, adapter: str | None) -> Item:
-        p = self.preset
-        systems = p.val_systems if split == "val" else p.test_systems
-        argv = self.common() + ["--out", str(self.out / name), "--name", name, "--split", split,
-                                "--max-systems", str(systems), "--context-steps", str(p.context_steps),
-                                "--horizon", str(p.horizon)]
-        if split == "test":
-            argv += ["--samples", str(p.samples)]
-        if adapter:
-            argv += ["--adapter", adapter, "--no-untrained", "--no-baselines"]
-        return Item("zeroshot" if adapter is None else "final", name, "forecast", argv,
-                    {"split": split, "adapter": adapter})
+    def forecast_item(self, name: str, split: str, adapter: str | None, preset: Preset | None = None) -> Item:
+        p = preset or self.preset
+        cfg = ForecastConfig(**self.common, out=str(self.out / name), name=name, split=split,
+                             max_systems=p.val_systems if split == "val" else p.test_systems,
+                             context_steps=p.context_steps, horizon=p.horizon,
+                             samples=p.samples if split == "test" else 0, adapter=adapter,
+                             no_untrained=adapter is not None, no_baselines=adapter is not None)
+        return Item("zeroshot" if adapter is None else "final", name, cfg, {"split": split, "adapter": adapter})
 
-    def items(self, best: dict | None = None, context: int | None = None, final_steps: int | None = None) -> list[Item]:
+    def items(self, best: dict | None = None, context: int | None = None, final_steps: int | None = None, *,
+              preset: Preset | None = None) -> list[Item]:
         """Every run, given the choices made so far; a choice not yet made is planned at its most
-        expensive option (largest rank, the longest window), so the plan bounds what the study costs."""
-        p = self.preset
+        expensive option (largest rank, the longest window), so the plan bounds what the study costs.
+        ``preset``: at another scale than the study's own (a trimmed one, being tried)."""
+        p = preset or self.preset
         lr, rank = (best["lr"], best["rank"]) if best else (max(p.lrs), max(p.ranks))
         window = self.forecast_window
         lengths = [c or window for c in p.contexts]       # (none: the context is the grid's)
         tokens = p.grid_steps * p.batch_size * p.grid_context        # each context run sees as many tokens
-        out = [self.forecast_item("zeroshot_val", "val", None), self.forecast_item("zeroshot_test", "test", None)]
+        out = [self.forecast_item("zeroshot_val", "val", None, p), self.forecast_item("zeroshot_test", "test", None, p)]
         out += [self.train_item("grid", f"grid/lr{g_lr:g}_r{g_rank}", g_lr, g_rank, p.grid_context, p.grid_steps,
-                                eval_every=p.eval_every, at_start=True) for g_lr in p.lrs for g_rank in p.ranks]
+                                eval_every=p.eval_every, at_start=True, preset=p)
+                for g_lr in p.lrs for g_rank in p.ranks]
         for length in lengths:
             steps = max(1, tokens // (p.batch_size * length))
             out.append(self.train_item("context", f"context/ctx{length}", lr, rank, length, steps,
-                                       eval_every=max(1, min(p.eval_every, steps // 2)), at_start=True))
+                                       eval_every=max(1, min(p.eval_every, steps // 2)), at_start=True, preset=p))
         final_context = context or max(lengths, default=p.grid_context)
         out.append(self.train_item("final", "final", lr, rank, final_context, final_steps or p.final_steps,
-                                   eval_every=p.final_eval_every, at_start=True))
-        out.append(self.forecast_item("final_test", "test", str(self.out / "final" / "adapter")))
+                                   eval_every=p.final_eval_every, at_start=True, preset=p))
+        out.append(self.forecast_item("final_test", "test", str(self.out / "final" / "adapter"), p))
         for item in out:
             item.flops, item.generation = self.price(item, rank)
         return out
@@ -225,34 +232,32 @@ class Study:
     def price(self, item: Item, rank: int) -> tuple[float, float]:
         """The FLOPs ``item`` may spend, by the same functions its script reserves with, and the part of
         them that is generation (priced at its token limit: it stops at the horizon, and spends less)."""
-        key = json.dumps([item.argv, rank])   # (a forecast of the final adapter: its argv does not name the rank)
+        cfg = item.config
+        key = (cfg, rank)   # (a forecast of the final adapter: its config does not name the rank)
         if key not in self._prices:
-            if item.script == "train":
-                targs = runs.train_parser().parse_args(item.argv)
-                run_data, train, val = self.windows(targs)
-                forecasts = validation.forecast_set_of(targs, run_data, self.tokenizer)
-                plan, _ = planning.train_plan(targs, train, val, forecast_calls=forecasts and forecasts.calls)
+            if isinstance(cfg, TrainConfig):
+                run_data, train, val = self.windows(cfg)
+                forecasts = validation.forecast_set_of(cfg, run_data, self.tokenizer)
+                plan, _ = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
                 self._prices[key] = plan.total, plan.generation
             else:
-                fargs = runs.forecast_parser().parse_args(item.argv)
-                adapter, fargs.adapter = fargs.adapter, None   # (not trained yet; its splits are the seed's)
-                run_data = runs.prepare_data(fargs)
+                run_data = runs.prepare_data(replace(cfg, adapter=None))   # (not trained yet; the seed's splits)
                 prompts = [e.prompt for e in data.forecast_examples(
-                    run_data.trajectories, run_data.systems(fargs.split, fargs.max_systems), run_data.encoding,
-                    context_steps=fargs.context_steps, horizon=fargs.horizon)]
+                    run_data.trajectories, run_data.systems(cfg.split, cfg.max_systems), run_data.encoding,
+                    context_steps=cfg.context_steps, horizon=cfg.horizon)]
                 shape = planning.meta_model(self.shape.config)
-                if adapter:  # priced at the rank it will have
+                if cfg.adapter:  # priced at the rank it will have
                     lora.apply_lora(shape, rank=rank)
-                price = planning.forecast_plan(fargs, shape, self.tokenizer, prompts)  # one model
+                price = planning.forecast_plan(cfg, shape, self.tokenizer, prompts)  # one model
                 self._prices[key] = price, price
         return self._prices[key]
 
-    def windows(self, targs: argparse.Namespace) -> tuple[runs.RunData, data.Windows, data.Windows]:
+    def windows(self, cfg: TrainConfig) -> tuple[runs.RunData, data.Windows, data.Windows]:
         """A training run's data and windows (every run of the study cuts the same systems, so they
         differ only by the window length: tokenized once per length)."""
-        if targs.context_length not in self._windows:
-            self._windows[targs.context_length] = prepare_windows(targs, None, self.tokenizer)
-        return self._windows[targs.context_length]
+        if cfg.context_length not in self._windows:
+            self._windows[cfg.context_length] = prepare_windows(cfg, None, self.tokenizer)
+        return self._windows[cfg.context_length]
 
     def final_steps_within(self, best: dict | None, context: int | None, left: float) -> int:
         """The most final-run steps (at the chosen setting; None: the most expensive) that, with the final
@@ -260,19 +265,19 @@ class Study:
         arithmetic on the run's per-step prices (the batches it will draw) and its evaluations' price."""
         one = {i.name: i for i in self.items(best, context, 1)}
         final, test = one["final"], one["final_test"].flops
-        targs = runs.train_parser().parse_args(final.argv)
-        run_data, train, val = self.windows(targs)
-        forecasts = validation.forecast_set_of(targs, run_data, self.tokenizer)
-        plan, shape = planning.train_plan(targs, train, val, forecast_calls=forecasts and forecasts.calls)
-        fixed = test + plan.full_eval + (plan.eval if targs.eval_at_start else 0.0)   # whatever the step count
+        cfg = final.config
+        run_data, train, val = self.windows(cfg)
+        forecasts = validation.forecast_set_of(cfg, run_data, self.tokenizer)
+        plan, shape = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
+        fixed = test + plan.full_eval + (plan.eval if cfg.eval_at_start else 0.0)   # whatever the step count
         if final.flops + test > left:
             raise errors.StudyError(f"the final run's first step and the test forecasts need "
                              f"{final.flops + test:.3e} FLOPs; the study's reservation has {left:.3e} left")
-        costs = planning.ScoredCosts(shape, targs.batch_size, targs.context_length)
-        every = targs.eval_every
+        costs = planning.ScoredCosts(shape, cfg.batch_size, cfg.context_length)
+        every = cfg.eval_every
         cheapest = costs.train_step(1) + (plan.eval / every if every else 0.0)
         n_max = int((left - fixed) / cheapest) + 1                    # no more steps than this can fit
-        steps = np.cumsum(planning.step_costs(costs, train, n_max, targs.seed))
+        steps = np.cumsum(planning.step_costs(costs, train, n_max, cfg.seed))
         n = np.arange(1, n_max + 1)
         total = fixed + steps + ((n // every) * plan.eval if every else 0.0)
         return int(n[total <= left].max())
@@ -296,13 +301,14 @@ def run_item(item: Item, out: Path, reservation: str) -> None:
     if item.done(out):
         print(f"[study] {item.name}: done before, kept", flush=True)
         return
-    argv = item.argv + ["--reservation", reservation]
+    cfg = replace(item.config, reservation=reservation)
     folder = out / item.name
-    if item.script == "train" and any((folder / c / "state.json").is_file() for c in ("checkpoint", "checkpoint.old")):
-        argv.append("--resume")   # (interrupted after a checkpoint: continue it)
+    if isinstance(cfg, TrainConfig) and any((folder / c / "state.json").is_file()
+                                            for c in ("checkpoint", "checkpoint.old")):
+        cfg = replace(cfg, resume=True)       # (interrupted after a checkpoint: continue it)
     elif (folder / f"{item.script}_args.json").is_file():
-        argv.append("--overwrite")   # (interrupted before anything could be continued: start it again)
-    cmd = [sys.executable, str(SCRIPTS / f"{item.script}.py"), *argv]
+        cfg = replace(cfg, overwrite=True)    # (interrupted before anything could be continued: start it again)
+    cmd = [sys.executable, str(SCRIPTS / f"{item.script}.py"), *config.to_argv(cfg)]
     print(f"[study] {item.name}: python {' '.join(cmd[1:])}", flush=True)
     code = launch(cmd)
     if code != 0:
@@ -358,7 +364,7 @@ def main(argv: list[str] | None = None) -> Path:
     left = ledger.remaining()
     need = sum(i.flops for i in items if not i.done(out))
     if p.final_steps == 0 or need > left:             # the final run takes what is left, or all runs shrink
-        items = fit(study, items, left, trim=args.trim)
+        items, study.preset = fit(study, items, left, trim=args.trim)   # (trimmed: every later plan at that scale)
     planned = sum(i.flops for i in items if not i.done(out))
     print_plan(items, out, ledger)
     bound = {i.name: i.flops for i in items}
@@ -368,7 +374,7 @@ def main(argv: list[str] | None = None) -> Path:
     def write_plan(items: list[Item]) -> None:
         """plan.json: every run at its price given the choices made so far ("flops"), beside the bound
         reserved before anything ran ("bound")."""
-        plan["items"] = [asdict(i) | {"bound": bound[i.name]} for i in items]
+        plan["items"] = [i.plan_entry() | {"bound": bound[i.name]} for i in items]
         plan["planned_flops"] = sum(i.flops for i in items)
         files.write_json(out / "plan.json", plan)
 
@@ -420,33 +426,33 @@ def reservation_left(ledger: flops.Ledger, reservation: str) -> float:
     return next(x for x in ledger.reservations() if x.id == reservation).unspent
 
 
-def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> list[Item]:
+def fit(study: Study, items: list[Item], left: float, *, trim: bool) -> tuple[list[Item], Preset]:
     """Fit the plan to what is left of the budget: the final run gets what the others leave (a preset
     without final steps); when the plan does not fit, every training run's steps shrink (the
-    evaluations' and forecasts' costs do not, so the scale is found in a few rounds)."""
+    evaluations' and forecasts' costs do not, so the scale is found in a few rounds). The plan, and
+    the preset at the scale it was made at (the study's own, or trimmed)."""
     p = study.preset
     todo = [i for i in items if not i.done(study.out)]
     final = next(i for i in items if i.name == "final")
     others = sum(i.flops for i in todo if i.stage != "final")   # (the final run and its test forecasts apart)
     if p.final_steps == 0 and others + sum(i.flops for i in study.items(final_steps=1) if i.stage == "final") <= left:
-        return study.items(final_steps=study.final_steps_within(None, None, left - others))
+        return study.items(final_steps=study.final_steps_within(None, None, left - others)), p
     need = sum(i.flops for i in todo)
     refusal = f"the plan needs {need:.3e} FLOPs but {left:.3e} are left of {study.args.budget:.3e}"
     if not trim:
         raise flops.BudgetExceeded(refusal + "; without --no-trim its training runs are trimmed to fit")
-    scale, final_steps = 1.0, p.final_steps or final.setting["steps"]
+    scale, final_steps, trimmed = 1.0, p.final_steps or final.setting["steps"], p
     for _ in range(10):
         need = sum(i.flops for i in items if not i.done(study.out))
         if need <= left:
             print(f"[study] every training run's steps trimmed to {scale:.0%} to fit the budget", flush=True)
-            return items
+            return items, trimmed
         fixed = sum(i.flops for i in items if i.script == "forecast" and not i.done(study.out))
         scale *= (left - fixed) / (need - fixed) if left > fixed else 0.0   # (steps round down: fits, or again)
         if scale * p.grid_steps < 1:
             break
-        study.preset = replace(p, grid_steps=max(1, int(p.grid_steps * scale)),
-                               final_steps=max(1, int(final_steps * scale)))
-        items = study.items()
+        trimmed = replace(p, grid_steps=max(1, int(p.grid_steps * scale)), final_steps=max(1, int(final_steps * scale)))
+        items = study.items(preset=trimmed)
     raise flops.BudgetExceeded(refusal + ", even with every training run trimmed to one step")
 
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import h5py
@@ -21,7 +22,7 @@ import pytest
 
 import flops
 from experiments import evaluate, forecast, make_tiny_checkpoint, report, study, train
-from experiments.lib import cli, runs
+from experiments.lib import cli, config, runs
 from flops import __main__ as flops_cli
 from tests.conftest import script_argv
 
@@ -69,7 +70,7 @@ def prior(tmp_path, tiny_ckpt, lv_data_file) -> Path:
     run.mkdir()
     argv = script_argv(tiny_ckpt, lv_data_file, run, "--max-steps", 4)
     args = train.parse_args([str(a) for a in argv])
-    (run / "train_args.json").write_text(json.dumps({"argv": argv, **vars(args)}, default=str))
+    (run / "train_args.json").write_text(json.dumps({"argv": argv, **asdict(args)}, default=str))
     (run / "checkpoint").mkdir()
     (run / "checkpoint" / "state.json").write_text(json.dumps({"step": 2}))
     (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train", "loss": 1.0}\n')
@@ -214,7 +215,8 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_any(tmp_path, monkeypatch, ca
 
 def test_every_help_shows_defaults_and_every_option_says_what_it_does(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # (help lines unwrapped)
-    for p in (runs.train_parser(), runs.forecast_parser(), report.build_parser(), make_tiny_checkpoint.build_parser()):
+    for p in (config.parser(config.TrainConfig), config.parser(config.ForecastConfig), config.parser(config.EvalConfig),
+              report.build_parser(), make_tiny_checkpoint.build_parser()):
         assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
     for p in (report.build_parser(), make_tiny_checkpoint.build_parser()):   # (each option's line ends in its default)
         text = p.format_help()
@@ -289,9 +291,10 @@ def test_a_folder_holding_a_run_is_refused_unless_overwrite(prior, tiny_ckpt, lv
 def test_a_study_run_again_resumes_or_restarts_its_interrupted_runs(tmp_path, monkeypatch):
     launched = []
     monkeypatch.setattr(study, "launch", lambda cmd: launched.append(cmd[2:]) or 0)
-    items = [study.Item("grid", name, script, ["--out", str(tmp_path / name)])
-             for name, script in (("done", "train"), ("resumable", "train"), ("restart", "train"),
-                                  ("fresh", "train"), ("fc", "forecast"))]
+    items = [study.Item("grid", name, kind(out=str(tmp_path / name)))
+             for name, kind in (("done", config.TrainConfig), ("resumable", config.TrainConfig),
+                                ("restart", config.TrainConfig), ("fresh", config.TrainConfig),
+                                ("fc", config.ForecastConfig))]
     for name, files in (("done", ["train_args.json", "summary.json"]),
                         ("resumable", ["train_args.json", "checkpoint/state.json"]),
                         ("restart", ["train_args.json", "metrics.jsonl"]), ("fc", ["forecast_args.json"])):
@@ -300,8 +303,9 @@ def test_a_study_run_again_resumes_or_restarts_its_interrupted_runs(tmp_path, mo
             (tmp_path / name / f).write_text("{}")
     for item in items:
         study.run_item(item, tmp_path, "r1")
-    tails = [argv[-1] for argv in launched]
-    assert tails == ["--resume", "--overwrite", "r1", "--overwrite"]   # "done" is skipped; "fresh" starts as is
+    added = [[f for f in ("--resume", "--overwrite") if f in argv] for argv in launched]
+    assert added == [["--resume"], ["--overwrite"], [], ["--overwrite"]]   # "done" is skipped; "fresh" starts as is
+    assert all(argv[argv.index("--reservation") + 1] == "r1" for argv in launched)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import flops
 import lora
 import qwen_min
-from experiments.lib import data, planning, runs, training
+from experiments.lib import config, data, planning, training
 from qwen_min import QwenConfig
 
 
@@ -40,7 +40,7 @@ def test_model_config_from_the_hub_fetches_config_json_only(monkeypatch, tiny_ck
 
 def _rank2_run(ckpt, max_steps: int, eval_every: int):
     """train.py's arguments (rank 2, 2 x 16 tokens, a 3-window validation subset) and the structure they price."""
-    args = runs.train_parser().parse_args(["--model", str(ckpt), "--rank", "2", "--context-length", "16",
+    args = config.parse(config.TrainConfig, ["--model", str(ckpt), "--rank", "2", "--context-length", "16",
                                            "--batch-size", "2", "--max-steps", str(max_steps), "--eval-every",
                                            str(eval_every), "--eval-windows", "3"])
     shape = planning.meta_model(QwenConfig.from_json(ckpt / "config.json"))

@@ -4,7 +4,6 @@ data checksum wherever it goes, and refuses other data and its own training syst
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -13,21 +12,16 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments.lib import data, errors, llmtime, lotka_volterra, runs
+from experiments.lib import config, data, errors, llmtime, lotka_volterra, runs
 
 
-def _args(lv_data_file, out, *extra: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    runs.add_common_args(p, out_default="unused")
-    return p.parse_args(["--data", str(lv_data_file), "--out", str(out), *extra])
+def _args(lv_data_file, out, *extra: str) -> config.RunConfig:
+    return config.parse(config.RunConfig, ["--data", str(lv_data_file), "--out", str(out), *extra])
 
 
-def _eval_args(out, *extra) -> argparse.Namespace:
-    """evaluate.py's and forecast.py's vocabulary (no --data unless given)."""
-    p = argparse.ArgumentParser()
-    runs.add_common_args(p, out_default="unused")
-    runs.add_adapter_args(p)
-    return p.parse_args(["--out", str(out), *map(str, extra)])
+def _eval_args(out, *extra) -> config.EvalConfig:
+    """evaluate.py's config (forecast.py's has the same adapter fields; no --data unless given)."""
+    return config.parse(config.EvalConfig, ["--out", str(out), *map(str, extra)])
 
 
 def test_start_run_saves_the_command_line_and_names_the_run(tmp_path, lv_data_file):
@@ -35,7 +29,7 @@ def test_start_run_saves_the_command_line_and_names_the_run(tmp_path, lv_data_fi
     out = runs.start_run(args, "evaluate")
     saved = json.loads((out / "evaluate_args.json").read_text())
     assert saved["seed"] == 7 and saved["data"] == str(lv_data_file) and "argv" in saved
-    assert args.name == "my-run"
+    assert args.run_name == "my-run"
 
 
 def test_prepare_data_splits_by_system_fits_alpha_on_train_and_is_reused(tmp_path, lv_data_file):

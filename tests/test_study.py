@@ -13,13 +13,15 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
 import flops
 from experiments import report, study
-from experiments.lib import errors, validation
+from experiments.lib import config, errors, validation
+from experiments.lib.config import ForecastConfig, TrainConfig
 from flops import Ledger
 from flops.liveness import process_alive
 
@@ -115,6 +117,9 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
 def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_ckpt, lv_data_file):
     argv = _argv(tiny_ckpt, lv_data_file, tmp_path / "plan") + ["--dry-run"]
     full = json.loads(study.main(argv).read_text())
+    for item in full["items"]:   # each run's command line gives its config back, as its script parses it
+        kind = TrainConfig if item["script"] == "train" else ForecastConfig
+        assert json.loads(json.dumps(asdict(config.parse(kind, item["argv"])))) == item["config"], item["name"]
     budget = full["planned_flops"] * 0.6
     refusal = f"needs {full['planned_flops']:.3e} FLOPs but {budget:.3e} are left"
     with pytest.raises(flops.BudgetExceeded, match=re.escape(refusal)):
@@ -190,7 +195,7 @@ def test_grid_cells_inside_the_dip_are_compared_by_what_their_training_produced(
             for s, m in rows]
         (d / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
         (d / "summary.json").write_text(json.dumps({"best_val": untrained, "best_step": 0, "val_loss": 0.8}))
-        items.append(study.Item(stage="grid", name=f"grid/{name}", script="train", argv=[],
+        items.append(study.Item(stage="grid", name=f"grid/{name}", config=TrainConfig(),
                                 setting={"lr": float(name[2:]), "rank": 4}))
     kept = [study.train_score(tmp_path, i) for i in items]
     assert [k["score"] for k in kept] == [0.398, 0.398] and study.best_of(kept)["lr"] == 1e-4   # the tie

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import qwen_min
-from experiments.lib import data, errors, forecasting, runs, validation
+from experiments.lib import config, data, errors, forecasting, runs, validation
 from experiments.lib.lotka_volterra import load_h5
 
 
 def _args(ckpt, data_file, *extra) -> object:
-    return runs.train_parser().parse_args(["--model", str(ckpt), "--data", str(data_file), *map(str, extra)])
+    return config.parse(config.TrainConfig, ["--model", str(ckpt), "--data", str(data_file), *map(str, extra)])
 
 
 def test_the_forecast_set_is_forecast_pys_prompts_of_the_first_validation_systems(tiny_ckpt, lv_data_file):
@@ -32,9 +32,10 @@ def test_the_forecast_set_is_forecast_pys_prompts_of_the_first_validation_system
     assert not fs.to_limit and validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--run-to-limit"),
                                                           run_data, tok).to_limit
 
-    none = validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0), run_data, tok)
+    none = validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", 0, "--select-by",
+                                            "loss"), run_data, tok)
     assert none is None
-    with pytest.raises(errors.UsageError, match="--val-forecast-systems: -1: must be 0 or more"):
+    with pytest.raises(errors.UsageError, match="--val-forecast-systems: -1: must be 0 or more"):   # (when parsed)
         validation.forecast_set_of(_args(tiny_ckpt, lv_data_file, "--val-forecast-systems", -1), run_data, tok)
     with pytest.raises(errors.UsageError, match="--context-steps/--horizon"):
         too_long = _args(tiny_ckpt, lv_data_file, "--context-steps", 90, "--horizon", 20)
@@ -49,7 +50,7 @@ def test_a_model_that_writes_no_valid_number_scores_exactly_persistence(tiny_ckp
     fs = validation.forecast_set_of(args, runs.prepare_data(args), tok)
     model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
     calls = []
-    got = validation.score_forecasts(model, tok, fs, torch.device("cpu"), on_call=lambda c, f: calls.append(f))
+    got = validation.score_forecasts(model, fs, torch.device("cpu"), on_call=lambda c, f: calls.append(f))
     persistence = np.abs(fs.last[:, None] - fs.truth).mean()
     assert got["coverage"] == 0.0 and got["relative_score"] == pytest.approx(1.0)
     assert got["mae"] == pytest.approx(persistence)

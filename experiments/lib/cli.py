@@ -50,6 +50,13 @@ def add_debug(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the full traceback of any error")
 
 
+def script_parser(description: str | None = None) -> ArgumentParser:
+    """An experiment script's parser: one-line usage errors, defaults in --help, and --debug."""
+    p = ArgumentParser(description=description)
+    add_debug(p)
+    return p
+
+
 def one_line(e: BaseException) -> str:
     """An exception's message on one line."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)

@@ -4,13 +4,14 @@ spreadsheets), cut back to the resumed step on --resume, optionally mirrored to 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.lib import errors, files
+from experiments.lib.config import TrainConfig
 
 if TYPE_CHECKING:   # (for the annotations alone: a row reads the state, the log needs nothing else of training)
     from experiments.lib.training import RunState
@@ -76,10 +77,10 @@ def read_rows(path: Path, kind: str | None = None) -> list[dict]:
     return rows if kind is None else [r for r in rows if r.get("kind") == kind]
 
 
-def start_wandb(args: argparse.Namespace) -> Any:
+def start_wandb(cfg: TrainConfig) -> Any:
     """A Weights & Biases run (wandb is an optional dependency, imported only when asked for)."""
     try:
         import wandb
     except ImportError:
         raise errors.MissingDependencyError("--wandb needs the wandb package: pip install wandb") from None
-    return wandb.init(project="qwen-lora-ts", name=args.name, config=vars(args), resume="allow")
+    return wandb.init(project="qwen-lora-ts", name=cfg.run_name, config=asdict(cfg), resume="allow")

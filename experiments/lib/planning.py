@@ -10,7 +10,6 @@ counts the runs charge (ScoredCosts, forecasting.planned_calls), so a plan is wh
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +18,7 @@ import flops
 import lora
 import qwen_min
 from experiments.lib import data, forecasting, training
+from experiments.lib.config import ForecastConfig, TrainConfig
 from qwen_min import Qwen2, QwenConfig, Tokenizer
 
 
@@ -39,7 +39,7 @@ class TrainPlan:
     generation: float = 0.0   # the part of ``total`` that is the evaluations' forecasts, at their token limit
 
 
-def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows, world: int = 1, *,
+def train_plan(cfg: TrainConfig, train: data.Windows, val: data.Windows, world: int = 1, *,
                from_step: int = 0, forecast_calls: list[dict] | None = None) -> tuple[TrainPlan, Qwen2]:
     """FLOPs of a train.py run as configured, from optimizer step ``from_step`` on (a resumed run),
     and the LoRA-wrapped model structure they were counted on: every step left, on the very batches
@@ -50,22 +50,22 @@ def train_plan(args: argparse.Namespace, train: data.Windows, val: data.Windows,
     The loop charges the same counts (ScoredCosts), so the plan is what the run spends: exactly for
     its steps and cross-entropy evaluations, and for its forecasts at most (``generation``: priced at
     their token limit, spent exactly with --run-to-limit, less when they stop at the horizon)."""
-    shape = meta_model(qwen_min.load_config(args.model, revision=args.revision))
-    lora.apply_lora(shape, rank=args.rank, alpha=args.lora_alpha, targets=tuple(args.targets),
-                    train_lm_head_bias=args.train_lm_head_bias)
-    costs = ScoredCosts(shape, args.batch_size, args.context_length)
-    steps = sum(step_costs(costs, train, args.max_steps, args.seed)[from_step:])
-    subset = val.head(args.eval_windows)
-    evaluation = costs.evaluation(len(subset.input_ids), int((subset.labels != -100).sum())) if args.eval_every else 0.0
-    generation = calls_flops(shape, forecast_calls or []) if args.eval_every else 0.0
+    shape = meta_model(qwen_min.load_config(cfg.model, revision=cfg.revision))
+    lora.apply_lora(shape, rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets,
+                    train_lm_head_bias=cfg.train_lm_head_bias)
+    costs = ScoredCosts(shape, cfg.batch_size, cfg.context_length)
+    steps = sum(step_costs(costs, train, cfg.max_steps, cfg.seed)[from_step:])
+    subset = val.head(cfg.eval_windows)
+    evaluation = costs.evaluation(len(subset.input_ids), int((subset.labels != -100).sum())) if cfg.eval_every else 0.0
+    generation = calls_flops(shape, forecast_calls or []) if cfg.eval_every else 0.0
     evaluation += generation
     full = costs.windows_loss(val.labels)
-    n_steps = max(0, args.max_steps - from_step)
-    every = args.eval_every
+    n_steps = max(0, cfg.max_steps - from_step)
+    every = cfg.eval_every
     # the evaluations at steps 0, every, 2 every, ... up to max_steps not yet run (a resumed run's
     # checkpoint at ``from_step`` was written after that step's evaluation)
-    at_start = from_step == 0 and args.eval_at_start
-    evals = args.max_steps // every - min(from_step, args.max_steps) // every + at_start if every else 0
+    at_start = from_step == 0 and cfg.eval_at_start
+    evals = cfg.max_steps // every - min(from_step, cfg.max_steps) // every + at_start if every else 0
     total = steps + world * (evals * evaluation + full)
     plan = TrainPlan(steps / max(1, n_steps), evaluation, full, n_steps, evals, total, world * evals * generation)
     return plan, shape
@@ -115,15 +115,15 @@ def calls_flops(shape: Qwen2, calls: list[dict]) -> float:
     return sum(forecasting.generation_flops(shape, **call)[0] for call in calls)
 
 
-def forecast_plan(args: argparse.Namespace, shape: Qwen2, tokenizer: Tokenizer, prompts: list[str]) -> float:
-    """One model's forecasts as forecast.py's ``args`` make them: greedy, then --samples draws per
+def forecast_plan(cfg: ForecastConfig, shape: Qwen2, tokenizer: Tokenizer, prompts: list[str]) -> float:
+    """One model's forecasts as forecast.py's config makes them: greedy, then --samples draws per
     prompt, in calls of --forecast-batch prompts. Exact with --run-to-limit (and constrained
     decoding); otherwise an upper bound (every row running to the token limit)."""
     lengths = [len(ids) for ids in tokenizer.encode_batch(prompts)]
-    vocab = None if args.unconstrained else len(forecasting.ALPHABET)
-    calls = forecasting.planned_calls(lengths, prompts, args.horizon, batch_size=args.forecast_batch, num_samples=1,
+    vocab = None if cfg.unconstrained else len(forecasting.ALPHABET)
+    calls = forecasting.planned_calls(lengths, prompts, cfg.horizon, batch_size=cfg.forecast_batch, num_samples=1,
                                       vocab=vocab, sampled=False)
-    if args.samples:
-        calls += forecasting.planned_calls(lengths, prompts, args.horizon, batch_size=args.forecast_batch,
-                                           num_samples=args.samples, vocab=vocab, sampled=True)
+    if cfg.samples:
+        calls += forecasting.planned_calls(lengths, prompts, cfg.horizon, batch_size=cfg.forecast_batch,
+                                           num_samples=cfg.samples, vocab=vocab, sampled=True)
     return calls_flops(shape, calls)

@@ -7,7 +7,6 @@ ledger bookings (booking.py), data parallel (parallel.py).
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ import torch
 
 import qwen_min
 from experiments.lib import errors
+from experiments.lib.config import SCHEDULES, TrainConfig
 from qwen_min import Qwen2
 
 
@@ -71,7 +71,6 @@ def next_batch(state: RunState, n_windows: int, batch_size: int, seed: int) -> n
     return batch_order(n_windows, seed, state.epoch)[state.position:state.position + batch_size]
 
 
-SCHEDULES = ("cosine", "linear", "constant")  # the learning rate after the warm-up (--schedule)
 
 
 def lr_at(step: int, lr: float, warmup_steps: int, *, schedule: str = "constant", total_steps: int = 0,
@@ -94,10 +93,10 @@ def lr_at(step: int, lr: float, warmup_steps: int, *, schedule: str = "constant"
     return low + (lr - low) * shape
 
 
-def schedule_of(args: argparse.Namespace) -> Callable[[int], float]:
-    """train.py's learning rate at each step, from its arguments."""
-    return lambda step: lr_at(step, args.lr, args.warmup_steps, schedule=args.schedule, total_steps=args.max_steps,
-                              min_lr_ratio=args.min_lr_ratio)
+def schedule_of(cfg: TrainConfig) -> Callable[[int], float]:
+    """train.py's learning rate at each step, from its config."""
+    return lambda step: lr_at(step, cfg.lr, cfg.warmup_steps, schedule=cfg.schedule, total_steps=cfg.max_steps,
+                              min_lr_ratio=cfg.min_lr_ratio)
 
 
 @torch.no_grad()

@@ -16,7 +16,6 @@ its standard error, so a run's log says whether and where training helps.
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 
 from experiments.lib import data, errors, forecasting, llmtime, metrics, planning, runs, training
-from experiments.lib.booking import Booking
+from experiments.lib.accounts import RunAccounts
+from experiments.lib.config import SELECT_BY, TrainConfig
 from experiments.lib.metrics_log import MetricsLog
 from experiments.lib.training import RunState
 from qwen_min import Qwen2, Tokenizer
@@ -40,6 +40,7 @@ class ForecastSet:
     last: np.ndarray           # (N, 2) the last prompt step: persistence, and the fill of malformed steps
     encoding: llmtime.EncodingConfig
     calls: list[dict]          # the one greedy generate call, run to its token limit (forecasting.planned_calls)
+    tokenizer: Tokenizer       # what the prompts are encoded with (and the calls were priced by)
     to_limit: bool = False     # run it to the token limit (--run-to-limit), so it costs exactly what was planned
 
     @property
@@ -47,14 +48,12 @@ class ForecastSet:
         return self.truth.shape[1]
 
 
-def forecast_set_of(args: argparse.Namespace, run_data: runs.RunData, tokenizer: Tokenizer) -> ForecastSet | None:
+def forecast_set_of(cfg: TrainConfig, run_data: runs.RunData, tokenizer: Tokenizer) -> ForecastSet | None:
     """train.py's validation forecasts: the first --val-forecast-systems validation systems (None for 0)."""
-    if args.val_forecast_systems < 0:
-        raise errors.UsageError(f"--val-forecast-systems {args.val_forecast_systems}: must be 0 or more")
-    if not args.val_forecast_systems:
+    if not cfg.val_forecast_systems:
         return None
-    return forecast_set(run_data.trajectories, run_data.systems("val", args.val_forecast_systems), run_data.encoding,
-                        tokenizer, context_steps=args.context_steps, horizon=args.horizon, to_limit=args.run_to_limit)
+    return forecast_set(run_data.trajectories, run_data.systems("val", cfg.val_forecast_systems), run_data.encoding,
+                        tokenizer, context_steps=cfg.context_steps, horizon=cfg.horizon, to_limit=cfg.run_to_limit)
 
 
 def forecast_set(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtime.EncodingConfig,
@@ -72,15 +71,15 @@ def forecast_set(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtim
                                       batch_size=len(prompts), num_samples=1, vocab=len(forecasting.ALPHABET),
                                       sampled=False)
     return ForecastSet(prompts, np.stack([e.target for e in examples]), trajectories[systems, context_steps - 1],
-                       encoding, calls, to_limit)
+                       encoding, calls, tokenizer, to_limit)
 
 
-def score_forecasts(model: Qwen2, tokenizer: Tokenizer, fs: ForecastSet, device: torch.device,
+def score_forecasts(model: Qwen2, fs: ForecastSet, device: torch.device,
                     on_call: Callable[[dict, float], None] | None = None) -> dict:
     """Greedy forecasts of ``fs`` in one generate call (charged through ``on_call``), scored as
     forecast.py scores them: relative score, filled-in MAE (overall, first 10 steps, each horizon
     block), coverage; ``"forecasts"`` holds the values themselves (N, H, 2), NaN where malformed."""
-    run = forecasting.forecast(model, tokenizer, fs.prompts, fs.horizon, fs.encoding, batch_size=len(fs.prompts),
+    run = forecasting.forecast(model, fs.tokenizer, fs.prompts, fs.horizon, fs.encoding, batch_size=len(fs.prompts),
                                device=device, to_limit=fs.to_limit, on_call=on_call)
     values = run.values[:, 0]
     s = metrics.forecast_scores(values, fs.truth, fs.last)
@@ -111,57 +110,50 @@ def selection_score(figures: dict, select_by: str) -> float:
 
 class Validator:
     """One evaluation of train.py: the cross-entropy of the fixed validation subset and (with a
-    ForecastSet) the greedy forecasts of the validation systems, each charged to the ledger as kind
-    ``eval`` as it ends and logged; then early stopping's bookkeeping by the ``select_by`` score,
+    ForecastSet) the greedy forecasts of the validation systems, each charged (``accounts``, kind
+    ``eval``) as it ends and logged; then early stopping's bookkeeping by the ``select_by`` score,
     keeping a copy of the best adapter in ``best``. The forecasts at step 0 (the untrained model)
-    are kept in ``untrained``; every evaluation after them logs ``vs_untrained``. Every rank of a
-    data-parallel run evaluates, so every charge is ``world`` times one rank's work."""
+    are kept in ``untrained``; every evaluation after them logs ``vs_untrained``. A resumed run
+    passes its checkpoint's ``best`` and ``untrained``."""
 
-    def __init__(self, windows: data.Windows, forecasts: ForecastSet | None, *, select_by: str, batch_size: int,
-                 costs: planning.ScoredCosts, booking: Booking, log: MetricsLog,
-                 tokenizer: Tokenizer, device: torch.device, world: int = 1,
-                 best: dict[str, torch.Tensor] | None = None, untrained: np.ndarray | None = None) -> None:
-        if select_by not in runs.SELECT_BY:
-            raise ValueError(f"select by {select_by!r}: one of {runs.SELECT_BY}")
+    def __init__(self, windows: data.Windows, forecasts: ForecastSet | None, *, select_by: str,
+                 accounts: RunAccounts, log: MetricsLog, best: dict[str, torch.Tensor] | None = None,
+                 untrained: np.ndarray | None = None) -> None:
+        if select_by not in SELECT_BY:
+            raise ValueError(f"select by {select_by!r}: one of {SELECT_BY}")
         if select_by != "loss" and forecasts is None:
             raise errors.UsageError(f"--select-by {select_by} needs --val-forecast-systems > 0")
-        self.windows, self.forecasts, self.select_by, self.batch_size = windows, forecasts, select_by, batch_size
-        self.costs, self.booking, self.log = costs, booking, log
-        self.tokenizer, self.device, self.world = tokenizer, device, world
+        self.windows, self.forecasts, self.select_by, self.accounts, self.log = windows, forecasts, select_by, \
+            accounts, log
         self.best = best or {}  # the best adapter so far (a resumed run's from its checkpoint); empty: none yet
         self.untrained = untrained  # the step-0 forecasts (a resumed run's from its checkpoint); None: not yet
 
     def __call__(self, model: Qwen2, state: RunState, lr: float) -> None:
-        ids, labels = self.windows.input_ids, self.windows.labels
-        cost = self.costs.evaluation(len(ids), int((labels != -100).sum()))
+        ids, labels, costs, accounts = self.windows.input_ids, self.windows.labels, self.accounts.costs, self.accounts
+        device = model.lm_head.weight.device
+        cost = costs.evaluation(len(ids), int((labels != -100).sum()))
         if self.forecasts is not None:   # (generation priced at its token limit: at least what it spends)
-            cost += planning.calls_flops(self.costs.shape, self.forecasts.calls)
-        self.booking.ensure(self.world * cost, f"the evaluation at step {state.step}")
+            cost += planning.calls_flops(costs.shape, self.forecasts.calls)
+        accounts.before_eval(cost)
         model.eval()
-        loss, scored = training.windows_loss(model, ids, labels, self.batch_size, self.device,
+        loss, scored = training.windows_loss(model, ids, labels, costs.batch_size, device,
                                              what="the validation subset")
-        with self.booking.held():  # the evaluation's charge and its metrics row: a signal waits for both
-            self._charge(state, self.costs.evaluation(len(ids), scored), len(ids) * ids.shape[1],
-                         {"split": "val", "step": state.step, "windows": len(ids)})
+        with accounts.held():  # the evaluation's charge and its metrics row: a signal waits for both
+            accounts.eval_done(costs.evaluation(len(ids), scored), len(ids) * ids.shape[1],
+                               {"split": "val", "step": state.step, "windows": len(ids)})
             self.log(state, "val", loss, lr, scored_tokens=scored)
         training.check_finite(loss, "validation-subset", state.step)
         figures: dict = {"val_loss": loss}
         if self.forecasts is not None:
-            figures |= score_forecasts(model, self.tokenizer, self.forecasts, self.device, on_call=lambda call, f: (
-                self._charge(state, f, call["batch"] * call["steps"],
-                             {"split": "val", "step": state.step, "forecast": call})))
+            figures |= score_forecasts(model, self.forecasts, device, on_call=lambda call, f: accounts.eval_done(
+                f, call["batch"] * call["steps"], {"split": "val", "step": state.step, "forecast": call}))
             values = figures.pop("forecasts")
             if state.step == 0:   # every LoRA B is still zero: these are the untrained model's forecasts
                 self.untrained = values
             if self.untrained is not None:
                 figures["vs_untrained"] = vs_untrained(values, self.untrained, self.forecasts)
-            with self.booking.held():
+            with accounts.held():
                 self.log(state, "val_forecast", None, lr, **{k: v for k, v in figures.items() if k != "val_loss"})
         model.train()
         if state.record_val(selection_score(figures, self.select_by), figures):
             self.best = training.trainable_copy(model)
-
-    def _charge(self, state: RunState, flops: float, tokens: int, config: dict) -> None:
-        with self.booking.held():  # the charge and the run's count of its FLOPs: both or neither
-            state.flops += self.world * flops
-            self.booking.charge(self.world * flops, kind="eval", tokens=self.world * tokens, config=config)

@@ -1,40 +1,34 @@
 """A training run's windows: its data (runs.prepare_data) cut into training and validation
 windows (data.training_windows), and the refusals of what could not be scored, all before any
-model work. Apart from data.py because it reads the run's arguments and data (runs), which
-data.py's own users do not need.
+model work. Apart from data.py because it reads the run's config and data (runs), which data.py's
+own users do not need.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import qwen_min
 from experiments.lib import data, errors, runs
+from experiments.lib.config import TrainConfig
 
 
-def prepare_windows(args: argparse.Namespace, out: Path | None,
+def prepare_windows(cfg: TrainConfig, out: Path | None,
                     tokenizer: qwen_min.Tokenizer) -> tuple[runs.RunData, data.Windows, data.Windows]:
     """The run's data (saved in ``out``) cut into training windows (stride --stride, default half a
     window) and validation windows (each transition scored once). Refused (UsageError or DataError, before any
-    model work) when either has nothing to score, or the batch or the evaluated subset is empty."""
-    run_data = runs.prepare_data(args, out)
-    L = args.context_length
-    require_step_fits(L, run_data.texts("train", args.max_systems), tokenizer)
-    if args.stride is not None and not 1 <= args.stride <= L:
-        raise errors.UsageError(f"--stride {args.stride}: must be between 1 and --context-length {L}, so no "
-                                f"token is skipped")
-    train = data.training_windows(run_data.texts("train", args.max_systems), tokenizer, context_length=L,
-                                  stride=args.stride or L // 2)
-    val = data.training_windows(run_data.texts("val", args.val_systems), tokenizer, context_length=L, stride=L - 1)
-    require_scored(train, f"the training split ({len(run_data.systems('train', args.max_systems))} systems)")
-    require_scored(val, f"the validation split ({len(run_data.systems('val', args.val_systems))} systems)")
-    if len(train.input_ids) < args.batch_size:
-        raise errors.UsageError(f"only {len(train.input_ids)} training windows for batch size {args.batch_size}: "
-                         f"lower --batch-size")
-    if args.eval_every and args.eval_windows < 1:
-        raise errors.UsageError(f"--eval-windows {args.eval_windows}: the validation subset scored every "
-                         f"--eval-every {args.eval_every} steps would be empty")
+    model work) when either has nothing to score, or there are fewer training windows than a batch."""
+    run_data = runs.prepare_data(cfg, out)
+    L = cfg.context_length
+    require_step_fits(L, run_data.texts("train", cfg.max_systems), tokenizer)
+    train = data.training_windows(run_data.texts("train", cfg.max_systems), tokenizer, context_length=L,
+                                  stride=cfg.stride or L // 2)
+    val = data.training_windows(run_data.texts("val", cfg.val_systems), tokenizer, context_length=L, stride=L - 1)
+    require_scored(train, f"the training split ({len(run_data.systems('train', cfg.max_systems))} systems)")
+    require_scored(val, f"the validation split ({len(run_data.systems('val', cfg.val_systems))} systems)")
+    if len(train.input_ids) < cfg.batch_size:
+        raise errors.UsageError(f"only {len(train.input_ids)} training windows for batch size {cfg.batch_size}: "
+                                f"lower --batch-size")
     return run_data, train, val
 
 
