@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, cfg.batch_size, device,
                                              what=what, after_batch=charge_batch)
-    result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "loss": loss,
+    result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "dtype": runs.dtype_of(model),
+              "loss": loss,
               "scored_tokens": tokens, "windows": n, "systems": len(texts), "flops": booking.charged,
               "flops_planned": planned, "data": run_data.data_path, "data_sha256": run_data.sha256,
               "warnings": run_data.warnings}

@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in results.items():
         scores["summary"][k]["flops"] = sum(r.flops for r in v.values())
     report = {"systems": systems.tolist(), "split": cfg.split, "context_steps": C, "horizon": H,
+              "dtype": runs.dtype_of(model),
               "data": {"path": run_data.data_path, "sha256": run_data.sha256}, "warnings": run_data.warnings,
               "encoding": asdict(enc), "fill_rule": metrics.FILL_RULE, "definitions": metrics.DEFINITIONS, **scores}
     files.write_json(out / "forecast_metrics.json", report)

@@ -112,7 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data", default=None, help="HDF5 data file (none: the generated data set)")
     p.add_argument("--out", default="runs/study", help="the study's folder")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", choices=config.DTYPE_NAMES, default="bf16", help="base-model weight dtype")
+    p.add_argument("--dtype", choices=config.DTYPE_NAMES, default="auto",
+                   help="base-model weight dtype (auto: bf16 where its matmuls are fast, else fp32; see train.py)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed for splits, sampling and initialisation")
     p.add_argument("--budget", type=finite_positive_float, default=flops.DEFAULT_BUDGET,
                    help="total FLOP budget of the ledger")

@@ -165,8 +165,8 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, run_data: runs.Ru
         e.step = state.step   # (for the note that says how to continue)
         bar.close()           # (ends the progress bar's line, so the note has its own)
         raise
-    except training.Diverged as e:
-        raise training.Diverged(keep_best(e, model, evaluate.best, state, out, run_data, cfg, dp)) from None
+    except errors.Diverged as e:
+        raise errors.Diverged(keep_best(e, model, evaluate.best, state, out, run_data, cfg, dp)) from None
     bar.close()
 
     # ---- the best adapter (the final one if no evaluation ran), scored on the whole validation
@@ -177,7 +177,8 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, run_data: runs.Ru
                                                  what="the validation split",
                                                  after_batch=accounts.final_batch(len(val.input_ids)))
     training.check_finite(val_loss, "validation", state.step)
-    summary = {"name": cfg.run_name, "data": run_data.data_path, "rank": cfg.rank, "lr": cfg.lr,
+    summary = {"name": cfg.run_name, "data": run_data.data_path, "dtype": runs.dtype_of(model), "rank": cfg.rank,
+               "lr": cfg.lr,
                "context_length": cfg.context_length, "steps": state.step, "best_step": state.best_step,
                "select_by": cfg.select_by, "best_val": state.best_scores, "val_loss": val_loss,
                "val_tokens": val_tokens,
@@ -228,7 +229,7 @@ def interrupted_note(e: Interrupted, out: Path, argv: list[str]) -> str:
             f"python experiments/train.py {shlex.join(again)}")
 
 
-def keep_best(e: training.Diverged, model: qwen_min.Qwen2, best: dict, state: RunState, out: Path,
+def keep_best(e: errors.Diverged, model: qwen_min.Qwen2, best: dict, state: RunState, out: Path,
               run_data: runs.RunData, cfg: TrainConfig, dp: parallel.Distributed) -> str:
     """After a loss that is not finite: the last checkpoint stays as it was (nothing was saved since);
     the best adapter so far is saved, if an evaluation found one. Returns the message to stop with."""

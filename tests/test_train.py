@@ -25,7 +25,7 @@ import flops
 import lora
 import qwen_min
 from experiments import forecast, train
-from experiments.lib import checkpoint, cli, planning, training, validation
+from experiments.lib import checkpoint, cli, errors, planning, training, validation
 from flops import Ledger
 from qwen_min import QwenConfig
 from tests.conftest import script_argv
@@ -250,7 +250,7 @@ def test_a_loss_that_is_not_finite_stops_the_run_keeping_the_last_checkpoint_and
         monkeypatch.setattr(training, "windows_loss", windows_loss)
         stop, kept = r"step 4: the validation-subset loss is nan", 3
     out = tmp_path / "run"
-    with pytest.raises(training.Diverged, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
+    with pytest.raises(errors.Diverged, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
                                               r".*adapter holds the best adapter so far \(step 2\)"):
         train.main(script_argv(tiny_ckpt, lv_data_file, out, *SMALL, "--eval-every", 2, "--checkpoint-every", 1))
     assert checkpoint.read_state(out / "checkpoint").step == kept   # the NaN state was not saved over it

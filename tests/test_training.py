@@ -134,7 +134,7 @@ def test_windows_loss_refuses_to_score_nothing(tiny_ckpt):
 def test_check_finite_names_the_step():
     training.check_finite(3.5, "training", 7)
     for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(training.Diverged, match=rf"step 7: the validation loss is {bad}"):
+        with pytest.raises(errors.Diverged, match=rf"step 7: the validation loss is {bad}"):
             training.check_finite(bad, "validation", 7)
 
 

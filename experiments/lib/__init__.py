@@ -9,11 +9,14 @@
     plots           example forecasts and error against horizon, as PNG
     forecasting     forecasting with the language model: prompts in, numbers back, FLOPs as they ran
     files           files written whole (temporary name, then rename)
-    runs            the command-line vocabulary, the run folder, the run's data, the model
+    config          what each script is told: TrainConfig, ForecastConfig, EvalConfig, each field one flag
+    flagtypes       the values a flag takes (positive integers, fractions, percentiles, ...)
+    runs            the run folder, the run's data, the model, the FLOPs reserved, each from a config
     planning        FLOPs of runs, evaluations and forecasts from the model's config alone
     training        train.py's run state (early stopping), batch order, lr schedule, windows' loss, kept weights
     metrics_log     train.py's metrics.jsonl and metrics.csv (cut back on --resume), optionally to wandb
     booking         ledger charges as work ends, the reservation closed on any exit, signals held off
+    accounts        the ledger's side of a training run: steps, evaluations and the final batches charged
     parallel        data parallel under torchrun: ranks, a share of each batch, gradients summed
     checkpoint      the resumable training checkpoint, saved and loaded atomically
     validation      what an evaluation scores (validation CE and forecasts) and which adapter is kept

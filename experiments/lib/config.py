@@ -30,7 +30,7 @@ from experiments.lib.flagtypes import (
 )
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DTYPE_NAMES = ("bf16", "fp16", "fp32")            # (runs.DTYPES maps them to torch dtypes)
+DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")    # (runs.weight_dtype maps them to torch dtypes)
 SCHEDULES = ("cosine", "linear", "constant")      # the learning rate after the warm-up
 # What picks the best adapter: the validation forecasts' filled-in MAE (the headline metric), their
 # relative score, or the validation-subset cross-entropy.
@@ -67,7 +67,9 @@ class RunConfig:
                            group=MODEL_AND_DATA)
     seed: int = flag(0, "seed for splits, sampling and initialisation", type=non_negative_int, group=MODEL_AND_DATA)
     device: str = flag("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps", group=MODEL_AND_DATA)
-    dtype: str = flag("bf16", "base-model weight dtype; LoRA weights and optimizer stay fp32", choices=DTYPE_NAMES,
+    dtype: str = flag("auto", "base-model weight dtype (LoRA weights and optimizer stay fp32); auto: bf16 on CUDA "
+                      "and on a CPU with bf16 matmul kernels (AVX-512 BF16 or AMX), fp32 elsewhere (an AVX2-only "
+                      "CPU runs bf16 matmuls hundreds of times slower than fp32)", choices=DTYPE_NAMES,
                       group=MODEL_AND_DATA)
     context_length: int = flag(256, "tokens per training/evaluation window (at least one time step of text)",
                                type=at_least_two, group=MODEL_AND_DATA)

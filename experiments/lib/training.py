@@ -121,12 +121,11 @@ def windows_loss(model: Qwen2, input_ids: torch.Tensor, labels: torch.Tensor, ba
     return total / count, count
 
 
-Diverged = errors.Diverged   # a loss that is not finite: exit 1 with its message, the best adapter so far kept
-
-
 def check_finite(loss: float, what: str, step: int) -> None:
+    """A loss that is not finite stops the run (errors.Diverged: exit 1 with its message; train.py
+    keeps the best adapter so far)."""
     if not math.isfinite(loss):
-        raise Diverged(f"step {step}: the {what} loss is {loss}")
+        raise errors.Diverged(f"step {step}: the {what} loss is {loss}")
 
 
 def trainable_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
