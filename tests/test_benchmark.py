@@ -155,6 +155,12 @@ def test_benchmark_script_is_assembled_from_the_pieces():
     assert benchmark.environment is bench_env.environment and benchmark.time_train_step is bench_cases.time_train_step
 
 
+def test_the_benchmarks_token_ids_are_read_from_qwens_own_tokenizer():
+    # Qwen2.5's byte-level vocabulary: "0".."9" are ids 15..24, "," 11, "." 13, ";" 26; <|endoftext|> 151643
+    assert bench_cases.allowed_ids() == [*range(15, 25), 11, 13, 26]
+    assert bench_cases.pad_id() == 151643
+
+
 def test_write_checkpoint_is_the_tied_random_qwen(tmp_path):
     """bench_cases.write_checkpoint at a small shape: qwen_min.init_weights' values, read back, with the
     tokenizer files when asked."""

@@ -22,7 +22,7 @@ import pytest
 
 import flops
 from experiments import evaluate, forecast, make_tiny_checkpoint, report, study, train
-from experiments.lib import cli, config, runs
+from experiments.lib import cli, config, errors, runs
 from flops import __main__ as flops_cli
 from tests.conftest import script_argv
 
@@ -397,6 +397,22 @@ def test_make_tiny_checkpoint_overwrite_replaces_the_checkpoint_files_only(tmp_p
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= {
         f.name for f in out.iterdir()}
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 8
+    # Qwen2.5-Instruct's special ids, read from the tokenizer it copies: <|im_end|> 151645, <|endoftext|> 151643
+    assert json.loads((out / "generation_config.json").read_text()) == {"eos_token_id": [151645, 151643],
+                                                                        "pad_token_id": 151643}
+
+
+def test_make_tiny_checkpoint_refuses_a_tokenizer_without_qwens_special_tokens(tmp_path):
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    for name in make_tiny_checkpoint.TOKENIZER_FILES:
+        shutil.copy(make_tiny_checkpoint.default_tokenizer_dir() / name, tok / name)
+    d = json.loads((tok / "tokenizer.json").read_text())
+    d["added_tokens"] = [t for t in d["added_tokens"] if t["content"] != "<|im_end|>"]
+    (tok / "tokenizer.json").write_text(json.dumps(d))
+    with pytest.raises(errors.UsageError, match=r"tokenizer.json: has no <\|im_end\|>: not a Qwen2.5 tokenizer"):
+        make_tiny_checkpoint.main(["--out", str(tmp_path / "ckpt"), "--tokenizer", str(tok)])
+    assert not (tmp_path / "ckpt").exists()   # (refused before anything was written)
 
 
 def _locked_by_4242(out: Path) -> int:

