@@ -184,7 +184,7 @@ RUNS = ((("load",), bench_load), (("train", "forward"), bench_train_and_forward)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from experiments.lib.runs import pick_device
+    from experiments.lib.devices import pick_device
 
     args = parse_args(argv)
     device = pick_device(args.device)

@@ -20,7 +20,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwen_min
-from experiments.lib import cli, config, data, files, planning, runs, training
+from experiments.lib import cli, config, data, devices, files, planning, runs, training
 from experiments.lib.booking import Booking
 from experiments.lib.config import EvalConfig
 from experiments.lib.windows import require_scored
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     out = runs.start_run(cfg, "evaluate")
     runs.seed_everything(cfg.seed)
-    device = runs.pick_device(cfg.device)
+    device = devices.pick_device(cfg.device)
     run_data = runs.prepare_data(cfg, out)  # with --adapter: its splits, encoding and (checked) data file
     texts = run_data.texts(cfg.split, cfg.max_systems)
     tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, cfg.batch_size, device,
                                              what=what, after_batch=charge_batch)
-    result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "dtype": runs.dtype_of(model),
+    result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "dtype": devices.dtype_of(model),
               "loss": loss,
               "scored_tokens": tokens, "windows": n, "systems": len(texts), "flops": booking.charged,
               "flops_planned": planned, "data": run_data.data_path, "data_sha256": run_data.sha256,

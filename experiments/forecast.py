@@ -44,6 +44,7 @@ from experiments.lib import (
     cli,
     config,
     data,
+    devices,
     errors,
     files,
     forecasting,
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 f"{baselines.AR_ORDER + 1} prompt steps (or pass --no-baselines)")
     out = runs.start_run(cfg, "forecast")
     runs.seed_everything(cfg.seed)
-    device = runs.pick_device(cfg.device)
+    device = devices.pick_device(cfg.device)
     # with --adapter: its own splits, encoding and (checksum-checked) data file, wherever it was moved
     run_data = runs.prepare_data(cfg, out)
     enc = run_data.encoding
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in results.items():
         scores["summary"][k]["flops"] = sum(r.flops for r in v.values())
     report = {"systems": systems.tolist(), "split": cfg.split, "context_steps": C, "horizon": H,
-              "dtype": runs.dtype_of(model),
+              "dtype": devices.dtype_of(model),
               "data": {"path": run_data.data_path, "sha256": run_data.sha256}, "warnings": run_data.warnings,
               "encoding": asdict(enc), "fill_rule": metrics.FILL_RULE, "definitions": metrics.DEFINITIONS, **scores}
     files.write_json(out / "forecast_metrics.json", report)

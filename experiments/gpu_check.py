@@ -285,7 +285,7 @@ def check_plan(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argpa
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from experiments.lib import bench_cases, bench_env
-    from experiments.lib.runs import pick_device
+    from experiments.lib.devices import pick_device
     from qwen_min import fastpath
 
     t0 = time.perf_counter()

@@ -47,6 +47,7 @@ from experiments.lib import (
     cli,
     config,
     data,
+    devices,
     errors,
     files,
     metrics_log,
@@ -177,7 +178,7 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, run_data: runs.Ru
                                                  what="the validation split",
                                                  after_batch=accounts.final_batch(len(val.input_ids)))
     training.check_finite(val_loss, "validation", state.step)
-    summary = {"name": cfg.run_name, "data": run_data.data_path, "dtype": runs.dtype_of(model), "rank": cfg.rank,
+    summary = {"name": cfg.run_name, "data": run_data.data_path, "dtype": devices.dtype_of(model), "rank": cfg.rank,
                "lr": cfg.lr,
                "context_length": cfg.context_length, "steps": state.step, "best_step": state.best_step,
                "select_by": cfg.select_by, "best_val": state.best_scores, "val_loss": val_loss,

@@ -129,25 +129,3 @@ def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
     assert not (tmp_path / "e" / "splits.json").exists()
 
-
-def test_dtype_auto_is_bf16_only_where_its_matmuls_run_at_speed(monkeypatch):
-    import torch
-
-    from qwen_min import fastpath
-
-    cpu = torch.device("cpu")
-    assert [runs.weight_dtype(n, cpu) for n in ("bf16", "fp16", "fp32")] == [torch.bfloat16, torch.float16,
-                                                                           torch.float32]
-    for has, want in ((True, torch.bfloat16), (False, torch.float32)):   # AVX-512 BF16 / AMX, or AVX2 alone
-        monkeypatch.setattr(fastpath, "cpu_has_bf16_kernels", lambda has=has: has)
-        assert runs.weight_dtype("auto", cpu) == want
-    for has, want in ((True, torch.bfloat16), (False, torch.float32)):   # CUDA with and without bf16
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda has=has: has)
-        assert runs.weight_dtype("auto", torch.device("cuda")) == want
-    assert runs.weight_dtype("auto", torch.device("mps")) == torch.float32
-    # on this machine, as the CPU's own flags say
-    monkeypatch.undo()
-    flags = fastpath.cpu_flags()
-    expected = torch.bfloat16 if fastpath.cpu_has_bf16_kernels(flags) else torch.float32
-    assert runs.weight_dtype("auto", cpu) == expected
-    assert config.TrainConfig().dtype == "auto" and config.parse(config.ForecastConfig, []).dtype == "auto"

@@ -12,6 +12,7 @@
     config          what each script is told: TrainConfig, ForecastConfig, EvalConfig, each field one flag
     flagtypes       the values a flag takes (positive integers, fractions, percentiles, ...)
     runs            the run folder, the run's data, the model, the FLOPs reserved, each from a config
+    devices         where a script runs: --device auto, and --dtype auto (bf16 only where its matmuls are fast)
     planning        FLOPs of runs, evaluations and forecasts from the model's config alone
     training        train.py's run state (early stopping), batch order, lr schedule, windows' loss, kept weights
     metrics_log     train.py's metrics.jsonl and metrics.csv (cut back on --resume), optionally to wandb

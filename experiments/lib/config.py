@@ -30,7 +30,7 @@ from experiments.lib.flagtypes import (
 )
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")    # (runs.weight_dtype maps them to torch dtypes)
+DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")    # (devices.weight_dtype maps them to torch dtypes)
 SCHEDULES = ("cosine", "linear", "constant")      # the learning rate after the warm-up
 # What picks the best adapter: the validation forecasts' filled-in MAE (the headline metric), their
 # relative score, or the validation-subset cross-entropy.

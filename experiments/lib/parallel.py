@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from experiments.lib import errors, runs
+from experiments.lib import devices, errors
 
 
 @dataclass
@@ -38,7 +38,7 @@ class Distributed:
 def start_distributed(device: str, batch_size: int) -> Distributed:
     """torchrun sets WORLD_SIZE and RANK: join the process group (gloo on CPU, nccl on GPU); alone, rank 0 of 1."""
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    where = runs.pick_device(device)
+    where = devices.pick_device(device)
     if world > 1:
         dist.init_process_group("nccl" if where.type == "cuda" else "gloo")
         if batch_size % world:

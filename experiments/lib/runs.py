@@ -28,15 +28,12 @@ import torch
 import flops
 import lora
 import qwen_min
-from experiments.lib import cli, data, errors, files, llmtime, lotka_volterra
+from experiments.lib import cli, data, devices, errors, files, llmtime, lotka_volterra
 from experiments.lib.config import AdapterConfig, RunConfig, TrainConfig
-from qwen_min import Qwen2, Tokenizer, fastpath
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}   # (config.DTYPE_NAMES, but auto)
-
+from qwen_min import Qwen2, Tokenizer
 
 # ---------------------------------------------------------------------------------------------
-# The run folder, seeds and devices
+# The run folder and seeds
 
 
 # What a resumed training run may not change: each alters the run (its data, its model, its schedule
@@ -196,16 +193,6 @@ def reserve(cfg: RunConfig, planned: float, *, kind: str, config: dict[str, Any]
         raise errors.UsageError(f"--reservation {cfg.reservation}: {cli.one_line(e)}") from None
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -351,28 +338,9 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def weight_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The base model's weights' dtype for --dtype ``name`` on ``device``. ``auto``: bf16 where its
-    matmuls run at speed (CUDA with bf16; a CPU whose oneDNN has native bf16 kernels, AVX-512 BF16 or
-    AMX), else fp32. Why: on an AVX2-only CPU a bf16 matmul falls back to a slow path (measured on an
-    AMD EPYC Zen 2, 2 cores: 0.3 GFLOP/s in bf16, 135 in fp32, 2048 x 2048)."""
-    if name != "auto":
-        return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if fastpath.cpu_has_bf16_kernels() else torch.float32
-    return torch.float32
-
-
-def dtype_of(model: Qwen2) -> str:
-    """The base model's weights' dtype, as results record it ("bfloat16", "float32")."""
-    return str(model.embed_tokens.weight.dtype).removeprefix("torch.")
-
-
 def load_model(cfg: RunConfig, device: torch.device) -> tuple[Qwen2, Tokenizer]:
-    """The base model, in ``weight_dtype(cfg.dtype, device)``, and its tokenizer."""
-    model = qwen_min.from_pretrained(cfg.model, revision=cfg.revision, dtype=weight_dtype(cfg.dtype, device),
+    """The base model, in ``devices.weight_dtype(cfg.dtype, device)``, and its tokenizer."""
+    model = qwen_min.from_pretrained(cfg.model, revision=cfg.revision, dtype=devices.weight_dtype(cfg.dtype, device),
                                      device=device)
     return model, qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
 
