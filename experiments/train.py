@@ -31,6 +31,7 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -85,19 +86,32 @@ def main(argv: list[str] | None = None) -> dict:
     plan, shape = planning.train_plan(cfg, train, val, dp.world, from_step=at,
                                       forecast_calls=forecasts and forecasts.calls)
     reservation = reserve(cfg, plan, at, dp.world) if dp.main else None
+    prepared = Prepared(run_data, train, val, forecasts, plan, shape)
     with Booking(reservation, every=cfg.charge_every,
                  step_tokens=cfg.batch_size * cfg.context_length) as booking:
         try:
-            return run(cfg, dp, out, run_data, train, val, forecasts, plan, shape, booking)
+            return run(cfg, dp, out, prepared, booking)
         except Interrupted as e:   # (the booking closes first; cli.run_as_script prints the note)
             e.note = interrupted_note(e, out, argv)
             raise
 
 
-def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, run_data: runs.RunData, train: data.Windows,
-        val: data.Windows, forecasts: validation.ForecastSet | None, plan: planning.TrainPlan, shape: qwen_min.Qwen2,
-        booking: Booking) -> dict:
+@dataclass
+class Prepared:
+    """What main() readies before any model work: the run's data, its training and validation
+    windows, the validation forecasts, and the plan with the LoRA-wrapped structure it was priced on."""
+
+    run_data: runs.RunData
+    train: data.Windows
+    val: data.Windows
+    forecasts: validation.ForecastSet | None
+    plan: planning.TrainPlan
+    shape: qwen_min.Qwen2
+
+
+def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepared, booking: Booking) -> dict:
     """The run itself, once its FLOPs are reserved: load, train, evaluate, save."""
+    run_data, train, val = prepared.run_data, prepared.train, prepared.val
     # ---- model: the frozen base, LoRA on --targets, AdamW on what is trainable
     device, t_start = dp.device, time.time()
     model, _ = runs.load_model(cfg, device)
@@ -112,9 +126,9 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, run_data: runs.Ru
     wandb_run = metrics_log.start_wandb(cfg) if cfg.wandb and dp.main else None
     log = metrics_log.MetricsLog(out, resume_step=state.step if cfg.resume else None, write=dp.main,
                                  wandb_run=wandb_run)
-    costs = planning.ScoredCosts(shape, cfg.batch_size, cfg.context_length)
+    costs = planning.ScoredCosts(prepared.shape, cfg.batch_size, cfg.context_length)
     accounts = RunAccounts(booking, costs, state, world=dp.world)
-    evaluate = validation.Validator(val.head(cfg.eval_windows), forecasts, select_by=cfg.select_by,
+    evaluate = validation.Validator(val.head(cfg.eval_windows), prepared.forecasts, select_by=cfg.select_by,
                                     accounts=accounts, log=log, best=best, untrained=untrained)
 
     # ---- the loop: batch, forward, loss, backward, step, log, evaluate, checkpoint. The ledger's
@@ -184,7 +198,7 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, run_data: runs.Ru
                "select_by": cfg.select_by, "best_val": state.best_scores, "val_loss": val_loss,
                "val_tokens": val_tokens,
                "stopped_early": stopped_early, "trainable_parameters": lora.trainable_parameters(model),
-               "step_flops_planned": plan.step, "flops": state.flops,
+               "step_flops_planned": prepared.plan.step, "flops": state.flops,
                "wall_s": time.time() - t_start}   # this invocation: load, loop, evaluations, final validation
     if dp.main:
         save_adapter(model, out, run_data, cfg)
