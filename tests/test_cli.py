@@ -262,7 +262,8 @@ def test_a_second_run_on_one_out_is_refused_naming_the_holder(prior, tiny_ckpt, 
 
 
 @pytest.mark.parametrize("change, old, new", [(["--rank", 8], "4", "8"), (["--lr", 0.01], "0.001", "0.01"),
-                                              (["--max-steps", 9], "4", "9")])
+                                              (["--max-steps", 9], "4", "9"),
+                                              (["--dtype", "bf16"], "'fp32'", "'bf16'")])
 def test_resume_that_changes_the_run_is_refused_before_any_file_changes(prior, tiny_ckpt, lv_data_file, capsys,
                                                                         change, old, new):
     before = tree_hash(prior.parent)

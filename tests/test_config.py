@@ -52,13 +52,19 @@ def test_a_config_without_a_command_line_is_refused_by_to_argv():
 
 @pytest.mark.parametrize(("make", "message"), [
     (lambda: RunConfig(splits=(0.5, 0.5, 0.5)), "--splits: 0.5 0.5 0.5: must be three non-negative fractions"),
-    (lambda: EvalConfig(splits=(1.2, -0.1, -0.1)), "must be three non-negative fractions summing to 1"),
+    (lambda: EvalConfig(splits=(1.2, 0.0, 0.0)), "must be three non-negative fractions summing to 1"),
     (lambda: TrainConfig(rank=0), "nothing to train: --rank 0 without --train-lm-head-bias"),
     (lambda: TrainConfig(val_forecast_systems=0), "--select-by mae needs --val-forecast-systems > 0"),
     (lambda: TrainConfig(context_length=64, stride=65), "--stride 65: must be between 1 and --context-length 64"),
-    (lambda: TrainConfig(eval_windows=0), "--eval-windows 0: the validation subset scored every"),
+    (lambda: TrainConfig(eval_windows=0), "argument --eval-windows: 0: must be at least 1"),
+    (lambda: TrainConfig(val_forecast_systems=-1), "argument --val-forecast-systems: -1: must be 0 or more"),
+    (lambda: TrainConfig(lr=float("inf")), "argument --lr: inf: must be a finite number"),
+    (lambda: TrainConfig(max_steps=0), "argument --max-steps: 0: must be at least 1"),
+    (lambda: ForecastConfig(top_p=1.5), "argument --top-p: 1.5: must be above 0 and at most 1"),
+    (lambda: EvalConfig(split="training"), "argument --split: invalid choice: 'training'"),
+    (lambda: RunConfig(splits=(0.5, -0.25, 0.75)), "argument --splits: -0.25: must be a finite number, 0 or more"),
 ])
-def test_what_no_single_flag_can_check_is_refused_when_the_config_is_made(make, message):
+def test_a_config_made_directly_is_refused_as_its_command_line_would_be(make, message):
     with pytest.raises(errors.UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
 

@@ -128,4 +128,3 @@ def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path
     with pytest.raises(errors.AdapterFolderError, match=r"has no splits\.json, data\.json"):
         runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
     assert not (tmp_path / "e" / "splits.json").exists()
-

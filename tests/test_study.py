@@ -132,6 +132,17 @@ def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_c
     assert 3 <= steps["final"] < 10 and full["planned_flops"] <= trimmed["planned_flops"] <= budget
 
 
+def test_a_preset_whose_final_run_takes_what_the_budget_leaves_is_planned(tiny_ckpt, lv_data_file, tmp_path):
+    # (--preset full's way: final_steps 0. Before configs, its first plan asked train.py for --max-steps 0
+    # and the study stopped there, refused)
+    budget = 3e13
+    plan = json.loads(study.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "s") + [
+        "--final-steps", "0", "--budget", str(budget), "--dry-run"]).read_text())
+    final = next(i for i in plan["items"] if i["name"] == "final")
+    assert final["setting"]["steps"] > 3 and final["config"]["max_steps"] == final["setting"]["steps"]
+    assert plan["planned_flops"] <= budget and plan["planned_flops"] > 0.9 * budget   # (it took what was left)
+
+
 def test_the_final_run_takes_what_the_reservation_leaves(tiny_ckpt, lv_data_file, tmp_path):
     # the full preset's final run: as many steps as the chosen setting's price allows
     s = study.Study(study.parse_args(_argv(tiny_ckpt, lv_data_file, tmp_path / "study")))

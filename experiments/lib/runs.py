@@ -36,10 +36,10 @@ from qwen_min import Qwen2, Tokenizer
 # The run folder and seeds
 
 
-# What a resumed training run may not change: each alters the run (its data, its model, its schedule
-# or what picks the kept adapter), so the checkpoint would continue another run than the one asked for.
-RESUME_FIXED = ("model", "revision", "data", "seed", "splits", "decimals", "percentile", "context_length", "stride",
-                "batch_size", "rank", "lora_alpha", "lora_dropout", "targets", "train_lm_head_bias", "lr",
+# What a resumed training run may not change: each alters the run (its data, its model and precision,
+# its schedule or what picks the kept adapter), so the checkpoint would continue another run than the one asked for.
+RESUME_FIXED = ("model", "revision", "data", "dtype", "seed", "splits", "decimals", "percentile", "context_length",
+                "stride", "batch_size", "rank", "lora_alpha", "lora_dropout", "targets", "train_lm_head_bias", "lr",
                 "weight_decay", "schedule", "warmup_steps", "min_lr_ratio", "max_steps", "select_by", "eval_every",
                 "eval_windows", "val_forecast_systems", "context_steps", "horizon", "max_systems", "val_systems",
                 "eval_at_start", "run_to_limit")
