@@ -186,8 +186,8 @@ class Study:
         return max(len(self.tokenizer.encode(e.prompt + e.target_text)) for e in examples)
 
     def train_item(self, stage: str, name: str, lr: float, rank: int, context: int, steps: int, *,
-                   eval_every: int, at_start: bool, preset: Preset | None = None) -> Item:
-        p = preset or self.preset
+                   eval_every: int, at_start: bool, preset: Preset) -> Item:
+        p = preset
         cfg = TrainConfig(**self.common, out=str(self.out / name), name=name.replace("/", "_"), lr=lr, rank=rank,
                           context_length=context, max_steps=steps, batch_size=p.batch_size, eval_every=eval_every,
                           checkpoint_every=eval_every, patience=0, eval_windows=p.eval_windows,
@@ -195,8 +195,8 @@ class Study:
                           eval_at_start=at_start, **p.train_config)
         return Item(stage, name, cfg, {"lr": lr, "rank": rank, "context_length": context, "steps": steps})
 
-    def forecast_item(self, name: str, split: str, adapter: str | None, preset: Preset | None = None) -> Item:
-        p = preset or self.preset
+    def forecast_item(self, name: str, split: str, adapter: str | None, preset: Preset) -> Item:
+        p = preset
         cfg = ForecastConfig(**self.common, out=str(self.out / name), name=name, split=split,
                              max_systems=p.val_systems if split == "val" else p.test_systems,
                              context_steps=p.context_steps, horizon=p.horizon,

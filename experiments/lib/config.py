@@ -49,6 +49,11 @@ def flag(default: Any, help: str, *, type: Any = None, choices: tuple | None = N
                                             "metavar": metavar, "group": group})
 
 
+def _out(default: str) -> Any:
+    """--out, whose default each script names for itself."""
+    return flag(default, "run folder for every file this run writes", group=MODEL_AND_DATA)
+
+
 RUN_TO_LIMIT = ("generate every forecast to its token limit instead of stopping once every row has its horizon: "
                 "about a fifth more decoding, the same forecasts, and (decoding constrained, the default) FLOPs "
                 "known before it runs, so the plan equals the ledger")
@@ -62,7 +67,7 @@ class RunConfig:
     revision: str | None = flag(None, "Hub revision (branch, tag or commit) to pin", group=MODEL_AND_DATA)
     data: str | None = flag(None, "HDF5 data file (trajectories (N,T,2), time (T,)); default: the generated data set",
                             group=MODEL_AND_DATA)
-    out: str = flag("runs/run", "run folder for every file this run writes", group=MODEL_AND_DATA)
+    out: str = _out("runs/run")
     overwrite: bool = flag(False, "write into an --out that holds a finished or interrupted run (refused without it)",
                            group=MODEL_AND_DATA)
     seed: int = flag(0, "seed for splits, sampling and initialisation", type=non_negative_int, group=MODEL_AND_DATA)
@@ -89,7 +94,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if len(self.splits) != 3 or any(f < 0 for f in self.splits) or abs(sum(self.splits) - 1) > 1e-6:
+        if len(self.splits) != 3 or abs(sum(self.splits) - 1) > 1e-6:   # (each one >= 0: check_fields)
             raise errors.UsageError(f"argument --splits: {' '.join(f'{f:g}' for f in self.splits)}: must be three "
                                     f"non-negative fractions summing to 1")
 
@@ -118,14 +123,14 @@ class AdapterConfig(RunConfig):
 class EvalConfig(AdapterConfig):
     """evaluate.py: the cross-entropy of one split's windows."""
 
-    out: str = flag("runs/eval", "run folder for every file this run writes", group=MODEL_AND_DATA)
+    out: str = _out("runs/eval")
 
 
 @dataclass(frozen=True)
 class ForecastConfig(AdapterConfig):
     """forecast.py: greedy (and sampled) forecasts of one split's systems, with the baselines."""
 
-    out: str = flag("runs/forecast", "run folder for every file this run writes", group=MODEL_AND_DATA)
+    out: str = _out("runs/forecast")
     context_steps: int = flag(50, "time steps in the prompt (C)", type=positive_int, group=FORECASTING)
     horizon: int = flag(50, "time steps to forecast (H)", type=positive_int, group=FORECASTING)
     samples: int = flag(0, "sampled forecasts per system (0: greedy only)", type=non_negative_int, group=FORECASTING)
@@ -147,7 +152,7 @@ class TrainConfig(RunConfig):
     than the untrained model's): rank 4 on q/v, lr 1e-3 with 20 warm-up steps and a cosine decay to
     1e-4 at step 600, 4 windows of 256 tokens a step."""
 
-    out: str = flag("runs/train", "run folder for every file this run writes", group=MODEL_AND_DATA)
+    out: str = _out("runs/train")
     rank: int = flag(4, "LoRA rank on q_proj and v_proj (0: no adapters)", type=non_negative_int, group=TRAINING)
     lora_alpha: float | None = flag(None, "LoRA alpha (none: = rank, scaling 1)", type=finite_positive_float,
                                     group=TRAINING)
