@@ -30,8 +30,14 @@ there is no LoRA in it; load the bias as above onto the plain transformers model
 was trained on: the SHA-256 of its config (the canonical JSON of qwen_min's config fields) and, when
 the model was loaded from a checkpoint, the SHA-256 of each safetensors file. ``load_adapter``
 refuses a model with another fingerprint (a LoRA update only means something on the weights it was
-trained against) unless ``allow_other_base=True``, which records a warning instead. Adapters without
-the file (PEFT's, older ones) are not checked. Weights that are not finite are refused.
+trained against) unless ``allow_other_base=True``, which records a warning instead. An adapter without
+the file (PEFT's, an older one, one edited by hand) still loads, with a note that its base could not be
+checked (both notes go to ``load_adapter``'s ``warn`` list, or to ``warnings.warn``). Weights that are
+not finite are refused.
+
+``save_adapter`` writes the folder whole or not at all (``lora.swap``): a crash at any moment leaves the
+complete previous adapter or the complete new one, and files that belong with the adapter (the
+experiments' encoding and splits) are written into the same swap through ``extra_files`` or ``write_extra``.
 """
 
 from __future__ import annotations
@@ -41,18 +47,19 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
 from lora.inject import LINEAR_TARGETS, apply_lora, lm_head_bias, lora_layers
 from lora.layer import LoRALinear
+from lora.swap import interrupted_save, write_folder
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -124,10 +131,28 @@ def base_fingerprint(model: nn.Module) -> dict[str, Any]:
             "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(), "checkpoint_sha256": digests}
 
 
+def _note(msg: str, warn: list[str] | None) -> None:
+    """A load that goes ahead but must not pass silently: appended to ``warn``, or issued as a warning."""
+    if warn is None:
+        warnings.warn(msg, stacklevel=4)
+    else:
+        warn.append(msg)
+
+
+def _show(fp: dict[str, Any]) -> str:
+    """A base fingerprint in words: its name, config hash and checkpoint files' hashes."""
+    ckpt = fp.get("checkpoint_sha256")
+    files = ", ".join(f"{k} {v}" for k, v in ckpt.items()) if ckpt else "checkpoint unknown"
+    return f"{fp.get('name_or_path')} (config sha256 {fp['config_sha256']}; {files})"
+
+
 def _check_base(directory: Path, model: nn.Module, allow_other_base: bool, warn: list[str] | None) -> None:
     """Compare the adapter's recorded base fingerprint with the model's (see the module docstring)."""
     path = directory / BASE_FILE
     if not path.is_file():
+        _note(f"adapter {directory} has no {BASE_FILE} (PEFT writes none, lora.save_adapter always does), so the base "
+              f"model it was trained on could not be checked; it is loaded into {_show(base_fingerprint(model))} "
+              "as it is", warn)
         return
     try:
         recorded = json.loads(path.read_text())
@@ -142,20 +167,11 @@ def _check_base(directory: Path, model: nn.Module, allow_other_base: bool, warn:
         differs = differs or theirs_ckpt != my_ckpt
     if not differs:
         return
-
-    def show(fp: dict) -> str:
-        ckpt = fp.get("checkpoint_sha256")
-        files = ", ".join(f"{k} {v}" for k, v in ckpt.items()) if ckpt else "checkpoint unknown"
-        return f"{fp.get('name_or_path')} (config sha256 {fp['config_sha256']}; {files})"
-
-    msg = (f"adapter {directory} was trained on another base model: {show(recorded)}; the model it is loaded "
-           f"into is {show(mine)}")
+    msg = (f"adapter {directory} was trained on another base model: {_show(recorded)}; the model it is loaded "
+           f"into is {_show(mine)}")
     if not allow_other_base:
         raise AdapterError(f"{msg}; pass allow_other_base=True (--allow-other-base) to load it anyway")
-    if warn is None:
-        warnings.warn(msg, stacklevel=3)
-    else:
-        warn.append(msg)
+    _note(msg, warn)
 
 
 def _peft_key(name: str, which: str) -> str:
@@ -176,9 +192,17 @@ def _adapter_settings(model: nn.Module) -> tuple[int, float, float, list[str]] |
     return rank, alpha, dropout, sorted({n.rpartition(".")[2] for n in layers})
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
-                 base_model_name_or_path: str | None = None) -> Path:
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 extra_files: Mapping[str, bytes] | None = None,
+                 write_extra: Callable[[Path], None] | None = None) -> Path:
     """Write the model's LoRA (and lm_head bias, if trained) in PEFT's layout; returns the folder.
+
+    The folder is replaced whole (``lora.swap``): everything is written into a hidden sibling, synced, and
+    swapped in, so a crash leaves the complete old adapter or the complete new one, never a mixture, and
+    nothing else that was in the folder survives. What belongs with the adapter goes into the same swap:
+    ``extra_files`` (file name -> bytes) and whatever ``write_extra(folder)`` writes into the new folder
+    (it is called with the hidden folder, before the swap). A folder that is there and is not an adapter
+    (no adapter_config.json, not empty) is refused rather than replaced.
 
     base_model_name_or_path defaults to the name the model was loaded from (``model.name_or_path``).
     """
@@ -188,17 +212,15 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
         raise AdapterError("nothing to save: the model has no LoRA layers and no lm_head bias (apply_lora first)")
     rank, alpha, dropout, targets = settings or (0, 0.0, 0.0, [])
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    _refuse_to_replace(directory)
 
     tensors = {}
     for name, layer in lora_layers(model).items():
         tensors[_peft_key(name, "lora_A")] = layer.lora_A.weight.detach().cpu().contiguous()
         tensors[_peft_key(name, "lora_B")] = layer.lora_B.weight.detach().cpu().contiguous()
-    save_file(tensors, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
+    files = {WEIGHTS_FILE: save(tensors, metadata={"format": "pt"})}
     if bias is not None:
-        save_file({BIAS_KEY: bias.detach().cpu().contiguous()}, str(directory / BIAS_FILE), metadata={"format": "pt"})
-    else:
-        (directory / BIAS_FILE).unlink(missing_ok=True)  # a stale bias from an earlier save would be loaded
+        files[BIAS_FILE] = save({BIAS_KEY: bias.detach().cpu().contiguous()}, metadata={"format": "pt"})
 
     config = {
         "peft_type": "LORA",
@@ -221,10 +243,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *,
         "rank_pattern": {},
         "alpha_pattern": {},
     }
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    files[CONFIG_FILE] = (json.dumps(config, indent=2) + "\n").encode()
     if hasattr(model, "config"):
-        (directory / BASE_FILE).write_text(json.dumps(base_fingerprint(model), indent=2) + "\n")
-    return directory
+        files[BASE_FILE] = (json.dumps(base_fingerprint(model), indent=2) + "\n").encode()
+    for name in extra_files or {}:
+        if name in files or Path(name).name != name or name in ("", ".", ".."):
+            raise AdapterError(f"extra_files: {name!r} is not a plain file name of its own (the adapter writes "
+                               f"{', '.join(sorted(files))})")
+    return write_folder(directory, {**files, **(extra_files or {})}, write_extra)
+
+
+def _refuse_to_replace(directory: Path) -> None:
+    """save_adapter replaces the folder whole: refuse a path that holds something other than an adapter."""
+    if directory.is_dir():
+        if not (directory / CONFIG_FILE).is_file() and any(directory.iterdir()):
+            raise AdapterError(f"{directory}: a folder that is not an adapter (no {CONFIG_FILE}) and not empty; "
+                               "saving replaces the folder whole, so choose a new or empty folder, or an adapter's")
+    elif os.path.lexists(directory):
+        raise AdapterError(f"{directory}: not a folder; choose a folder for the adapter")
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -232,7 +268,7 @@ def _read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise AdapterError(f"{path}: no such file (not an adapter folder)") from None
+        raise AdapterError(interrupted_save(directory) or f"{path}: no such file (not an adapter folder)") from None
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):

@@ -3,7 +3,11 @@ lm_head bias file, merged export, and every kind of adapter that does not fit th
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -11,6 +15,8 @@ from safetensors import safe_open
 
 import lora
 import qwen_min
+from lora import swap
+from lora.swap import REPLACED, SAVING, leftovers
 from qwen_min import Qwen2
 from tests.conftest import (
     PEFT_TOL,
@@ -325,9 +331,18 @@ def test_base_fingerprint_saved_and_checked(tiny_ckpt, saved_adapter, tmp_path):
     from safetensors.torch import load_file, save_file
 
     recorded = json.loads((saved_adapter / "base_model.json").read_text())
-    assert recorded == lora.base_fingerprint(ours_from(tiny_ckpt))
-    assert set(recorded["checkpoint_sha256"]) == {"model.safetensors"}
-    lora.load_adapter(ours_from(tiny_ckpt), saved_adapter)  # the same base: accepted, silently
+    # written by hand: the tiny config's fields (tests/conftest.py TINY, head_dim 64 / 4) as canonical JSON,
+    # and the checkpoint file's own SHA-256
+    canonical = ('{"head_dim":16,"hidden_size":64,"intermediate_size":128,"max_position_embeddings":4096,'
+                 '"num_attention_heads":4,"num_hidden_layers":2,"num_key_value_heads":2,"rms_norm_eps":1e-06,'
+                 '"rope_theta":1000000.0,"tie_word_embeddings":true,"vocab_size":151936}')
+    assert recorded == {
+        "name_or_path": str(tiny_ckpt), "config_sha256": hashlib.sha256(canonical.encode()).hexdigest(),
+        "checkpoint_sha256": {"model.safetensors": hashlib.sha256((tiny_ckpt / "model.safetensors").read_bytes())
+                              .hexdigest()}}
+    notes: list[str] = []
+    lora.load_adapter(ours_from(tiny_ckpt), saved_adapter, warn=notes)  # the same base: accepted, silently
+    assert notes == []
 
     # The same architecture with other weights: another checkpoint hash.
     other = tmp_path / "other"
@@ -344,7 +359,6 @@ def test_base_fingerprint_saved_and_checked(tiny_ckpt, saved_adapter, tmp_path):
                                                 "pass allow_other_base=True"):
         lora.load_adapter(model, saved_adapter)
     assert not lora.lora_layers(model)
-    notes: list[str] = []
     assert lora.load_adapter(model, saved_adapter, allow_other_base=True, warn=notes)
     assert len(notes) == 1 and "another base model" in notes[0]
     assert model.checkpoint_sha256 == lora.base_fingerprint(model)["checkpoint_sha256"]  # hashed once, kept
@@ -360,3 +374,202 @@ def test_base_fingerprint_saved_and_checked(tiny_ckpt, saved_adapter, tmp_path):
     with torch.device("meta"):
         same = Qwen2(qwen_min.load_config(tiny_ckpt))
     lora.load_adapter(same, saved_adapter)
+
+
+def test_an_adapter_without_base_model_json_loads_with_a_note(tiny_ckpt, saved_adapter, tmp_path):
+    """An adapter PEFT wrote has no base_model.json: it loads, and the caller is told its base went unchecked."""
+    theirs = peft_lora(hf_model(tiny_ckpt), 4, 8, ("q_proj", "v_proj"))
+    copy_lora_into_peft(_randomized(tiny_ckpt), theirs)
+    theirs.save_pretrained(tmp_path / "peft")
+    assert not (tmp_path / "peft" / "base_model.json").exists()
+    ids = random_ids()
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+
+    notes: list[str] = []
+    model = ours_from(tiny_ckpt)
+    assert lora.load_adapter(model, tmp_path / "peft", warn=notes)
+    [note] = notes
+    assert f"adapter {tmp_path / 'peft'} has no base_model.json" in note and "could not be checked" in note
+    assert f"model.safetensors {hashlib.sha256((tiny_ckpt / 'model.safetensors').read_bytes()).hexdigest()}" in note
+    with torch.no_grad():
+        assert maxdiff(model(ids), want) <= PEFT_TOL  # loaded all the same
+    with pytest.warns(UserWarning, match="has no base_model.json.*could not be checked"):
+        lora.load_adapter(ours_from(tiny_ckpt), tmp_path / "peft")
+
+    # ours, with the file there: no note; with it deleted by hand: the same note
+    notes.clear()
+    lora.load_adapter(ours_from(tiny_ckpt), saved_adapter, warn=notes)
+    assert notes == []
+    (saved_adapter / "base_model.json").unlink()
+    lora.load_adapter(ours_from(tiny_ckpt), saved_adapter, warn=notes)
+    assert len(notes) == 1 and "has no base_model.json" in notes[0]
+
+
+# ---- saved whole or not at all: a save cut short at any write point leaves the old adapter or the new one
+
+
+def _randomized(ckpt, seed: int = 0, **kw):
+    """The tiny model with LoRA (rank 4, alpha 8, q and v) and random A, B (and lm_head bias, if asked)."""
+    model = ours_from(ckpt)
+    lora.apply_lora(model, rank=4, alpha=8, **kw)
+    randomize_lora(model, seed=seed)
+    return model
+
+
+def _folder_bytes(folder) -> dict[str, bytes] | None:
+    """Every file of a folder by name, or None when there is no folder."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())} if folder.is_dir() else None
+
+
+def _hidden_siblings(folder) -> list[str]:
+    return sorted(p.name for p in folder.parent.iterdir() if p.name.startswith(f".{folder.name}."))
+
+
+class _OsWithTripwires:
+    """``os`` as lora.swap sees it, with some functions replaced."""
+
+    def __init__(self, **replaced) -> None:
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str):
+        return getattr(os, name)
+
+
+def _arm(monkeypatch, at: int | None, fault) -> list[str]:
+    """Count every call a save makes that writes, syncs or renames; the ``at``-th (1-based; None: none) runs
+    ``fault`` instead, and a file write is cut off halfway first. Returns the names of the calls made."""
+    calls: list[str] = []
+
+    def wrap(name, real):
+        def point(*args):
+            calls.append(name)
+            if len(calls) == at:
+                if name == "write_file":
+                    path, data = args
+                    real(path, data[: len(data) // 2])
+                fault()
+            return real(*args)
+        return point
+
+    for name in ("write_file", "fsync_path", "exchange"):
+        monkeypatch.setattr(swap, name, wrap(name, getattr(swap, name)))
+    monkeypatch.setattr(swap, "os", _OsWithTripwires(mkdir=wrap("mkdir", os.mkdir), rename=wrap("rename", os.rename)))
+    return calls
+
+
+def _disk_full() -> None:
+    raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+
+def _killed() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("swap_kind", ["exchange", "two renames"])
+@pytest.mark.parametrize("fault", ["raise", "kill"])
+def test_a_save_cut_short_at_any_write_point_leaves_the_old_adapter_or_the_new_one_whole(
+        tiny_ckpt, tmp_path, monkeypatch, fault, swap_kind):
+    """Every write point of a save (each file's write, cut off halfway; each fsync; the folder made; the swap)
+    either raises ENOSPC or SIGKILLs the saving process. After each, the folder is byte for byte the old
+    adapter (before the swap) or the new one (after it), never a mixture, and loads as that adapter; only the
+    two-rename swap, killed between its renames, leaves no folder, and then the loader names both complete
+    folders. The next save succeeds and leaves no hidden sibling."""
+    if swap_kind == "two renames":  # (as on a file system without renameat2's RENAME_EXCHANGE)
+        monkeypatch.setattr(swap, "exchange", lambda a, b: False)
+    models = {"old": _randomized(tiny_ckpt, seed=1, train_lm_head_bias=True),
+              "new": _randomized(tiny_ckpt, seed=2, train_lm_head_bias=True)}
+    folder = tmp_path / "adapter"
+
+    def save(which: str) -> None:  # with files that belong with the adapter, as the experiments' runs save it
+        lora.save_adapter(models[which], folder, extra_files={"splits.json": which.encode()},
+                          write_extra=lambda new: swap.write_file(new / "data.json", which.encode()))
+
+    save("new")
+    content = {"new": _folder_bytes(folder)}
+    save("old")
+    content["old"] = _folder_bytes(folder)
+    assert set(content["old"]) == {"adapter_config.json", "adapter_model.safetensors", "base_model.json",
+                                   "lm_head_bias.safetensors", "splits.json", "data.json"}
+    assert all(content["old"][f] != content["new"][f] for f in ("adapter_model.safetensors", "splits.json"))
+    with monkeypatch.context() as m:
+        points = _arm(m, None, None)
+        save("new")
+    save("old")
+
+    probe = ours_from(tiny_ckpt)  # loads each outcome (the values overwrite the last ones)
+    outcomes = []
+    for at in range(1, len(points) + 1):
+        with monkeypatch.context() as m:
+            _arm(m, at, _disk_full if fault == "raise" else _killed)
+            if fault == "raise":
+                with pytest.raises(OSError, match="injected"):
+                    save("new")
+            else:
+                pid = os.fork()
+                if pid == 0:  # the child saves until it is killed at write point ``at``
+                    try:
+                        save("new")
+                    finally:
+                        os._exit(0)
+                assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == -signal.SIGKILL
+        where = f"write point {at} of {len(points)} ({points[at - 1]})"
+        got = _folder_bytes(folder)
+        if got is None:
+            with pytest.raises(lora.AdapterError, match="interrupted between moving the old folder aside") as e:
+                lora.load_adapter(probe, folder)
+            [aside] = leftovers(folder, REPLACED)
+            [saving] = leftovers(folder, SAVING)
+            assert f"{aside} holds the old one and {saving} the new one" in str(e.value), where
+            assert (_folder_bytes(aside), _folder_bytes(saving)) == (content["old"], content["new"]), where
+            outcomes.append("none")
+        else:
+            [which] = [w for w in ("old", "new") if got == content[w]] or [f"a mixture at {where}"]
+            lora.load_adapter(probe, folder)
+            for name, layer in lora.lora_layers(probe).items():
+                assert torch.equal(layer.lora_A.weight, lora.lora_layers(models[which])[name].lora_A.weight), where
+            assert torch.equal(lora.lm_head_bias(probe), lora.lm_head_bias(models[which])), where
+            if fault == "raise" and which == "old":
+                assert _hidden_siblings(folder) == [], where  # the failed save removed its new folder
+            outcomes.append(which)
+        save("old")
+        assert _folder_bytes(folder) == content["old"] and _hidden_siblings(folder) == []
+
+    # the old adapter up to the swap, then the new one; between two renames a kill leaves neither in place,
+    # and an error puts the old one back
+    swap_at = points.index("exchange" if swap_kind == "exchange" else "rename")
+    second = ([] if swap_kind == "exchange" else ["none"] if fault == "kill" else ["old"])
+    assert outcomes == ["old"] * (swap_at + 1) + second + ["new"] * (len(points) - swap_at - 1 - len(second)), points
+    assert points.count("write_file") == 6 and points.count("fsync_path") == 6 + 2  # six files, the folder, its parent
+
+
+def test_save_adapter_replaces_the_folder_whole_and_refuses_what_is_not_an_adapter(tiny_ckpt, saved_adapter,
+                                                                                     tmp_path):
+    model = _randomized(tiny_ckpt)
+    (saved_adapter / "notes.txt").write_text("from an earlier save")
+    lora.save_adapter(model, saved_adapter, extra_files={"encoding.json": b"{}\n"},
+                      write_extra=lambda new: (new / "splits.json").write_text("[]\n"))
+    assert sorted(p.name for p in saved_adapter.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "base_model.json", "encoding.json", "splits.json"]
+    assert (saved_adapter / "encoding.json").read_bytes() == b"{}\n" and _hidden_siblings(saved_adapter) == []
+
+    for name in ("adapter_config.json", "../escape.json", "sub/file.json", ""):
+        with pytest.raises(lora.AdapterError, match="extra_files: .* is not a plain file name of its own"):
+            lora.save_adapter(model, saved_adapter, extra_files={name: b"x"})
+    other = tmp_path / "results"
+    other.mkdir()
+    (other / "summary.json").write_text("{}")
+    with pytest.raises(lora.AdapterError, match="not an adapter .*not empty; saving replaces the folder whole"):
+        lora.save_adapter(model, other)
+    assert [p.name for p in other.iterdir()] == ["summary.json"] and not (tmp_path / "escape.json").exists()
+    with pytest.raises(lora.AdapterError, match="not a folder"):
+        lora.save_adapter(model, other / "summary.json")
+    assert _folder_bytes(saved_adapter)["encoding.json"] == b"{}\n"  # untouched by the refused saves
+
+    # an interrupted first save: the folder is missing, and the loader says why
+    first = tmp_path / "first"
+    (tmp_path / ".first.saving-0123").mkdir()
+    with pytest.raises(lora.AdapterError, match="its first save was interrupted before it finished"):
+        lora.load_adapter(ours_from(tiny_ckpt), first)
+    lora.save_adapter(model, first)
+    assert _hidden_siblings(first) == [] and lora.load_adapter(ours_from(tiny_ckpt), first)
