@@ -20,6 +20,7 @@ from flops.ledger import (
     Ledger,
     LedgerDamaged,
     LedgerError,
+    LedgerWriteError,
     Reservation,
     ReservationExceeded,
 )
@@ -27,5 +28,5 @@ from flops.ledger_entries import LedgerEntry, ReservationRecord
 from flops.ledger_report import report_csv, report_markdown, summary
 
 __all__ = ["DEFAULT_BUDGET", "DEFAULT_LEDGER", "MODES", "BudgetExceeded", "FlopReport", "Ledger", "LedgerDamaged",
-           "LedgerEntry", "LedgerError", "Reservation", "ReservationExceeded", "ReservationRecord", "Term", "count",
-           "format_report", "report_csv", "report_markdown", "summary"]
+           "LedgerEntry", "LedgerError", "LedgerWriteError", "Reservation", "ReservationExceeded", "ReservationRecord",
+           "Term", "count", "format_report", "report_csv", "report_markdown", "summary"]

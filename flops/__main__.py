@@ -23,7 +23,6 @@ import torch
 
 from flops.counter import MODES, count, format_report
 from flops.ledger import DEFAULT_BUDGET, DEFAULT_LEDGER, Ledger, LedgerError
-from flops.ledger_entries import repair
 from flops.ledger_report import report_markdown, summary
 from qwen_min import CheckpointError, ConfigError, Qwen2, QwenConfig, load_config
 
@@ -146,7 +145,7 @@ def ledger_main(argv: list[str]) -> int:
                 say(f"  line {d.line}: {d.reason}\n    {d.raw[:200]!r}{' ...' if len(d.raw) > 200 else ''}")
             answer = "y" if args.yes else (input("move them to the side file? [y/N] ") if sys.stdin.isatty() else "")
             if answer.strip().lower() in ("y", "yes"):
-                moved = repair(ledger)
+                moved = ledger.repair()
                 say(f"moved line(s) {', '.join(str(d.line) for d in moved)} to {ledger.path}.damaged")
             else:
                 say("not repaired (pass --yes to repair without asking)")

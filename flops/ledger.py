@@ -17,14 +17,20 @@ be told (another machine, pid namespace or boot) only a person settles it (``--s
 
 A damaged line (not a valid entry, e.g. torn by a writer killed mid-write; the next append ends it)
 makes every budget figure untrustworthy: ``reserve``, ``spent`` and ``remaining`` raise ``LedgerDamaged``
-naming the line and the repair (``python -m flops ledger --repair``). Charging and closing read only the
-reservation's own lines, so damage elsewhere never stops a run from booking what it spent; ``snapshot``,
-``entries``, ``reservations`` and the reports read what they can.
+naming the line and the repair (``Ledger.repair``, ``python -m flops ledger --repair``). Charging and
+closing read only the reservation's own lines, so damage elsewhere never stops a run from booking what
+it spent; ``snapshot``, ``entries``, ``reservations`` and the reports read what they can.
+
+A line that cannot be written whole (the disk full, an I/O error, a short write that makes no progress)
+is cut off again, back to the file's length before it, under the same lock, and ``LedgerWriteError``
+says what was not recorded: no partial line is left to pass for (or hide) an entry, and no charge is
+lost without the caller being told. A reservation keeps the charges it could not write in ``unrecorded``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -58,6 +64,15 @@ class LedgerDamaged(LedgerError):  # noqa: N818 (reads as the state it reports)
 
 class ReservationExceeded(LedgerError):  # noqa: N818 (reads like BudgetExceeded)
     """A charge would take a reservation past the FLOPs it holds; it was not written."""
+
+
+class LedgerWriteError(LedgerError):
+    """A line could not be written whole (disk full, I/O error); the ledger was cut back to what it held before,
+    so the entry (``what``: reserve, attach, charge or close, of ``flops`` to ``reservation``) is not recorded."""
+
+    def __init__(self, message: str, *, path: Path, what: str, reservation: str | None, flops: float | None) -> None:
+        super().__init__(message)
+        self.path, self.what, self.reservation, self.flops = path, what, reservation, flops
 
 
 @dataclass
@@ -185,7 +200,8 @@ class Ledger:
 
     def _write(self, fd: int, record: dict[str, Any]) -> None:
         """Append one complete line (the lock is held). A record the reader would reject is refused
-        here instead, so no caller can damage the ledger by passing, say, a name that is not a string."""
+        here instead, so no caller can damage the ledger by passing, say, a name that is not a string.
+        A line that cannot be written whole is cut off again: LedgerWriteError (module docstring)."""
         line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode()
         bad = _parse(line).damage
         if bad:
@@ -194,10 +210,36 @@ class Ledger:
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":  # a killed writer left a torn line: end it first
             line = b"\n" + line
-        written = os.write(fd, line)
-        if written != len(line):
-            raise OSError(f"{self.path}: short write ({written} of {len(line)} bytes)")
-        os.fsync(fd)
+        try:
+            rest = memoryview(line)
+            while rest:  # (a write may take less than asked: the rest goes after it, O_APPEND, the lock held)
+                written = os.write(fd, rest)
+                if not written:
+                    raise OSError(errno.EIO, f"wrote 0 of the {len(rest)} bytes left of the line")
+                rest = rest[written:]
+            os.fsync(fd)
+        except OSError as e:
+            raise self._unwritten(fd, size, record, e) from e
+
+    def _unwritten(self, fd: int, size: int, record: dict[str, Any], error: OSError) -> LedgerWriteError:
+        """Cut the file back to ``size`` bytes after a failed append (the lock is held), and the error that says so."""
+        what = str(record.get("type", "charge"))
+        rid = record.get("id") if what == "reserve" else record.get("reservation")
+        amount = record.get("flops")
+        try:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            after = f"the ledger was cut back to its {size} bytes before it"
+        except OSError as e:
+            after = (f"cutting the partial line off failed too ({e.strerror or e}), so its last line may be torn "
+                     f"(python -m flops ledger --ledger {self.path} --repair moves it aside)")
+        of = f" of {amount:.6e} FLOPs" if isinstance(amount, (int, float)) else ""
+        name = f", {record['name']!r}" if record.get("name") else ""
+        to = f" ({'id' if what == 'reserve' else 'reservation'} {rid}{name})" if rid else ""
+        return LedgerWriteError(
+            f"{self.path}: could not write the {what} line{of}{to}: {error.strerror or error}; {after}; "
+            f"the {what} is NOT recorded", path=self.path, what=what, reservation=rid,
+            flops=float(amount) if isinstance(amount, (int, float)) else None)
 
     def _refuse_damage(self, state: Snapshot) -> None:
         if state.damage:
@@ -307,6 +349,33 @@ class Ledger:
             r.status, r.reason = "settled", reason
             return r
 
+    def repair(self) -> list[Damage]:
+        """Move every damaged line to ``<ledger>.damaged`` and keep every other line, byte for byte; return them.
+
+        The kept lines go to a new file that atomically replaces the ledger (a crash leaves either the old
+        file or the new one); the damaged ones are appended and synced to the side file first. Appenders
+        waiting on the old file's lock then open the new one (``_locked``)."""
+        with self._locked(exclusive=True) as fd:
+            state = self._read(fd)
+            if fd is None or not state.damage:
+                return []
+            side = self.path.with_name(self.path.name + ".damaged")
+            tmp = self.path.with_name(self.path.name + ".repair-tmp")
+            for where, mode, lines in ((side, "ab", [d.raw for d in state.damage]), (tmp, "wb", state.good_lines)):
+                with open(where, mode) as f:
+                    f.write(b"".join(line + b"\n" for line in lines))
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
+            os.replace(tmp, self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        self.problems = []
+        return state.damage
+
     # ---- budget figures (refused on a damaged ledger), and what can be read (damage listed) ---------
 
     def spent(self) -> float:
@@ -351,16 +420,22 @@ class Reservation:
         self.planned, self.charged = planned, charged  # charged: as of this handle's last charge or look
         self.owner = owner  # made by this process (only the owner closes it)
         self.closed = False
+        self.unrecorded: list[LedgerEntry] = []  # charges that could not be written (LedgerWriteError)
 
     def charge(self, flops: float, *, tokens: int = 0, steps: int = 0, seconds: float = 0.0, name: str | None = None,
                kind: str | None = None, config: dict[str, Any] | None = None) -> LedgerEntry:
         """Book FLOPs spent under this reservation (name and kind default to the reservation's; periodic
         evaluations in a training run are kind "eval"). Raises ReservationExceeded, writing nothing, if
-        the charges of every process would go past what it holds."""
+        the charges of every process would go past what it holds; LedgerWriteError if the line could not
+        be written (the entry is then kept in ``unrecorded``)."""
         entry = LedgerEntry(name=name or self.name, kind=kind or self.kind, flops=check_flops(flops, "flops"),
                             tokens=int(tokens), steps=int(steps), seconds=float(seconds), config=dict(config or {}),
                             time=time.time(), reservation=self.id)
-        self.charged = self.ledger._charge(self, entry)
+        try:
+            self.charged = self.ledger._charge(self, entry)
+        except LedgerWriteError:
+            self.unrecorded.append(entry)
+            raise
         return entry
 
     def left(self) -> float:
@@ -381,10 +456,19 @@ class Reservation:
         if not self.owner:
             raise RuntimeError(f"reservation {self.id} ({self.name!r}) was attached, not made, by this process: "
                                f"the process that reserved it closes it")
-        with self.ledger._locked(exclusive=True, create=True) as fd:
-            assert fd is not None
-            self.ledger._write(fd, {"type": "close", "reservation": self.id, "how": "closed",
-                                    "reason": "closed by its run", "time": time.time()})
+        try:
+            with self.ledger._locked(exclusive=True, create=True) as fd:
+                assert fd is not None
+                self.ledger._write(fd, {"type": "close", "reservation": self.id, "how": "closed",
+                                        "reason": "closed by its run", "time": time.time()})
+        except LedgerWriteError as e:
+            if not self.unrecorded:
+                raise
+            lost = sum(x.flops for x in self.unrecorded)
+            raise LedgerWriteError(
+                f"{e}; besides, {len(self.unrecorded)} charge(s) to it of {lost:.6e} FLOPs in all could not be written "
+                "earlier in this process (Reservation.unrecorded; any booked again since are in the ledger)",
+                path=e.path, what=e.what, reservation=e.reservation, flops=e.flops) from e
         self.closed = True
 
     def __enter__(self) -> Reservation:
@@ -396,4 +480,5 @@ class Reservation:
 
 
 __all__ = ["DEFAULT_BUDGET", "DEFAULT_LEDGER", "ROUNDING", "BudgetExceeded", "Damage", "Ledger", "LedgerDamaged",
-           "LedgerEntry", "LedgerError", "Reservation", "ReservationExceeded", "ReservationRecord", "Snapshot"]
+           "LedgerEntry", "LedgerError", "LedgerWriteError", "Reservation", "ReservationExceeded", "ReservationRecord",
+           "Snapshot"]

@@ -1,7 +1,7 @@
 """What one line of the FLOP ledger holds, and when a line is damaged (``flops.ledger`` is the protocol).
 
-Each line is one JSON object, written whole (one ``os.write``, then ``fsync``) under an exclusive
-``flock`` of the file. ``"type"`` tells the four kinds apart:
+Each line is one JSON object, written whole (``os.write`` until all of it is written, then ``fsync``;
+cut off again if that fails) under an exclusive ``flock`` of the file. ``"type"`` tells the four kinds apart:
 
     reserve  {"type": "reserve", "id", "name", "kind", "flops": planned, "config", "process", "time"}
     attach   {"type": "attach", "reservation": id, "process", "time"}     (another process charges to it)
@@ -12,7 +12,7 @@ Each line is one JSON object, written whole (one ``os.write``, then ``fsync``) u
 A line without ``"type"`` (the original format: name, kind, flops, tokens, ...) is a charge with no
 reservation. ``"process"`` is what ``flops.liveness.this_process`` records. A line that is not JSON, not
 an object, of an unknown type, or with a field of the wrong kind (the checks below raise ValueError) is
-``Damage``: left out of every figure, and what ``repair`` (``python -m flops ledger --repair``) moves aside.
+``Damage``: left out of every figure, and what ``Ledger.repair`` (``python -m flops ledger --repair``) moves aside.
 """
 
 from __future__ import annotations
@@ -20,12 +20,9 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flops.liveness import all_alive, holders_status
-
-if TYPE_CHECKING:
-    from flops.ledger import Ledger
 
 
 def text_field(d: dict, key: str) -> str:
@@ -131,33 +128,4 @@ class Damage:
     raw: bytes
 
 
-def repair(ledger: Ledger) -> list[Damage]:
-    """Move every damaged line of ``ledger`` to ``<ledger>.damaged`` and keep every other line, byte for byte.
-
-    The kept lines go to a new file that atomically replaces the ledger (a crash leaves either the old
-    file or the new one); the damaged ones are appended and synced to the side file first. Appenders
-    waiting on the old file's lock then open the new one (``Ledger._locked``)."""
-    path = ledger.path
-    with ledger._locked(exclusive=True) as fd:
-        state = ledger._read(fd)
-        if fd is None or not state.damage:
-            return []
-        side, tmp = path.with_name(path.name + ".damaged"), path.with_name(path.name + ".repair-tmp")
-        for where, mode, lines in ((side, "ab", [d.raw for d in state.damage]), (tmp, "wb", state.good_lines)):
-            with open(where, mode) as f:
-                f.write(b"".join(line + b"\n" for line in lines))
-                f.flush()
-                os.fsync(f.fileno())
-        os.chmod(tmp, os.fstat(fd).st_mode & 0o777)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    ledger.problems = []
-    return state.damage
-
-
-__all__ = ["Damage", "LedgerEntry", "ReservationRecord", "amount_field", "check_flops", "mapping_field", "repair",
-           "text_field"]
+__all__ = ["Damage", "LedgerEntry", "ReservationRecord", "amount_field", "check_flops", "mapping_field", "text_field"]

@@ -1,14 +1,16 @@
 """flops.ledger under attack: processes racing for the last of the budget, writers killed mid-line, runs
-killed with SIGKILL while holding a reservation, damaged lines, files written by the original format, and
-charges past what a reservation holds. Every expected figure is derived by hand from the FLOPs the test
-itself books."""
+killed with SIGKILL while holding a reservation, damaged lines, files written by the original format,
+charges past what a reservation holds, and writes that fail (disk full, I/O errors, short writes). Every
+expected figure is derived by hand from the FLOPs the test itself books."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import signal
 import subprocess
@@ -23,7 +25,6 @@ import pytest
 
 import flops
 from flops.__main__ import ledger_main as ledger_cli
-from flops.ledger_entries import repair
 from flops.liveness import _proc_stat, this_process
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,12 +50,14 @@ def held(ledger: flops.Ledger) -> float:
 
 def spawn(target: Callable[..., None], *args: Any) -> tuple[mp.Process, Any]:
     """A separate process (forked) running ``target(conn, *args)``, and what it sends on ``conn`` once it
-    has done its part (it then sleeps until killed)."""
+    has done its part (it then goes on until killed). Waits for that message or the child's end, whichever
+    comes first."""
     ctx = mp.get_context("fork")
     ours, theirs = ctx.Pipe()
     p = ctx.Process(target=target, args=(theirs, *args))
     p.start()
-    assert ours.poll(120), f"the child process ended (exit code {p.exitcode}) before doing its part"
+    mp.connection.wait([ours, p.sentinel])
+    assert ours.poll(), f"the child process ended (exit code {p.exitcode}) before doing its part"
     return p, ours.recv()
 
 
@@ -71,6 +74,17 @@ def _append_many(path: str, tag: str, n: int) -> None:
     with flops.Ledger(path).reserve(float(n), name=tag, kind="train") as r:
         for i in range(n):
             r.charge(1.0, name=f"{tag}-{i}", tokens=i, config={"pad": "x" * 3000})
+
+
+def _append_until_killed(conn, path: str, tag: str, size: int) -> None:
+    """Charge line after line; say so once the file holds ``size`` bytes, and go on until killed."""
+    told = False
+    with flops.Ledger(path).reserve(1e6, name=tag, kind="train") as r:
+        for i in range(10**6):
+            r.charge(1.0, name=f"{tag}-{i}", tokens=i, config={"pad": "x" * 3000})
+            if not told and os.path.getsize(path) >= size:
+                conn.send(i)
+                told = True
 
 
 def _append_few(path: str, tag: str, n: int, reservation: str) -> None:
@@ -118,17 +132,13 @@ def test_a_writer_killed_mid_line_blocks_budget_checks_but_never_charges(tmp_pat
                    lambda: ledger.reserve(1.0, name="next", kind="train")):
         with pytest.raises(flops.LedgerDamaged, match="--repair"):
             figure()
-    assert [d.line for d in repair(ledger)] == [3]
+    assert [d.line for d in ledger.repair()] == [3]
     assert ledger.remaining() == 1000.0 - 5.0 - 7.0
     assert (tmp_path / "ledger.jsonl.damaged").read_bytes() == b'{"name": "torn", "kind": "train", "flo\n'
 
     # and a real appender killed at a random moment leaves complete lines only
     path2 = tmp_path / "ledger2.jsonl"
-    writer = mp.get_context("fork").Process(target=_append_many, args=(str(path2), "w", 10**6))
-    writer.start()
-    deadline = time.time() + 30
-    while (not path2.exists() or path2.stat().st_size < 100_000) and time.time() < deadline:
-        time.sleep(0.05)
+    writer, _ = spawn(_append_until_killed, str(path2), "w", 100_000)  # (once it has written 100 kB, in full flow)
     kill(writer)
     got = flops.Ledger(path2).entries()
     assert got and all(e.flops == 1.0 for e in got)
@@ -249,7 +259,7 @@ def test_two_processes_racing_for_the_last_of_the_budget(tmp_path, round_):
     for p in procs:
         p.start()
     for p in procs:
-        p.join(60)
+        p.join()
     assert sorted(p.exitcode for p in procs) == [0, 3]  # exactly one got the 600 left
     ledger = flops.Ledger(path, budget=1000.0)
     assert ledger.spent() == 400.0 + 100.0  # the earlier lines and the winner's one charge
@@ -416,7 +426,7 @@ def test_repair_while_others_append_loses_nothing(tmp_path):
             data = f.read()
             f.seek(data.rindex(b'"name": "junk"'))
             f.write(b'"name": \x00\x00\x00')
-        repairs += len(repair(ledger))
+        repairs += len(ledger.repair())
         time.sleep(0.02)  # let the appenders queue up on the lock of the file being replaced
     for p in procs:
         p.join()
@@ -518,3 +528,154 @@ def test_charges_never_exceed_the_reservation_over_random_plans(tmp_path):
             assert total == pytest.approx(planned, rel=1e-12)
             rounded_past += total > planned
     assert refused > 50 and accepted > 300 and rounded_past > 0  # (the tolerance was needed, and given)
+
+
+# ---------------------------------------------------------------------------------------------
+# writes that fail (disk full, I/O errors) or fall short: no partial line left, nothing lost without a word
+
+
+class _OsWith:
+    """``os`` as flops.ledger sees it, with some of its functions replaced."""
+
+    def __init__(self, **replaced: Callable[..., Any]) -> None:
+        self.__dict__.update(replaced)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+def _short_writes(chunk: int, calls: list[int]) -> Callable[[int, bytes], int]:
+    """os.write that writes at most ``chunk`` bytes a call (as a write interrupted by a signal may); ``calls``
+    gets the size of each."""
+    def write(fd: int, data: bytes) -> int:
+        calls.append(min(len(data), chunk))
+        return os.write(fd, bytes(data[:chunk]))
+    return write
+
+
+def _disk_full_after(cut: int, code: int = errno.ENOSPC) -> Callable[[int, bytes], int]:
+    """os.write whose first call writes ``cut`` bytes (negative: all but the last -cut) and whose next call fails
+    with ``code`` (with ``cut`` 0 the first fails), as when the disk fills in the middle of a line."""
+    state = {"calls": 0}
+
+    def write(fd: int, data: bytes) -> int:
+        state["calls"] += 1
+        if state["calls"] > 1 or cut == 0:
+            raise OSError(code, os.strerror(code))
+        return os.write(fd, bytes(data[: cut if cut >= 0 else len(data) + cut]))
+    return write
+
+
+def test_short_writes_still_write_each_line_whole(tmp_path, monkeypatch):
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    calls: list[int] = []
+    monkeypatch.setattr(flops.ledger, "os", _OsWith(write=_short_writes(7, calls)))
+    with ledger.reserve(300.0, name="run", kind="train") as r:
+        r.charge(100.0, name="a", tokens=3)
+        r.charge(25.0, name="b", kind="eval")
+    monkeypatch.undo()
+    lines = path.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(x)["type"] for x in lines[:-1]] == ["reserve", "charge", "charge", "close"]
+    # each line took ceil(its bytes / 7) writes of 7 bytes but the last, and nothing was written twice
+    assert calls == [min(7, len(x) + 1 - i) for x in lines[:-1] for i in range(0, len(x) + 1, 7)]
+    assert [(e.name, e.kind, e.flops, e.tokens) for e in ledger.entries()] == [("a", "train", 100.0, 3),
+                                                                               ("b", "eval", 25.0, 0)]
+    assert ledger.remaining() == 1000.0 - 125.0 and not ledger.problems
+
+
+@pytest.mark.parametrize("cut", [0, 1, 40, -1], ids=["nothing", "one byte", "40 bytes", "all but the newline"])
+def test_a_charge_cut_short_by_a_full_disk_is_not_recorded_and_says_so(tmp_path, monkeypatch, cut):
+    """The disk fills in the middle of a charge's line (even with only its newline left to write: the JSON is
+    then complete, and would be read as a charge): the file is cut back to what it held, the caller gets
+    LedgerWriteError naming the ledger, the charge, its FLOPs and its reservation, and the reservation keeps
+    the charge in ``unrecorded``; a close that fails too says that charge is missing; once there is room the
+    run books it, and the figures are the hand-added ones."""
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    r = ledger.reserve(500.0, name="run", kind="train")
+    r.charge(100.0, name="run/step-1")
+    before = path.read_bytes()
+    monkeypatch.setattr(flops.ledger, "os", _OsWith(write=_disk_full_after(cut)))
+    with pytest.raises(flops.LedgerWriteError) as e:
+        r.charge(123.456, name="run/step-2")
+    msg = str(e.value)
+    for part in (f"{path}: could not write the charge line of 1.234560e+02 FLOPs (reservation {r.id}, "
+                 "'run/step-2'): No space left on device", f"cut back to its {len(before)} bytes before it",
+                 "the charge is NOT recorded"):
+        assert part in msg
+    assert isinstance(e.value, flops.LedgerError)
+    assert (e.value.path, e.value.what, e.value.reservation, e.value.flops) == (path, "charge", r.id, 123.456)
+    assert path.read_bytes() == before
+    assert r.charged == 100.0 and [(x.name, x.flops) for x in r.unrecorded] == [("run/step-2", 123.456)]
+
+    with pytest.raises(flops.LedgerWriteError, match=r"could not write the close line \(reservation [0-9a-f]{16}\)"
+                       r".*the close is NOT recorded; besides, 1 charge\(s\) to it of 1.234560e\+02 FLOPs in all could "
+                       "not be written earlier"):
+        r.close()
+    assert path.read_bytes() == before and not r.closed
+
+    monkeypatch.undo()  # room again
+    r.charge(123.456, name="run/step-2")
+    r.close()
+    assert [e.flops for e in ledger.entries()] == [100.0, 123.456] and not ledger.problems
+    assert ledger.remaining() == 1000.0 - 100.0 - 123.456 and ledger.reservations()[0].status == "closed"
+
+
+def test_reserve_and_attach_that_fail_to_sync_leave_nothing_behind(tmp_path, monkeypatch):
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    r = ledger.reserve(100.0, name="study", kind="train")
+    before = path.read_bytes()
+    syncs = []
+
+    def fsync(fd: int) -> None:  # the line's own fsync fails (EIO); the one after cutting it off works
+        syncs.append(fd)
+        if len(syncs) == 1:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        os.fsync(fd)
+
+    monkeypatch.setattr(flops.ledger, "os", _OsWith(fsync=fsync))
+    with pytest.raises(flops.LedgerWriteError, match=r"could not write the reserve line of 5.000000e\+02 FLOPs "
+                                                     r"\(id [0-9a-f]{16}, 'next'\): Input/output error; .*the "
+                                                     "reserve is NOT recorded"):
+        ledger.reserve(500.0, name="next", kind="forecast")
+    assert path.read_bytes() == before and len(syncs) == 2
+    syncs.clear()
+    with pytest.raises(flops.LedgerWriteError, match=f"could not write the attach line \\(reservation {r.id}\\)"):
+        ledger.attach(r.id)
+    assert path.read_bytes() == before
+    monkeypatch.undo()
+    assert [x.id for x in ledger.reservations()] == [r.id] and ledger.remaining() == 900.0
+
+
+def test_a_partial_line_that_cannot_be_cut_off_is_reported_as_damage_never_as_a_charge(tmp_path, monkeypatch):
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    r = ledger.reserve(500.0, name="run", kind="train")
+
+    def ftruncate(fd: int, size: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(flops.ledger, "os", _OsWith(write=_disk_full_after(50), ftruncate=ftruncate))
+    with pytest.raises(flops.LedgerWriteError) as e:
+        r.charge(200.0)
+    assert ("cutting the partial line off failed too (Input/output error), so its last line may be torn (python -m "
+            f"flops ledger --ledger {path} --repair moves it aside); the charge is NOT recorded") in str(e.value)
+    monkeypatch.undo()
+    with pytest.raises(flops.LedgerDamaged, match="l.jsonl:2: unterminated last line"):
+        ledger.spent()
+    r.charge(200.0)  # on a line of its own
+    r.close()
+    assert [d.line for d in ledger.repair()] == [2]
+    assert ledger.spent() == 200.0 and ledger.remaining() == 800.0
+
+
+def test_a_write_that_makes_no_progress_fails_instead_of_spinning(tmp_path, monkeypatch):
+    path = tmp_path / "l.jsonl"
+    ledger = flops.Ledger(path, budget=1000.0)
+    monkeypatch.setattr(flops.ledger, "os", _OsWith(write=lambda fd, data: 0))
+    with pytest.raises(flops.LedgerWriteError, match=r"could not write the reserve line .*: wrote 0 of the \d+ bytes "
+                                                     "left of the line; the ledger was cut back to its 0 bytes"):
+        ledger.reserve(10.0, name="a", kind="train")
+    assert path.read_bytes() == b""
