@@ -25,9 +25,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
 
-# python experiments/<script>.py, or torchrun [options] experiments/<script>.py, or python -m flops
+# python experiments/<script>.py, or torchrun [options] experiments/<script>.py, or python -m flops; in
+# prose also a span that starts with a script's name and its flags, `train.py --resume`
 COMMAND = re.compile(r"\b(?:python3?|torchrun(?:\s+\S+)*?)\s+(?:experiments/(?P<script>\w+)\.py|-m\s+flops\b)"
                      r"(?P<rest>.*)")
+SPAN_COMMAND = re.compile(r"^(?P<script>" + "|".join(SCRIPTS) + r")\.py(?P<rest>\s+-.*)$")
 PLACEHOLDER = re.compile(r"<[^<>\s]+>")
 DUMMY = "1"   # a value every placeholder's flag accepts: a path, a repo id, a count
 SHELL_LIST = re.compile(r"\s(?:&&|\|\||\||;)\s")   # commands joined on one line
@@ -73,6 +75,7 @@ def parse_command(script: str, argv: list[str]) -> None:
         raise ParseError(str(e)) from None
 
 
+CODE_SPAN = re.compile(r"`([^`]+)`")
 SHELL_BLOCKS = ("", "bash", "sh", "shell", "console")   # fenced blocks read as commands (not python, text)
 
 
@@ -109,7 +112,7 @@ def logical_lines(text: str) -> list[tuple[int, str]]:
             out.append((start, pending + line))
             pending = ""
         else:
-            out += [(n, span) for span in re.findall(r"`([^`]+)`", line)]
+            out += [(n, span) for span in CODE_SPAN.findall(line)]
     return out
 
 
@@ -117,7 +120,7 @@ def commands(page: Path) -> list[Command]:
     found, name = [], page.relative_to(ROOT).as_posix() if page.is_relative_to(ROOT) else page.name
     for n, line in logical_lines(page.read_text(encoding="utf-8")):
         for part in SHELL_LIST.split(line):
-            if m := COMMAND.search(part):
+            if m := COMMAND.search(part) or SPAN_COMMAND.match(part):
                 rest = PLACEHOLDER.sub(DUMMY, REDIRECT.split(m["rest"])[0])
                 try:
                     argv = tuple(shlex.split(rest, comments=True))
@@ -153,13 +156,27 @@ def test_the_check_refuses_an_unknown_flag(script: str):
 
 def test_commands_are_found_in_blocks_continuations_and_spans(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("Run `python experiments/report.py --runs <folder>` or:\n\n```bash\n"
+    page.write_text("Run `python experiments/report.py --runs <folder>` or `study.py --dry-run`:\n\n```bash\n"
                     "python experiments/train.py --model <folder> \\\n    --max-steps 5   # comment\n"
                     "ONEDNN_MAX_CPU_ISA=X python experiments/benchmark.py --only train && echo done\n"
                     "torchrun --nproc-per-node 2 experiments/train.py --rank 8\n```\n")
     found = [(c.line, c.script, c.argv) for c in commands(page)]
-    assert found == [(1, "report", ("--runs", DUMMY)), (4, "train", ("--model", DUMMY, "--max-steps", "5")),
+    assert found == [(1, "report", ("--runs", DUMMY)), (1, "study", ("--dry-run",)),
+                     (4, "train", ("--model", DUMMY, "--max-steps", "5")),
                      (6, "benchmark", ("--only", "train")), (7, "train", ("--rank", "8"))]
+
+
+def test_the_files_the_pages_name_exist():
+    """A path in a code span (`flops/counter.py`) exists; a bare file name (`llmtime.py`) exists
+    somewhere in the repository, so a page may name a module without its folder."""
+    names = {f.name for f in ROOT.rglob("*.py") if ".git" not in f.parts}
+    missing = []
+    for page in PAGES:
+        for span in CODE_SPAN.findall(page.read_text(encoding="utf-8")):
+            for ref in re.findall(r"(?<![\w<>/.-])([\w./-]+\.py)\b", span):
+                if not ((ROOT / ref).is_file() if "/" in ref else ref in names):
+                    missing.append(f"{page.name}: {ref}")
+    assert not missing, f"files named in the docs that do not exist: {missing}"
 
 
 # ---------------------------------------------------------------------------------------------
