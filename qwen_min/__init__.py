@@ -3,6 +3,9 @@
 Public API: ``QwenConfig``, ``Qwen2``, ``KVCache``, ``from_pretrained``, ``save_pretrained``,
 ``load_config``, ``load_tokenizer``, ``generate``, ``chunked_cross_entropy``, ``init_weights``
 (random Qwen2 weights) and ``QWEN25_05B`` (the 0.5B model's config.json figures).
+
+``from_pretrained``, ``load_config`` and ``load_tokenizer`` take a Hub repo id, a local checkpoint
+folder or a GGUF file of a Qwen2 model (``qwen_min.gguf``; needs ``pip install 'qwen-lora-ts[gguf]'``).
 """
 
 from qwen_min.config import QWEN25_05B, ConfigError, QwenConfig

@@ -2,7 +2,8 @@
 
 Reading is frugal: the model is built on the meta device, its storage allocated once, and every
 tensor is copied from the file (read with the ``safetensors`` package) straight into its parameter,
-converting the dtype on the way. No second full copy of the weights ever exists.
+converting the dtype on the way. No second full copy of the weights ever exists. A GGUF file
+(``*.gguf``) is read the same way by ``qwen_min.gguf``.
 """
 
 from __future__ import annotations
@@ -94,8 +95,13 @@ def _from_hub(fetch: Any, name: str, revision: str | None) -> Any:
 
 
 def load_config(name_or_path: str | os.PathLike, *, revision: str | None = None) -> QwenConfig:
-    """A checkpoint's config alone: a config.json file, a folder's, or a Hub repo's (only that file is
-    fetched, not the weights, so FLOPs can be planned before anything large is downloaded)."""
+    """A checkpoint's config alone: a config.json file, a folder's, a Hub repo's (only that file is
+    fetched, not the weights, so FLOPs can be planned before anything large is downloaded), or a GGUF
+    file's metadata."""
+    if is_gguf_checkpoint(name_or_path, revision):
+        from qwen_min import gguf
+
+        return gguf.gguf_config(gguf.read_gguf(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return QwenConfig.from_json(path)
@@ -215,17 +221,40 @@ def load_weights(model: Qwen2, directory: Path) -> None:
                     params[expected[hf_name]].copy_(f.get_tensor(hf_name))
 
 
-def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
-                    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> Qwen2:
-    """Load a Qwen2 checkpoint (Hub repo id or local folder) as a ``Qwen2`` in eval mode."""
-    directory = resolve(name_or_path, revision=revision)
-    config = QwenConfig.from_json(directory / "config.json")
+def empty_model(config: QwenConfig, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2:
+    """A ``Qwen2`` whose storage is allocated once and left uninitialised, for a loader to fill."""
     with torch.device("meta"):
         model = Qwen2(config)
-    model = model.to(dtype).to_empty(device=device or "cpu")  # storage allocated once, uninitialised
+    model = model.to(dtype).to_empty(device=device or "cpu")
     if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
         model.lm_head.weight = model.embed_tokens.weight
     model.rotary.reset_parameters()
+    return model
+
+
+def is_gguf_checkpoint(name_or_path: str | os.PathLike, revision: str | None) -> bool:
+    """Whether ``name_or_path`` names a GGUF file, by its extension (read by ``qwen_min.gguf``; a missing
+    file is its error to report). A local file has no Hub revision, so one given is refused."""
+    path = Path(name_or_path).expanduser()
+    if path.suffix.lower() != ".gguf" or path.is_dir():
+        return False
+    if revision is not None:
+        raise CheckpointError(f"{name_or_path}: a local GGUF file has no revision (got {revision!r}); drop --revision")
+    return True
+
+
+def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = None,
+                    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> Qwen2:
+    """Load a Qwen2 checkpoint (Hub repo id, local folder or GGUF file) as a ``Qwen2`` in eval mode.
+
+    A GGUF file's tensors are dequantized to float32 and then converted to ``dtype`` (see qwen_min.gguf).
+    """
+    if is_gguf_checkpoint(name_or_path, revision):
+        from qwen_min import gguf
+
+        return gguf.from_gguf(name_or_path, dtype=dtype, device=device)
+    directory = resolve(name_or_path, revision=revision)
+    model = empty_model(QwenConfig.from_json(directory / "config.json"), dtype, device)
     load_weights(model, directory)
     model.name_or_path = str(name_or_path)
     model.checkpoint_files = tuple(str(f) for f in _weight_files(directory))  # for lora's base fingerprint

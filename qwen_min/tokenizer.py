@@ -1,4 +1,5 @@
-"""The checkpoint's own tokenizer (``tokenizer.json``), with its special tokens read from its files."""
+"""The checkpoint's own tokenizer (``tokenizer.json``, or a GGUF file's metadata), with its special
+tokens read from its files."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from qwen_min.load import CheckpointError, resolve
+from qwen_min.load import CheckpointError, is_gguf_checkpoint, resolve
 
 
 class Tokenizer:
@@ -20,6 +21,7 @@ class Tokenizer:
     generation should stop at (generation_config.json may list several). Both tokenizer.json and
     tokenizer_config.json must exist, and a special token the files name must be in the vocabulary:
     guessing either (e.g. padding with eos) would silently change what the model is trained on.
+    From a GGUF file the ids are its ``tokenizer.ggml.*_token_id`` keys (see ``qwen_min.gguf``).
     """
 
     def __init__(self, directory: str | os.PathLike) -> None:
@@ -34,21 +36,32 @@ class Tokenizer:
         generation_path = directory / "generation_config.json"
         generation = _read_json(generation_path) if generation_path.is_file() else {}
 
-        self.im_start_id = self._tok.token_to_id("<|im_start|>")
-        self.im_end_id = self._tok.token_to_id("<|im_end|>")
-        self.eos_id = self._special_id(config, "eos_token", config_path)
-        self.pad_id = self._special_id(config, "pad_token", config_path)
+        eos_id = self._special_id(config, "eos_token", config_path)
+        pad_id = self._special_id(config, "pad_token", config_path)
         gen_eos = generation.get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-        if self.eos_id is None and gen_eos:
-            self.eos_id = gen_eos[0]
-        self.eos_ids = sorted({i for i in [self.eos_id, *gen_eos] if i is not None})
-        if self.pad_id is None:
-            self.pad_id = generation.get("pad_token_id")
-        if not isinstance(self.pad_id, int):
+        if eos_id is None and gen_eos:
+            eos_id = gen_eos[0]
+        if pad_id is None:
+            pad_id = generation.get("pad_token_id")
+        if not isinstance(pad_id, int):
             raise CheckpointError(
                 f"{config_path}: no pad token: field 'pad_token' is missing or null, and "
-                f"{generation_path} has no integer 'pad_token_id' (found {self.pad_id!r})")
+                f"{generation_path} has no integer 'pad_token_id' (found {pad_id!r})")
+        self._set_ids(eos_id, pad_id, sorted({i for i in [eos_id, *gen_eos] if i is not None}))
+
+    @classmethod
+    def from_tokenizer(cls, tok: _HFTokenizer, *, eos_id: int, pad_id: int, eos_ids: list[int]) -> Tokenizer:
+        """A tokenizer built elsewhere (``qwen_min.gguf`` builds one from a GGUF file's metadata)."""
+        self = cls.__new__(cls)
+        self._tok = tok
+        self._set_ids(eos_id, pad_id, eos_ids)
+        return self
+
+    def _set_ids(self, eos_id: int | None, pad_id: int, eos_ids: list[int]) -> None:
+        self.im_start_id = self._tok.token_to_id("<|im_start|>")
+        self.im_end_id = self._tok.token_to_id("<|im_end|>")
+        self.eos_id, self.pad_id, self.eos_ids = eos_id, pad_id, eos_ids
 
     def _special_id(self, config: dict, field: str, path: Path) -> int | None:
         """The id of the token ``config[field]`` names; None when the field is absent or null."""
@@ -62,6 +75,11 @@ class Tokenizer:
             raise CheckpointError(f"{path}: field {field!r} names {token!r}, which is not a token of the "
                                   f"vocabulary in {path.parent / 'tokenizer.json'}")
         return token_id
+
+    @property
+    def backend(self) -> _HFTokenizer:
+        """The ``tokenizers`` object behind this one (to save it as tokenizer.json, say)."""
+        return self._tok
 
     @property
     def vocab_size(self) -> int:
@@ -95,5 +113,9 @@ def _read_json(path: Path) -> dict:
 
 
 def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a Hub repo id or local checkpoint folder."""
+    """The tokenizer of a Hub repo id, a local checkpoint folder or a GGUF file."""
+    if is_gguf_checkpoint(name_or_path, revision):
+        from qwen_min.gguf import tokenizer_from_gguf
+
+        return tokenizer_from_gguf(name_or_path)
     return Tokenizer(resolve(name_or_path, revision=revision))
