@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -355,6 +356,13 @@ def test_not_a_gguf_file_is_refused(tmp_path, files):
         assert str(path) in one_line(e) and why in str(e.value)
     with pytest.raises(CheckpointError, match="no revision"):
         qwen_min.from_pretrained(files["F32"], revision="main")
+
+
+def test_without_the_gguf_package(monkeypatch, files):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # `import gguf` now raises ImportError
+    qg._read_gguf.cache_clear()                      # (so the header is parsed again)
+    with pytest.raises(CheckpointError, match=r"needs the gguf package: pip install 'qwen-lora-ts\[gguf\]'$"):
+        qwen_min.load_tokenizer(files["Q8_0"])
 
 
 # ---------------------------------------------------------------------------------------------
