@@ -10,10 +10,10 @@ folder or a GGUF file of a Qwen2 model (``qwen_min.gguf``; needs ``pip install '
 
 from qwen_min.config import QWEN25_05B, ConfigError, QwenConfig
 from qwen_min.generate import Generation, generate
-from qwen_min.load import CheckpointError, from_pretrained, load_config, save_pretrained
+from qwen_min.load import CheckpointError, from_pretrained, load_config, load_tokenizer, save_pretrained
 from qwen_min.loss import chunked_cross_entropy
 from qwen_min.model import KVCache, Qwen2, init_weights
-from qwen_min.tokenizer import Tokenizer, load_tokenizer
+from qwen_min.tokenizer import Tokenizer
 
 __all__ = [
     "QWEN25_05B", "CheckpointError", "ConfigError", "Generation", "KVCache", "Qwen2", "QwenConfig", "Tokenizer",

@@ -25,6 +25,10 @@ class ConfigError(ValueError):
     """A config.json that is malformed or asks for something this implementation does not do."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found, parsed or matched against the model."""
+
+
 @dataclass(frozen=True)
 class QwenConfig:
     vocab_size: int

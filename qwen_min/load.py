@@ -18,16 +18,14 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from qwen_min.config import QwenConfig
-from qwen_min.model import Qwen2
+from qwen_min import gguf
+from qwen_min.config import CheckpointError, QwenConfig
+from qwen_min.model import Qwen2, empty_model
+from qwen_min.tokenizer import Tokenizer
 
 # Only these files are fetched from the Hub: no PyTorch .bin, no ONNX, no README images.
 HUB_PATTERNS = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                 "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found, parsed or matched against the model."""
-
 
 # ---------------------------------------------------------------------------------------------
 # Finding a checkpoint
@@ -99,8 +97,6 @@ def load_config(name_or_path: str | os.PathLike, *, revision: str | None = None)
     fetched, not the weights, so FLOPs can be planned before anything large is downloaded), or a GGUF
     file's metadata."""
     if is_gguf_checkpoint(name_or_path, revision):
-        from qwen_min import gguf
-
         return gguf.gguf_config(gguf.read_gguf(name_or_path))
     path = Path(name_or_path).expanduser()
     if path.is_file():
@@ -221,17 +217,6 @@ def load_weights(model: Qwen2, directory: Path) -> None:
                     params[expected[hf_name]].copy_(f.get_tensor(hf_name))
 
 
-def empty_model(config: QwenConfig, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2:
-    """A ``Qwen2`` whose storage is allocated once and left uninitialised, for a loader to fill."""
-    with torch.device("meta"):
-        model = Qwen2(config)
-    model = model.to(dtype).to_empty(device=device or "cpu")
-    if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
-        model.lm_head.weight = model.embed_tokens.weight
-    model.rotary.reset_parameters()
-    return model
-
-
 def is_gguf_checkpoint(name_or_path: str | os.PathLike, revision: str | None) -> bool:
     """Whether ``name_or_path`` names a GGUF file, by its extension (read by ``qwen_min.gguf``; a missing
     file is its error to report). A local file has no Hub revision, so one given is refused."""
@@ -250,8 +235,6 @@ def from_pretrained(name_or_path: str | os.PathLike, *, revision: str | None = N
     A GGUF file's tensors are dequantized to float32 and then converted to ``dtype`` (see qwen_min.gguf).
     """
     if is_gguf_checkpoint(name_or_path, revision):
-        from qwen_min import gguf
-
         return gguf.from_gguf(name_or_path, dtype=dtype, device=device)
     directory = resolve(name_or_path, revision=revision)
     model = empty_model(QwenConfig.from_json(directory / "config.json"), dtype, device)
@@ -283,3 +266,10 @@ def save_pretrained(model: Qwen2, directory: str | os.PathLike) -> Path:
     config["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     return directory
+
+
+def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
+    """The tokenizer of a Hub repo id, a local checkpoint folder or a GGUF file."""
+    if is_gguf_checkpoint(name_or_path, revision):
+        return gguf.tokenizer_from_gguf(name_or_path)
+    return Tokenizer(resolve(name_or_path, revision=revision))

@@ -257,3 +257,14 @@ def init_weights(model: nn.Module) -> nn.Module:
         else:
             param.zero_()
     return model
+
+
+def empty_model(config: QwenConfig, dtype: torch.dtype, device: torch.device | str | None) -> Qwen2:
+    """A ``Qwen2`` whose storage is allocated once and left uninitialised, for a loader to fill."""
+    with torch.device("meta"):
+        model = Qwen2(config)
+    model = model.to(dtype).to_empty(device=device or "cpu")
+    if config.tie_word_embeddings:  # to_empty gives each module its own tensor: tie again
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.reset_parameters()
+    return model

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from qwen_min.load import CheckpointError, is_gguf_checkpoint, resolve
+from qwen_min.config import CheckpointError
 
 
 class Tokenizer:
@@ -110,12 +110,3 @@ def _read_json(path: Path) -> dict:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object, found {type(d).__name__}")
     return d
-
-
-def load_tokenizer(name_or_path: str | os.PathLike, *, revision: str | None = None) -> Tokenizer:
-    """The tokenizer of a Hub repo id, a local checkpoint folder or a GGUF file."""
-    if is_gguf_checkpoint(name_or_path, revision):
-        from qwen_min.gguf import tokenizer_from_gguf
-
-        return tokenizer_from_gguf(name_or_path)
-    return Tokenizer(resolve(name_or_path, revision=revision))

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import qwen_min
-from qwen_min import CheckpointError, ConfigError, QwenConfig, Tokenizer
+from qwen_min import CheckpointError, ConfigError, QwenConfig, Tokenizer, convert
 from qwen_min import gguf as qg
 from qwen_min.ggml_blocks import FORMATS
 from tests.conftest import maxdiff, random_ids
@@ -371,7 +371,7 @@ def test_without_the_gguf_package(monkeypatch, files):
 
 def test_converter_writes_a_hub_folder(tmp_path, files):
     path, out = files["mixed"], tmp_path / "hub"
-    assert qg.main([str(path), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert convert.main([str(path), "--out", str(out), "--dtype", "fp32"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json", "model.safetensors",
                                                      "tokenizer.json", "tokenizer_config.json"]
     direct = qwen_min.from_pretrained(path, dtype=torch.float32)
@@ -396,7 +396,7 @@ def test_converter_never_overwrites(tmp_path, files, capsys):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert qg.main([str(files["Q8_0"]), "--out", str(out)]) == 1
+    assert convert.main([str(files["Q8_0"]), "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out) in err and "not an empty folder" in err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
