@@ -55,7 +55,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dty
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m qwen_min.convert", description=(
         "Write a Hub-layout checkpoint folder (model.safetensors, config.json, tokenizer files) from a Qwen2 "
         "GGUF file; the folder then works as --model anywhere."))
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tie-embeddings", action="store_true",
                         help="tie the output layer to the embeddings, ignoring the file's output.weight if any "
                              "(default: tied only when the file has no output.weight)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         out = convert(args.file, args.out, dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32,

@@ -24,11 +24,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 SCRIPTS = sorted(p.stem for p in (ROOT / "experiments").glob("*.py") if p.stem != "__init__")
+MODULES = ("flops", "qwen_min.convert")   # run with python -m
 
 # python experiments/<script>.py, or torchrun [options] experiments/<script>.py, or python -m flops; in
 # prose also a span that starts with a script's name and its flags, `train.py --resume`
-COMMAND = re.compile(r"\b(?:python3?|torchrun(?:\s+\S+)*?)\s+(?:experiments/(?P<script>\w+)\.py|-m\s+flops\b)"
-                     r"(?P<rest>.*)")
+COMMAND = re.compile(r"\b(?:python3?|torchrun(?:\s+\S+)*?)\s+"
+                     r"(?:experiments/(?P<script>\w+)\.py|-m\s+(?P<module>flops|qwen_min\.convert)\b)(?P<rest>.*)")
 SPAN_COMMAND = re.compile(r"^(?P<script>" + "|".join(SCRIPTS) + r")\.py(?P<rest>\s+-.*)$")
 PLACEHOLDER = re.compile(r"<[^<>\s]+>")
 DUMMY = "1"   # a value every placeholder's flag accepts: a path, a repo id, a count
@@ -40,7 +41,7 @@ REDIRECT = re.compile(r"\s\d?>")
 class Command:
     page: str
     line: int
-    script: str          # an experiments script's name, or "flops"
+    script: str          # an experiments script's name, or a module run with -m: "flops", "qwen_min.convert"
     argv: tuple[str, ...]
 
     def __str__(self) -> str:
@@ -58,6 +59,11 @@ def parse_command(script: str, argv: list[str]) -> None:
     from flops import __main__ as flops_cli
 
     try:
+        if script == "qwen_min.convert":
+            from qwen_min import convert
+
+            convert.build_parser().parse_args(argv)
+            return
         if script == "flops":
             if argv[:1] == ["ledger"]:
                 flops_cli.ledger_parser().parse_args(argv[1:])
@@ -126,7 +132,7 @@ def commands(page: Path) -> list[Command]:
                     argv = tuple(shlex.split(rest, comments=True))
                 except ValueError as e:         # an unclosed quote: reported by the test, not at collection
                     argv = ("<unreadable>", str(e))
-                found.append(Command(name, n, m["script"] or "flops", argv))
+                found.append(Command(name, n, m["script"] or m["module"], argv))
     return found
 
 
@@ -134,12 +140,12 @@ ALL = [c for page in PAGES for c in commands(page)]
 
 
 def test_the_documented_commands_cover_every_script():
-    assert {c.script for c in ALL} >= {*SCRIPTS, "flops"}, "a script no page shows how to run"
+    assert {c.script for c in ALL} >= {*SCRIPTS, *MODULES}, "a script no page shows how to run"
 
 
 @pytest.mark.parametrize("command", ALL, ids=str)
 def test_a_documented_command_parses(command: Command):
-    assert command.script in SCRIPTS or command.script == "flops", f"{command}: no such script"
+    assert command.script in SCRIPTS or command.script in MODULES, f"{command}: no such script"
     try:
         parse_command(command.script, list(command.argv))
     except ParseError as e:
@@ -148,7 +154,7 @@ def test_a_documented_command_parses(command: Command):
     assert not shortened, f"{command}: {shortened} are not the flags' full names"
 
 
-@pytest.mark.parametrize("script", [*SCRIPTS, "flops"])
+@pytest.mark.parametrize("script", [*SCRIPTS, *MODULES])
 def test_the_check_refuses_an_unknown_flag(script: str):
     with pytest.raises(ParseError):
         parse_command(script, ["--no-such-flag"])
