@@ -19,9 +19,9 @@ allocation/copy and other, in ms and as fractions. The output (and --json) start
 ran: CPU model and its bf16-relevant ISA flags, torch and oneDNN versions, the bf16 matmul kernel
 oneDNN picks, threads, ONEDNN_MAX_CPU_ISA if set, the GPU on CUDA.
 
-The pieces are in experiments/lib: bench_env.py (where it ran, memory, the matmul peak),
-bench_cases.py (the models and timed cases), bench_phases.py (the profiler's phases); the device
-check, experiments/gpu_check.py, is made of the same.
+The pieces are in experiments/lib/bench: env.py (where it ran, memory, the matmul peak), cases.py
+(the models and timed cases), phases.py (the profiler's phases); the device check,
+experiments/gpu_check.py, is made of the same.
 
     python experiments/benchmark.py --device cuda         # on a GPU (bf16)
     ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python experiments/benchmark.py   # an AMX CPU without AMX
@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 
 import torch
 
-from experiments.lib.bench_cases import (
+from experiments.lib.bench.cases import (
     DTYPES,
     allowed_ids,
     alternate,
@@ -56,8 +56,8 @@ from experiments.lib.bench_cases import (
     time_train_step,
     write_checkpoint,
 )
-from experiments.lib.bench_env import environment, matmul_peak, print_environment
-from experiments.lib.bench_phases import print_phases, profile_phases
+from experiments.lib.bench.env import environment, matmul_peak, print_environment
+from experiments.lib.bench.phases import print_phases, profile_phases
 
 PARTS = ("train", "memory", "forward", "forecast", "generate", "load", "phases")
 B, T = 4, 512          # the training step's and the forward's batch
@@ -148,7 +148,7 @@ def bench_memory(b: Bench, only: list[str]) -> None:
 def bench_generation(b: Bench, only: list[str]) -> None:
     """LLMTIME forecasting (32 series, 50 steps greedy, constrained) and batched greedy generation."""
     import qwen_min
-    from experiments.lib.forecasting import ALPHABET
+    from experiments.lib.science.forecasting import ALPHABET
 
     ours, theirs = b.models()
     if (b.ckpt / "tokenizer.json").is_file():   # (a real checkpoint: its own tokenizer gives the same ids)
@@ -184,7 +184,7 @@ RUNS = ((("load",), bench_load), (("train", "forward"), bench_train_and_forward)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from experiments.lib.devices import pick_device
+    from experiments.lib.run.devices import pick_device
 
     args = parse_args(argv)
     device = pick_device(args.device)
@@ -204,6 +204,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from experiments.lib import cli
+    from experiments.lib.run import cli
 
     sys.exit(cli.run_as_script(main))

@@ -20,22 +20,27 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwen_min
-from experiments.lib import cli, config, data, devices, files, planning, runs, training
-from experiments.lib.booking import Booking
-from experiments.lib.config import EvalConfig
-from experiments.lib.windows import require_scored
+from experiments.lib import files
+from experiments.lib.budget import planning
+from experiments.lib.budget.booking import Booking, reserve
+from experiments.lib.run import cli, devices, folder, rundata
+from experiments.lib.run.config import EvalConfig
+from experiments.lib.run.models import load_adapter, load_model
+from experiments.lib.run.windows import require_scored
+from experiments.lib.science import data
+from experiments.lib.training import evaluation
 
 
 def parse_args(argv: list[str] | None = None) -> EvalConfig:
-    return config.parse(EvalConfig, argv, __doc__)
+    return cli.parse(EvalConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
-    out = runs.start_run(cfg, "evaluate")
-    runs.seed_everything(cfg.seed)
+    out = folder.start_run(cfg, "evaluate")
+    folder.seed_everything(cfg.seed)
     device = devices.pick_device(cfg.device)
-    run_data = runs.prepare_data(cfg, out)  # with --adapter: its splits, encoding and (checked) data file
+    run_data = rundata.prepare_data(cfg, out)  # with --adapter: its splits, encoding and (checked) data file
     texts = run_data.texts(cfg.split, cfg.max_systems)
     tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
     L = cfg.context_length
@@ -46,23 +51,23 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- plan (the tokens each batch scores: exactly what it charges), reserved before any model work
     shape = planning.meta_model(qwen_min.load_config(cfg.model, revision=cfg.revision))
     if cfg.adapter:
-        runs.load_adapter(shape, cfg)
+        load_adapter(shape, cfg)
     n = len(windows.input_ids)
     costs = planning.ScoredCosts(shape, cfg.batch_size, L)
     planned = costs.windows_loss(windows.labels)
-    reservation = runs.reserve(cfg, planned, kind="eval",
+    reservation = reserve(cfg, planned, kind="eval",
                                    config={"split": cfg.split, "adapter": cfg.adapter, "windows": n})
     with Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
-        model, _ = runs.load_model(cfg, device)
+        model, _ = load_model(cfg, device)
         if cfg.adapter:
-            runs.load_adapter(model, cfg, run_data)
+            load_adapter(model, cfg, run_data)
         model.eval()
 
         def charge_batch(rows: int, scored: int) -> None:
             booking.charge(costs.evaluation(rows, scored), kind="eval", tokens=rows * L,
                            config={"split": cfg.split, "adapter": cfg.adapter, "windows": rows, "of": n})
 
-        loss, tokens = training.windows_loss(model, windows.input_ids, windows.labels, cfg.batch_size, device,
+        loss, tokens = evaluation.windows_loss(model, windows.input_ids, windows.labels, cfg.batch_size, device,
                                              what=what, after_batch=charge_batch)
     result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "dtype": devices.dtype_of(model),
               "loss": loss,

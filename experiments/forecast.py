@@ -14,7 +14,7 @@ Generated text is decoded strictly with the run's encoding: a step with the wron
 decimals, no decimal point, an empty or extra field, or cut off by the token limit is malformed
 at its own index. Every forecaster is scored on every step (malformed steps filled with the last
 valid value), with coverage, the common-support MAE and a scale-free score against persistence;
-see experiments/lib/metrics.py.
+see experiments/lib/science/metrics.py.
 
 Files in --out: forecast_metrics.json (per model: coverage, filled-in MAE/MSE overall, over the
 first 10 steps and per horizon step, common-support MAE, relative score, CRPS and band coverage
@@ -39,27 +39,17 @@ import numpy as np
 from tqdm import tqdm
 
 import qwen_min
-from experiments.lib import (
-    baselines,
-    cli,
-    config,
-    data,
-    devices,
-    errors,
-    files,
-    forecasting,
-    llmtime,
-    metrics,
-    planning,
-    plots,
-    runs,
-)
-from experiments.lib.booking import Booking
-from experiments.lib.config import ForecastConfig
+from experiments.lib import errors, files, plots
+from experiments.lib.budget import planning
+from experiments.lib.budget.booking import Booking, reserve
+from experiments.lib.run import cli, devices, folder, rundata
+from experiments.lib.run.config import ForecastConfig
+from experiments.lib.run.models import load_adapter, load_model
+from experiments.lib.science import baselines, data, forecasting, llmtime, metrics
 
 
 def parse_args(argv: list[str] | None = None) -> ForecastConfig:
-    return config.parse(ForecastConfig, argv, __doc__)
+    return cli.parse(ForecastConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,11 +57,11 @@ def main(argv: list[str] | None = None) -> dict:
     if not cfg.no_baselines and cfg.context_steps <= baselines.AR_ORDER:
         raise errors.UsageError(f"--context-steps {cfg.context_steps}: the linear AR baseline needs at least "
                                 f"{baselines.AR_ORDER + 1} prompt steps (or pass --no-baselines)")
-    out = runs.start_run(cfg, "forecast")
-    runs.seed_everything(cfg.seed)
+    out = folder.start_run(cfg, "forecast")
+    folder.seed_everything(cfg.seed)
     device = devices.pick_device(cfg.device)
     # with --adapter: its own splits, encoding and (checksum-checked) data file, wherever it was moved
-    run_data = runs.prepare_data(cfg, out)
+    run_data = rundata.prepare_data(cfg, out)
     enc = run_data.encoding
     C, H = cfg.context_steps, cfg.horizon
     systems = run_data.systems(cfg.split, cfg.max_systems)
@@ -93,9 +83,9 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
     shape = planning.meta_model(qwen_min.load_config(cfg.model, revision=cfg.revision))
     if cfg.adapter:
-        runs.load_adapter(shape, cfg)
+        load_adapter(shape, cfg)
     planned = len(models) * planning.forecast_plan(cfg, shape, tokenizer, prompts)
-    reservation = runs.reserve(cfg, planned, kind="forecast",
+    reservation = reserve(cfg, planned, kind="forecast",
                                config={"models": [m for m, _ in models], "systems": len(systems)})
     bound = "" if cfg.run_to_limit else "at most "
     print(f"plan: {bound}{planned:.3e} FLOPs for {len(models)} model(s) x {len(systems)} systems", flush=True)
@@ -103,10 +93,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- the language models, greedy and (--samples) sampled; each generate call charged as it ends
     results: dict[str, dict[str, forecasting.ForecastRun]] = {}
     with Booking(reservation) as booking:  # closed on any exit, releasing what was not spent
-        model, _ = runs.load_model(cfg, device)
+        model, _ = load_model(cfg, device)
         for label, adapter in models:
             if adapter:
-                runs.load_adapter(model, cfg, run_data)
+                load_adapter(model, cfg, run_data)
             model.eval()
             results[label] = {}
             for mode, S in [("greedy", 1)] + ([("samples", cfg.samples)] if cfg.samples else []):

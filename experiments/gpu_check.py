@@ -10,7 +10,7 @@ one that fails still leaves the others reported (each: ``ok``, ``error``, its fi
   logits    ours against transformers + PEFT on the same device and weights (LoRA rank 4 on q, v
             with non-zero B): the largest logit difference (fp32: within 1e-4; bf16: within 5% of
             the largest logit), and greedy generation of the same left-padded batch: identical ids
-  train     a LoRA training step (experiments/lib/train_step.py, AdamW), tokens/s and model FLOP
+  train     a LoRA training step (experiments/lib/training/step.py, AdamW), tokens/s and model FLOP
             utilisation against the matmul peak measured here (bf16 on a GPU, fp32 on a CPU) at
             each --train-sizes (4x512 and a larger batch), ours and transformers + PEFT
   forecast  greedy forecasting, time steps per second, for each --forecast-series x
@@ -22,7 +22,7 @@ one that fails still leaves the others reported (each: ``ok``, ``error``, its fi
             measured above
 
 The JSON is rewritten after every part, so a check stopped from outside keeps what it measured.
-The figures reuse the benchmark's pieces (experiments/lib/bench_*.py); the JSON (--json) also
+The figures reuse the benchmark's pieces (experiments/lib/bench/); the JSON (--json) also
 records where it ran and which of qwen_min.fastpath's devices applied there.
 """
 
@@ -128,7 +128,7 @@ def randomize_lora(ours, theirs, seed: int = 0) -> None:
 
 
 def check_logits(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> dict:
-    from experiments.lib import bench_cases
+    from experiments.lib.bench import cases as bench_cases
 
     ours = bench_cases.load_ours(ckpt, dtype, device, lora_rank=4).eval()
     theirs = bench_cases.load_theirs(ckpt, dtype, device, lora_rank=4).eval()
@@ -161,7 +161,8 @@ def check_logits(ckpt: Path, dtype: torch.dtype, device: torch.device, args: arg
 
 
 def check_train(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> dict:
-    from experiments.lib import bench_cases, bench_env
+    from experiments.lib.bench import cases as bench_cases
+    from experiments.lib.bench import env as bench_env
 
     ours = bench_cases.load_ours(ckpt, dtype, device, lora_rank=4)
     theirs = bench_cases.load_theirs(ckpt, dtype, device, lora_rank=4)
@@ -179,7 +180,7 @@ def check_train(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argp
 
 
 def check_forecast(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> dict:
-    from experiments.lib import bench_cases
+    from experiments.lib.bench import cases as bench_cases
 
     ours = bench_cases.load_ours(ckpt, dtype, device)
     theirs = bench_cases.load_theirs(ckpt, dtype, device)
@@ -199,7 +200,7 @@ def check_forecast(ckpt: Path, dtype: torch.dtype, device: torch.device, args: a
 
 
 def check_memory(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argparse.Namespace) -> dict:
-    from experiments.lib import bench_cases
+    from experiments.lib.bench import cases as bench_cases
 
     (B, T), *_ = sizes(args.train_sizes, 2)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -215,7 +216,7 @@ def wall_time_estimate(items: list[dict], results: dict) -> dict:
     tokens/s of the size nearest its batch x context (scaled by tokens), the validation CE at three
     times that (a forward), every forecast's time steps at the forecasting steps/s of the series
     count nearest its rows per call. Not counted: loading, tokenizing, the baselines."""
-    from experiments.lib import config
+    from experiments.lib.run import cli, config
 
     train = results.get("train", {}).get("sizes") or {}
     fc = results.get("forecast", {}).get("series") or {}
@@ -232,14 +233,14 @@ def wall_time_estimate(items: list[dict], results: dict) -> dict:
     out = {}
     for item in items:
         if item["script"] == "train":
-            a = config.parse(config.TrainConfig, item["argv"])
+            a = cli.parse(config.TrainConfig, item["argv"])
             tokens = a.batch_size * a.context_length
             evals = (a.max_steps // a.eval_every + bool(a.eval_at_start)) if a.eval_every else 0
             rows = a.val_forecast_systems  # (one generate call of every validation prompt)
             seconds = (a.max_steps * tokens / tok_s(tokens) + evals * a.eval_windows * a.context_length
                        / (3 * tok_s(tokens)) + evals * a.val_forecast_systems * a.horizon / steps_s(rows))
         else:
-            a = config.parse(config.ForecastConfig, item["argv"])
+            a = cli.parse(config.ForecastConfig, item["argv"])
             n = a.max_systems or 150  # (the study always names it)
             greedy = n * a.horizon / steps_s(min(n, a.forecast_batch))
             sampled = n * a.samples * a.horizon / steps_s(min(n, a.forecast_batch) * a.samples) if a.samples else 0.0
@@ -284,8 +285,10 @@ def check_plan(ckpt: Path, dtype: torch.dtype, device: torch.device, args: argpa
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from experiments.lib import bench_cases, bench_env, errors
-    from experiments.lib.devices import pick_device
+    from experiments.lib import errors
+    from experiments.lib.bench import cases as bench_cases
+    from experiments.lib.bench import env as bench_env
+    from experiments.lib.run.devices import pick_device
     from qwen_min import fastpath
 
     t0 = time.perf_counter()

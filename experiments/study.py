@@ -28,7 +28,7 @@ priced by the FLOP counter and reserved in the ledger before anything runs, each
 at its most expensive option; if what is left of the budget cannot pay for it, every training run's
 steps are trimmed in proportion (--no-trim: refused). Once a choice is made, the runs that depend on
 it are priced again before they start (plan.json: "bound" reserved, "flops" the price). Each run
-is a config (experiments/lib/config.py), priced as it is, and started as the command line that
+is a config (experiments/lib/run/config.py), priced as it is, and started as the command line that
 gives it back. Training steps and cross-entropy evaluations are priced exactly (the batches each run
 draws); generation at its token limit, an upper bound: forecasts stop at the horizon, and the gap
 between price and charge is that alone (the report shows both). Killed, the study continues where it stopped
@@ -57,10 +57,13 @@ import numpy as np
 import flops
 import lora
 import qwen_min
-from experiments.lib import cli, config, data, errors, files, metrics_log, planning, reporting, runs, validation
-from experiments.lib.config import ForecastConfig, RunConfig, TrainConfig
-from experiments.lib.flagtypes import finite_positive_float, non_negative_int, positive_int
-from experiments.lib.windows import prepare_windows
+from experiments.lib import errors, files, reporting
+from experiments.lib.budget import planning
+from experiments.lib.run import checkpoint, cli, config, folder, metrics_log, rundata
+from experiments.lib.run.config import ForecastConfig, RunConfig, TrainConfig
+from experiments.lib.run.flagtypes import finite_positive_float, non_negative_int, positive_int
+from experiments.lib.run.windows import forecast_set_of, prepare_windows
+from experiments.lib.science import data
 
 SCRIPTS = Path(__file__).resolve().parent
 
@@ -170,7 +173,7 @@ class Study:
         self.shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
         self.tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)
         self._prices: dict[tuple[RunConfig, int], tuple[float, float]] = {}
-        self._windows: dict[int, tuple[runs.RunData, data.Windows, data.Windows]] = {}
+        self._windows: dict[int, tuple[rundata.RunData, data.Windows, data.Windows]] = {}
         # what every run of the study shares
         self.common = {"model": args.model, "revision": args.revision, "data": args.data, "device": args.device,
                        "dtype": args.dtype, "seed": args.seed, "budget": args.budget, "ledger": self.ledger_path}
@@ -180,7 +183,7 @@ class Study:
         """Tokens of the longest prompt + horizon of the validation systems forecast: a window that holds
         a whole forecast."""
         p = self.preset
-        run_data = runs.prepare_data(RunConfig(**self.common))
+        run_data = rundata.prepare_data(RunConfig(**self.common))
         examples = data.forecast_examples(run_data.trajectories, run_data.systems("val", p.val_systems),
                                           run_data.encoding, context_steps=p.context_steps, horizon=p.horizon)
         return max(len(self.tokenizer.encode(e.prompt + e.target_text)) for e in examples)
@@ -239,11 +242,11 @@ class Study:
         if key not in self._prices:
             if isinstance(cfg, TrainConfig):
                 run_data, train, val = self.windows(cfg)
-                forecasts = validation.forecast_set_of(cfg, run_data, self.tokenizer)
+                forecasts = forecast_set_of(cfg, run_data, self.tokenizer)
                 plan, _ = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
                 self._prices[key] = plan.total, plan.generation
             else:
-                run_data = runs.prepare_data(replace(cfg, adapter=None))   # (not trained yet; the seed's splits)
+                run_data = rundata.prepare_data(replace(cfg, adapter=None))   # (not trained yet; the seed's splits)
                 prompts = [e.prompt for e in data.forecast_examples(
                     run_data.trajectories, run_data.systems(cfg.split, cfg.max_systems), run_data.encoding,
                     context_steps=cfg.context_steps, horizon=cfg.horizon)]
@@ -254,7 +257,7 @@ class Study:
                 self._prices[key] = price, price
         return self._prices[key]
 
-    def windows(self, cfg: TrainConfig) -> tuple[runs.RunData, data.Windows, data.Windows]:
+    def windows(self, cfg: TrainConfig) -> tuple[rundata.RunData, data.Windows, data.Windows]:
         """A training run's data and windows (every run of the study cuts the same systems, so they
         differ only by the window length: tokenized once per length)."""
         if cfg.context_length not in self._windows:
@@ -269,7 +272,7 @@ class Study:
         final, test = one["final"], one["final_test"].flops
         cfg = final.config
         run_data, train, val = self.windows(cfg)
-        forecasts = validation.forecast_set_of(cfg, run_data, self.tokenizer)
+        forecasts = forecast_set_of(cfg, run_data, self.tokenizer)
         plan, shape = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
         fixed = test + plan.full_eval + (plan.eval if cfg.eval_at_start else 0.0)   # whatever the step count
         if final.flops + test > left:
@@ -304,11 +307,10 @@ def run_item(item: Item, out: Path, reservation: str) -> None:
         print(f"[study] {item.name}: done before, kept", flush=True)
         return
     cfg = replace(item.config, reservation=reservation)
-    folder = out / item.name
-    if isinstance(cfg, TrainConfig) and any((folder / c / "state.json").is_file()
-                                            for c in ("checkpoint", "checkpoint.old")):
+    run = out / item.name
+    if isinstance(cfg, TrainConfig) and checkpoint.exists(checkpoint.folder(run)):
         cfg = replace(cfg, resume=True)       # (interrupted after a checkpoint: continue it)
-    elif (folder / f"{item.script}_args.json").is_file():
+    elif (run / f"{item.script}_args.json").is_file():
         cfg = replace(cfg, overwrite=True)    # (interrupted before anything could be continued: start it again)
     cmd = [sys.executable, str(SCRIPTS / f"{item.script}.py"), *config.to_argv(cfg)]
     print(f"[study] {item.name}: python {' '.join(cmd[1:])}", flush=True)
@@ -356,7 +358,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
     study = Study(args)
     out, p = study.out, study.preset
-    runs.claim_run(out)   # (a second study on this folder is refused; run again, this one continues)
+    folder.claim_run(out)   # (a second study on this folder is refused; run again, this one continues)
     files.write_json(out / "study_args.json", {"argv": sys.argv, **vars(args), "preset_values": asdict(p)})
 
     # ---- plan everything at the most expensive choices, fit it to the budget, reserve it

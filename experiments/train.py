@@ -37,52 +37,47 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 import flops
 import lora
 import qwen_min
-from experiments.lib import (
-    checkpoint,
-    cli,
-    config,
-    data,
-    devices,
-    errors,
-    files,
-    metrics_log,
-    parallel,
-    planning,
-    runs,
-    training,
-    validation,
-)
-from experiments.lib.accounts import RunAccounts
-from experiments.lib.booking import Booking, Interrupted
-from experiments.lib.config import TrainConfig
-from experiments.lib.train_step import train_step
-from experiments.lib.training import RunState
-from experiments.lib.windows import prepare_windows
+from experiments.lib import errors, files
+from experiments.lib.budget import booking, planning
+from experiments.lib.budget.accounts import RunAccounts
+from experiments.lib.budget.booking import Booking
+from experiments.lib.errors import Interrupted
+from experiments.lib.run import checkpoint, cli, devices, folder, metrics_log, parallel, rundata
+from experiments.lib.run.config import SELECT_BY, TrainConfig
+from experiments.lib.run.metrics_log import MetricsLog
+from experiments.lib.run.models import load_model
+from experiments.lib.run.windows import forecast_set_of, prepare_windows
+from experiments.lib.science import data
+from experiments.lib.training import evaluation, schedule
+from experiments.lib.training.evaluation import ForecastSet
+from experiments.lib.training.state import RunState, check_finite, load_trainable, trainable_copy
+from experiments.lib.training.step import train_step
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    return config.parse(TrainConfig, argv, __doc__)
+    return cli.parse(TrainConfig, argv, __doc__)
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     dp = parallel.start_distributed(cfg.device, cfg.batch_size)  # torchrun: one process per rank
-    out = runs.start_run(cfg, "train") if dp.main else Path(cfg.out)
+    out = folder.start_run(cfg, "train") if dp.main else Path(cfg.out)
     dp.barrier()
-    runs.seed_everything(cfg.seed)
+    folder.seed_everything(cfg.seed)
 
     # ---- data, and the FLOPs still to spend reserved in the ledger, before any model work
     tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
     run_data, train, val = prepare_windows(cfg, out if dp.main else None, tokenizer)
-    forecasts = validation.forecast_set_of(cfg, run_data, tokenizer)
-    at = checkpoint.read_state(out / "checkpoint").step if cfg.resume else 0
+    forecasts = forecast_set_of(cfg, run_data, tokenizer)
+    at = checkpoint.read_state(checkpoint.folder(out)).step if cfg.resume else 0
     plan, shape = planning.train_plan(cfg, train, val, dp.world, from_step=at,
                                       forecast_calls=forecasts and forecasts.calls)
     reservation = reserve(cfg, plan, at, dp.world) if dp.main else None
@@ -101,10 +96,10 @@ class Prepared:
     """What main() readies before any model work: the run's data, its training and validation
     windows, the validation forecasts, and the plan with the LoRA-wrapped structure it was priced on."""
 
-    run_data: runs.RunData
+    run_data: rundata.RunData
     train: data.Windows
     val: data.Windows
-    forecasts: validation.ForecastSet | None
+    forecasts: ForecastSet | None
     plan: planning.TrainPlan
     shape: qwen_min.Qwen2
 
@@ -114,21 +109,21 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
     run_data, train, val = prepared.run_data, prepared.train, prepared.val
     # ---- model: the frozen base, LoRA on --targets, AdamW on what is trainable
     device, t_start = dp.device, time.time()
-    model, _ = runs.load_model(cfg, device)
+    model, _ = load_model(cfg, device)
     lora.apply_lora(model, rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets,
                     dropout=cfg.lora_dropout, train_lm_head_bias=cfg.train_lm_head_bias)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     state, best, untrained = RunState(), {}, None  # best: the adapter of the best evaluation so far; empty: none yet
     if cfg.resume:
-        state, best = checkpoint.load(out / "checkpoint", model, opt)
-        untrained = checkpoint.load_untrained(out / "checkpoint")
+        state, best = checkpoint.load(checkpoint.folder(out), model, opt)
+        untrained = checkpoint.load_untrained(checkpoint.folder(out))
     wandb_run = metrics_log.start_wandb(cfg) if cfg.wandb and dp.main else None
     log = metrics_log.MetricsLog(out, resume_step=state.step if cfg.resume else None, write=dp.main,
                                  wandb_run=wandb_run)
     costs = planning.ScoredCosts(prepared.shape, cfg.batch_size, cfg.context_length)
     accounts = RunAccounts(booking, costs, state, world=dp.world)
-    evaluate = validation.Validator(val.head(cfg.eval_windows), prepared.forecasts, select_by=cfg.select_by,
+    evaluate = Validator(val.head(cfg.eval_windows), prepared.forecasts, select_by=cfg.select_by,
                                     accounts=accounts, log=log, best=best, untrained=untrained)
 
     # ---- the loop: batch, forward, loss, backward, step, log, evaluate, checkpoint. The ledger's
@@ -139,12 +134,12 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
     hidden = torch.compile(model.hidden) if cfg.compile else model.hidden
     n_train, local = len(train.input_ids), cfg.batch_size // dp.world
     bar = tqdm(total=cfg.max_steps, initial=state.step, disable=not dp.main, desc="train", unit="step")
-    t_step, stopped_early, lr_of = time.time(), False, training.schedule_of(cfg)
+    t_step, stopped_early, lr_of = time.time(), False, schedule.schedule_of(cfg)
     try:
         if cfg.eval_every and cfg.eval_at_start and state.step == 0:  # the untrained model: a candidate
             evaluate(model, state, lr_of(0))
         while state.step < cfg.max_steps:
-            batch = training.next_batch(state, n_train, cfg.batch_size, cfg.seed)   # the same after a resume
+            batch = schedule.next_batch(state, n_train, cfg.batch_size, cfg.seed)   # the same after a resume
             rows = batch[dp.rank * local:(dp.rank + 1) * local]  # this rank's share
             ids, labels = train.input_ids[rows].to(device), train.labels[rows].to(device)
             # Each rank's loss is its share of the *global* mean: its sum / every rank's scored tokens.
@@ -165,7 +160,7 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
                 log(state, "train", loss, lr, tokens_per_s=tok_s, scored_tokens=n_scored)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tok_s:.0f}", flops=f"{state.flops:.2e}")
             bar.update()
-            training.check_finite(loss, "training", state.step)
+            check_finite(loss, "training", state.step)
 
             if cfg.eval_every and state.step % cfg.eval_every == 0:
                 evaluate(model, state, lr)  # charged and logged; keeps the best adapter so far
@@ -173,7 +168,7 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
             if dp.main and (state.step % cfg.checkpoint_every == 0 or stopped_early
                             or state.step == cfg.max_steps):
                 with accounts.settled():   # every FLOP charged before a checkpoint holds it
-                    checkpoint.save(out / "checkpoint", model, opt, state, evaluate.best, evaluate.untrained)
+                    checkpoint.save(checkpoint.folder(out), model, opt, state, evaluate.best, evaluate.untrained)
             if stopped_early:
                 break
     except Interrupted as e:
@@ -186,12 +181,12 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
 
     # ---- the best adapter (the final one if no evaluation ran), scored on the whole validation
     # split (charged batch by batch), saved in PEFT's layout
-    training.load_trainable(model, evaluate.best)
+    load_trainable(model, evaluate.best)
     model.eval()
-    val_loss, val_tokens = training.windows_loss(model, val.input_ids, val.labels, cfg.batch_size, device,
+    val_loss, val_tokens = evaluation.windows_loss(model, val.input_ids, val.labels, cfg.batch_size, device,
                                                  what="the validation split",
                                                  after_batch=accounts.final_batch(len(val.input_ids)))
-    training.check_finite(val_loss, "validation", state.step)
+    check_finite(val_loss, "validation", state.step)
     summary = {"name": cfg.run_name, "data": run_data.data_path, "dtype": devices.dtype_of(model), "rank": cfg.rank,
                "lr": cfg.lr,
                "context_length": cfg.context_length, "steps": state.step, "best_step": state.best_step,
@@ -212,9 +207,61 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
     return summary
 
 
+class Validator:
+    """One evaluation of train.py: the cross-entropy of the fixed validation subset and (with a
+    ForecastSet) the greedy forecasts of the validation systems, each charged (``accounts``, kind
+    ``eval``) as it ends and logged; then early stopping's bookkeeping by the ``select_by`` score,
+    keeping a copy of the best adapter in ``best``. The forecasts at step 0 (the untrained model)
+    are kept in ``untrained``; every evaluation after them logs ``vs_untrained``. A resumed run
+    passes its checkpoint's ``best`` and ``untrained``."""
+
+    def __init__(self, windows: data.Windows, forecasts: ForecastSet | None, *, select_by: str,
+                 accounts: RunAccounts, log: MetricsLog, best: dict[str, torch.Tensor] | None = None,
+                 untrained: np.ndarray | None = None) -> None:
+        if select_by not in SELECT_BY:
+            raise ValueError(f"select by {select_by!r}: one of {SELECT_BY}")
+        if select_by != "loss" and forecasts is None:
+            raise errors.UsageError(f"--select-by {select_by} needs --val-forecast-systems > 0")
+        self.windows, self.forecasts, self.select_by, self.accounts, self.log = windows, forecasts, select_by, \
+            accounts, log
+        self.best = best or {}  # the best adapter so far (a resumed run's from its checkpoint); empty: none yet
+        self.untrained = untrained  # the step-0 forecasts (a resumed run's from its checkpoint); None: not yet
+
+    def __call__(self, model: qwen_min.Qwen2, state: RunState, lr: float) -> None:
+        ids, labels, costs, accounts = self.windows.input_ids, self.windows.labels, self.accounts.costs, self.accounts
+        device = model.lm_head.weight.device
+        cost = costs.evaluation(len(ids), int((labels != -100).sum()))
+        if self.forecasts is not None:   # (generation priced at its token limit: at least what it spends)
+            cost += planning.calls_flops(costs.shape, self.forecasts.calls)
+        accounts.before_eval(cost)
+        model.eval()
+        loss, scored = evaluation.windows_loss(model, ids, labels, costs.batch_size, device,
+                                             what="the validation subset")
+        with accounts.held():  # the evaluation's charge and its metrics row: a signal waits for both
+            accounts.eval_done(costs.evaluation(len(ids), scored), len(ids) * ids.shape[1],
+                               {"split": "val", "step": state.step, "windows": len(ids)})
+            self.log(state, "val", loss, lr, scored_tokens=scored)
+        check_finite(loss, "validation-subset", state.step)
+        figures: dict = {"val_loss": loss}
+        if self.forecasts is not None:
+            figures |= evaluation.score_forecasts(
+                model, self.forecasts, device, on_call=lambda call, f: accounts.eval_done(
+                    f, call["batch"] * call["steps"], {"split": "val", "step": state.step, "forecast": call}))
+            values = figures.pop("forecasts")
+            if state.step == 0:   # every LoRA B is still zero: these are the untrained model's forecasts
+                self.untrained = values
+            if self.untrained is not None:
+                figures["vs_untrained"] = evaluation.vs_untrained(values, self.untrained, self.forecasts)
+            with accounts.held():
+                self.log(state, "val_forecast", None, lr, **{k: v for k, v in figures.items() if k != "val_loss"})
+        model.train()
+        if state.record_val(evaluation.selection_score(figures, self.select_by), figures):
+            self.best = trainable_copy(model)
+
+
 def reserve(cfg: TrainConfig, plan: planning.TrainPlan, at: int, world: int) -> flops.Reservation:
     """Hold the FLOPs of what is left of the run (all of it, or from the resumed step ``at``), or refuse it."""
-    reservation = runs.reserve(cfg, plan.total, kind="train", config={
+    reservation = booking.reserve(cfg, plan.total, kind="train", config={
         "rank": cfg.rank, "lr": cfg.lr, "context_length": cfg.context_length, "batch_size": cfg.batch_size,
         "from_step": at, "max_steps": cfg.max_steps, "world_size": world})
     print(f"plan: {plan.steps} steps x {plan.step:.3e} FLOPs (on average) + {plan.evals} evaluations x "
@@ -223,15 +270,15 @@ def reserve(cfg: TrainConfig, plan: planning.TrainPlan, at: int, world: int) -> 
     return reservation
 
 
-def save_adapter(model: qwen_min.Qwen2, out: Path, run_data: runs.RunData, cfg: TrainConfig) -> None:
+def save_adapter(model: qwen_min.Qwen2, out: Path, run_data: rundata.RunData, cfg: TrainConfig) -> None:
     lora.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
-    runs.save_adapter_files(out / "adapter", run_data)
+    rundata.save_adapter_files(out / "adapter", run_data)
 
 
 def interrupted_note(e: Interrupted, out: Path, argv: list[str]) -> str:
     """One line after SIGINT/SIGTERM: the step reached and the command line that continues the run."""
     try:
-        saved = checkpoint.read_state(out / "checkpoint").step
+        saved = checkpoint.read_state(checkpoint.folder(out)).step
     except errors.ExperimentError:
         saved = None
     where = (f"the last checkpoint is step {saved}" if saved is not None else
@@ -245,12 +292,12 @@ def interrupted_note(e: Interrupted, out: Path, argv: list[str]) -> str:
 
 
 def keep_best(e: errors.Diverged, model: qwen_min.Qwen2, best: dict, state: RunState, out: Path,
-              run_data: runs.RunData, cfg: TrainConfig, dp: parallel.Distributed) -> str:
+              run_data: rundata.RunData, cfg: TrainConfig, dp: parallel.Distributed) -> str:
     """After a loss that is not finite: the last checkpoint stays as it was (nothing was saved since);
     the best adapter so far is saved, if an evaluation found one. Returns the message to stop with."""
-    msg = f"{e}: the run stops; {out / 'checkpoint'} keeps the last good checkpoint"
+    msg = f"{e}: the run stops; {checkpoint.folder(out)} keeps the last good checkpoint"
     if best and dp.main:
-        training.load_trainable(model, best)
+        load_trainable(model, best)
         save_adapter(model, out, run_data, cfg)
         msg += f"; {out / 'adapter'} holds the best adapter so far (step {state.best_step})"
     return msg + ("" if best else "; no evaluation had scored an adapter yet, so none is saved")

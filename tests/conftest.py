@@ -174,7 +174,7 @@ def hf_tiny(tiny_ckpt):
 @pytest.fixture(scope="session")
 def lv_data_file(tmp_path_factory) -> Path:
     """40 generated predator-prey systems (seed 5) in the study's HDF5 format."""
-    from experiments.lib.lotka_volterra import generate_dataset, save_h5
+    from experiments.lib.science.lotka_volterra import generate_dataset, save_h5
 
     traj, time_, params = generate_dataset(40, seed=5)
     return save_h5(tmp_path_factory.mktemp("lv_data") / "lv.h5", traj, time_, params)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from experiments.lib import baselines
-from experiments.lib.lotka_volterra import sample_parameters
+from experiments.lib.science import baselines
+from experiments.lib.science.lotka_volterra import sample_parameters
 
 
 def test_registry_shapes():

@@ -1,5 +1,5 @@
 """The benchmark's account of where it ran and where the time goes (experiments/benchmark.py and its
-pieces in experiments/lib/bench_*.py), on the tiny checkpoint: the figures themselves are the
+pieces in experiments/lib/bench/), on the tiny checkpoint: the figures themselves are the
 benchmark's business, not a unit test's."""
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import qwen_min
-from experiments.lib import bench_cases, bench_env, bench_phases
+from experiments.lib.bench import cases as bench_cases
+from experiments.lib.bench import env as bench_env
+from experiments.lib.bench import phases as bench_phases
 
 CPU = torch.device("cpu")
 

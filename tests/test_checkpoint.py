@@ -11,8 +11,8 @@ import os
 import pytest
 import torch
 
-from experiments.lib import checkpoint, training
-from experiments.lib.training import RunState
+from experiments.lib.run import checkpoint
+from experiments.lib.training.state import RunState, trainable_copy
 
 
 def _model_and_opt(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -32,7 +32,7 @@ def test_a_resumed_run_continues_exactly(tmp_path):
     model, opt = _model_and_opt(0)
     for _ in range(3):
         _step(model, opt)
-    best = training.trainable_copy(model)
+    best = trainable_copy(model)
     _step(model, opt)
     state = RunState(step=4, epoch=1, position=6, best_val=0.25, best_step=3, bad_evals=1, tokens=80, flops=1.5e9)
     checkpoint.save(tmp_path / "checkpoint", model, opt, state, best)

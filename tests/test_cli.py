@@ -22,7 +22,8 @@ import pytest
 
 import flops
 from experiments import evaluate, forecast, make_tiny_checkpoint, report, study, train
-from experiments.lib import cli, config, errors, runs
+from experiments.lib import errors
+from experiments.lib.run import cli, config
 from flops import __main__ as flops_cli
 from tests.conftest import script_argv
 
@@ -206,16 +207,16 @@ def test_a_bug_keeps_its_traceback_and_debug_shows_any(tmp_path, monkeypatch, ca
 
     with pytest.raises(RuntimeError, match="a bug"):
         cli.run_as_script(broken, [])
-    with pytest.raises(runs.errors.DataError, match="bad file"):
-        cli.run_as_script(lambda argv: (_ for _ in ()).throw(runs.errors.DataError("bad file")), ["--debug"])
-    assert cli.run_as_script(lambda argv: (_ for _ in ()).throw(runs.errors.DataError("bad\nfile")), [],
+    with pytest.raises(errors.DataError, match="bad file"):
+        cli.run_as_script(lambda argv: (_ for _ in ()).throw(errors.DataError("bad file")), ["--debug"])
+    assert cli.run_as_script(lambda argv: (_ for _ in ()).throw(errors.DataError("bad\nfile")), [],
                              name="x.py") == 1
     assert capsys.readouterr().err == "x.py: error: bad file\n"
 
 
 def test_every_help_shows_defaults_and_every_option_says_what_it_does(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # (help lines unwrapped)
-    for p in (config.parser(config.TrainConfig), config.parser(config.ForecastConfig), config.parser(config.EvalConfig),
+    for p in (cli.parser(config.TrainConfig), cli.parser(config.ForecastConfig), cli.parser(config.EvalConfig),
               report.build_parser(), make_tiny_checkpoint.build_parser()):
         assert all(a.help for a in p._actions), [a.dest for a in p._actions if not a.help]
     for p in (report.build_parser(), make_tiny_checkpoint.build_parser()):   # (each option's line ends in its default)

@@ -8,38 +8,39 @@ from dataclasses import asdict, fields, replace
 
 import pytest
 
-from experiments.lib import config, errors
-from experiments.lib.config import EvalConfig, ForecastConfig, RunConfig, TrainConfig
+from experiments.lib import errors
+from experiments.lib.run import cli, config
+from experiments.lib.run.config import EvalConfig, ForecastConfig, RunConfig, TrainConfig
 
 CONFIGS = (RunConfig, EvalConfig, ForecastConfig, TrainConfig)
 
 
 @pytest.mark.parametrize("cls", CONFIGS)
 def test_every_field_is_one_flag_with_the_fields_default(cls):
-    p = config.parser(cls)
+    p = cli.parser(cls)
     actions = {a.dest: a for a in p._actions if a.dest not in ("help", "debug")}
     assert set(actions) == {f.name for f in fields(cls)}
     for f in fields(cls):
         a = actions[f.name]
         assert a.default == f.default and a.help == f.metadata["help"], f.name
         assert a.option_strings[0] == "--" + f.name.replace("_", "-")
-    assert config.parse(cls, []) == cls()   # (no flag: every default)
+    assert cli.parse(cls, []) == cls()   # (no flag: every default)
 
 
 def test_a_command_line_and_its_config_are_the_same_both_ways():
     argv = ["--model", "m", "--data", "d.h5", "--lr", "0.0003", "--targets", "q_proj", "k_proj", "--no-eval-at-start",
             "--splits", "0.5", "0.25", "0.25", "--stride", "100", "--train-lm-head-bias", "--lora-alpha", "8",
             "--budget", "3e16", "--schedule", "linear"]
-    cfg = config.parse(TrainConfig, argv)
+    cfg = cli.parse(TrainConfig, argv)
     assert (cfg.lr, cfg.targets, cfg.eval_at_start, cfg.splits, cfg.stride) == (3e-4, ("q_proj", "k_proj"), False,
                                                                                 (0.5, 0.25, 0.25), 100)
     assert cfg.train_lm_head_bias and cfg.lora_alpha == 8.0 and cfg.budget == 3e16 and cfg.schedule == "linear"
     back = config.to_argv(cfg)
-    assert config.parse(TrainConfig, back) == cfg
+    assert cli.parse(TrainConfig, back) == cfg
     assert "--no-eval-at-start" in back and "--max-steps" not in back   # (defaults are not written)
     # floats that print long come back as the same float; a switch's default written nowhere
     odd = ForecastConfig(temperature=0.1 + 0.2, top_p=1 / 3, samples=5, no_baselines=True, adapter="a", split="val")
-    assert config.parse(ForecastConfig, config.to_argv(odd)) == odd
+    assert cli.parse(ForecastConfig, config.to_argv(odd)) == odd
     assert config.to_argv(EvalConfig()) == []
     # the config as JSON is what <script>_args.json holds: the same keys as the fields
     assert set(asdict(cfg)) == {f.name for f in fields(TrainConfig)}
@@ -71,9 +72,9 @@ def test_a_config_made_directly_is_refused_as_its_command_line_would_be(make, me
 
 def test_made_from_a_command_line_the_same_refusals_are_usage_errors():
     with pytest.raises(errors.UsageError, match="--splits: 0.6 0.3 0.3"):
-        config.parse(TrainConfig, ["--splits", "0.6", "0.3", "0.3"])
+        cli.parse(TrainConfig, ["--splits", "0.6", "0.3", "0.3"])
     with pytest.raises(errors.UsageError, match="--lr: -1: must be a finite number above 0"):
-        config.parse(TrainConfig, ["--lr", "-1"])
+        cli.parse(TrainConfig, ["--lr", "-1"])
     assert TrainConfig(rank=0, train_lm_head_bias=True).rank == 0
     assert TrainConfig(val_forecast_systems=0, select_by="loss").val_forecast_systems == 0
 
@@ -84,4 +85,4 @@ def test_configs_are_frozen_values_and_name_their_run():
         cfg.lr = 1.0   # type: ignore[misc]
     assert cfg.run_name == "my-run" and replace(cfg, name="other").run_name == "other"
     assert hash(cfg) == hash(TrainConfig(out="runs/my-run"))   # (study.py prices each once)
-    assert isinstance(config.parser(TrainConfig), argparse.ArgumentParser)
+    assert isinstance(cli.parser(TrainConfig), argparse.ArgumentParser)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.lib.data import (
+from experiments.lib.science.data import (
     forecast_examples,
     load_splits,
     save_splits,
@@ -14,8 +14,8 @@ from experiments.lib.data import (
     training_windows,
     window_starts,
 )
-from experiments.lib.llmtime import EncodingConfig, decode, encode, fit_alpha
-from experiments.lib.lotka_volterra import generate_dataset
+from experiments.lib.science.llmtime import EncodingConfig, decode, encode, fit_alpha
+from experiments.lib.science.lotka_volterra import generate_dataset
 
 
 def test_splits_are_disjoint_complete_and_seeded():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experiments.lib import config, devices
+from experiments.lib.run import cli, config, devices
 from qwen_min import fastpath
 
 
@@ -19,7 +19,7 @@ def test_dtype_auto_is_bf16_only_where_its_matmuls_run_at_speed(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda has=has: has)
         assert devices.weight_dtype("auto", torch.device("cuda")) == want
     assert devices.weight_dtype("auto", torch.device("mps")) == torch.float32
-    assert config.TrainConfig().dtype == "auto" and config.parse(config.ForecastConfig, []).dtype == "auto"
+    assert config.TrainConfig().dtype == "auto" and cli.parse(config.ForecastConfig, []).dtype == "auto"
 
 
 def test_device_auto_is_cuda_then_mps_then_the_cpu(monkeypatch):

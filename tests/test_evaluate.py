@@ -11,7 +11,8 @@ import pytest
 
 import lora
 from experiments import evaluate, train
-from experiments.lib import errors, lotka_volterra
+from experiments.lib import errors
+from experiments.lib.science import lotka_volterra
 from flops import Ledger
 from tests.conftest import script_argv
 

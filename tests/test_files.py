@@ -32,8 +32,8 @@ def _strict_loads(line: str):
 
 
 def test_metrics_jsonl_lines_are_strict_json(tmp_path):
-    from experiments.lib.metrics_log import MetricsLog
-    from experiments.lib.training import RunState
+    from experiments.lib.run.metrics_log import MetricsLog
+    from experiments.lib.training.state import RunState
 
     log = MetricsLog(tmp_path)
     state = RunState(step=1, tokens=10, flops=1e9)

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from experiments import forecast, train
-from experiments.lib import baselines, errors, forecasting, llmtime
-from experiments.lib.lotka_volterra import load_h5
+from experiments.lib import errors
+from experiments.lib.science import baselines, forecasting, llmtime
+from experiments.lib.science.lotka_volterra import load_h5
 from flops import Ledger
 from tests.conftest import script_argv
 

@@ -11,8 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import flops
 import qwen_min
-from experiments.lib import forecasting, llmtime, planning
-from experiments.lib.lotka_volterra import generate_dataset
+from experiments.lib.budget import planning
+from experiments.lib.science import forecasting, llmtime
+from experiments.lib.science.lotka_volterra import generate_dataset
 
 
 @pytest.fixture(scope="module")

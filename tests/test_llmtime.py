@@ -9,8 +9,8 @@ import random
 import numpy as np
 import pytest
 
-from experiments.lib.llmtime import EncodingConfig, decode, encode, fit_alpha
-from experiments.lib.lotka_volterra import generate_dataset
+from experiments.lib.science.llmtime import EncodingConfig, decode, encode, fit_alpha
+from experiments.lib.science.lotka_volterra import generate_dataset
 
 
 def test_format():

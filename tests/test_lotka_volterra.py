@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
 
-from experiments.lib.lotka_volterra import (
+from experiments.lib.science.lotka_volterra import (
     PARAM_NAMES,
     PARAM_RANGES,
     DataError,

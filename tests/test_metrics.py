@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from experiments.lib import metrics
+from experiments.lib.science import metrics
 
 # 2 systems, 3 steps; the last prompt values are the fill and persistence's forecast
 TRUTH = np.array([[[1.0, 2.0], [2.0, 4.0], [3.0, 3.0]],

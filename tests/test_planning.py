@@ -9,7 +9,10 @@ import pytest
 import flops
 import lora
 import qwen_min
-from experiments.lib import config, data, planning, training
+from experiments.lib.budget import planning
+from experiments.lib.run import cli, config
+from experiments.lib.science import data
+from experiments.lib.training import schedule
 from qwen_min import QwenConfig
 
 
@@ -40,7 +43,7 @@ def test_model_config_from_the_hub_fetches_config_json_only(monkeypatch, tiny_ck
 
 def _rank2_run(ckpt, max_steps: int, eval_every: int):
     """train.py's arguments (rank 2, 2 x 16 tokens, a 3-window validation subset) and the structure they price."""
-    args = config.parse(config.TrainConfig, ["--model", str(ckpt), "--rank", "2", "--context-length", "16",
+    args = cli.parse(config.TrainConfig, ["--model", str(ckpt), "--rank", "2", "--context-length", "16",
                                            "--batch-size", "2", "--max-steps", str(max_steps), "--eval-every",
                                            str(eval_every), "--eval-windows", "3"])
     shape = planning.meta_model(QwenConfig.from_json(ckpt / "config.json"))
@@ -62,7 +65,7 @@ def test_the_windows_score_what_the_plan_tests_assume():
 def _drawn(seed: int, steps: int) -> list[list[int]]:
     """The windows of each step, by hand: each epoch a seeded permutation of the 3 windows, whose first
     2 make a step; the third is left over (too few for a batch) and the next epoch begins."""
-    return [training.batch_order(3, seed, epoch)[:2].tolist() for epoch in range(steps)]
+    return [schedule.batch_order(3, seed, epoch)[:2].tolist() for epoch in range(steps)]
 
 
 def test_train_plan_prices_the_batches_the_run_will_draw_from_a_resumed_step(tiny_ckpt):

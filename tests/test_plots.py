@@ -9,7 +9,8 @@ import json
 import numpy as np
 import pytest
 
-from experiments.lib import metrics, plots
+from experiments.lib import plots
+from experiments.lib.science import metrics
 
 
 def _is_png(path) -> bool:

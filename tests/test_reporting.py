@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.lib import metrics, reporting
+from experiments.lib import reporting
+from experiments.lib.science import metrics
 
 
 def test_forecast_table_shows_blocks_and_paired_blocks_by_hand() -> None:

@@ -12,21 +12,23 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments.lib import config, data, errors, llmtime, lotka_volterra, runs
+from experiments.lib import errors
+from experiments.lib.run import cli, config, folder, rundata
+from experiments.lib.science import data, llmtime, lotka_volterra
 
 
 def _args(lv_data_file, out, *extra: str) -> config.RunConfig:
-    return config.parse(config.RunConfig, ["--data", str(lv_data_file), "--out", str(out), *extra])
+    return cli.parse(config.RunConfig, ["--data", str(lv_data_file), "--out", str(out), *extra])
 
 
 def _eval_args(out, *extra) -> config.EvalConfig:
     """evaluate.py's config (forecast.py's has the same adapter fields; no --data unless given)."""
-    return config.parse(config.EvalConfig, ["--out", str(out), *map(str, extra)])
+    return cli.parse(config.EvalConfig, ["--out", str(out), *map(str, extra)])
 
 
 def test_start_run_saves_the_command_line_and_names_the_run(tmp_path, lv_data_file):
     args = _args(lv_data_file, tmp_path / "my-run", "--seed", "7")
-    out = runs.start_run(args, "evaluate")
+    out = folder.start_run(args, "evaluate")
     saved = json.loads((out / "evaluate_args.json").read_text())
     assert saved["seed"] == 7 and saved["data"] == str(lv_data_file) and "argv" in saved
     assert args.run_name == "my-run"
@@ -36,7 +38,7 @@ def test_prepare_data_splits_by_system_fits_alpha_on_train_and_is_reused(tmp_pat
     traj, _ = lotka_volterra.load_h5(lv_data_file)
     first = tmp_path / "train-run"
     first.mkdir()
-    prepared = runs.prepare_data(_args(lv_data_file, first, "--seed", "1", "--percentile", "80"), first)
+    prepared = rundata.prepare_data(_args(lv_data_file, first, "--seed", "1", "--percentile", "80"), first)
     splits = data.load_splits(first / "splits.json", n_systems=len(traj))
     assert all(np.array_equal(splits[k], prepared.splits[k]) for k in ("train", "val", "test"))
     encoding = llmtime.EncodingConfig.load(first / "encoding.json")
@@ -47,7 +49,7 @@ def test_prepare_data_splits_by_system_fits_alpha_on_train_and_is_reused(tmp_pat
     # a later script on the trained run: other --seed and --percentile, the same systems and scaling
     later = tmp_path / "eval-run"
     later.mkdir()
-    again = runs.prepare_data(_args(lv_data_file, later, "--seed", "2", "--percentile", "50"), later, reuse=first)
+    again = rundata.prepare_data(_args(lv_data_file, later, "--seed", "2", "--percentile", "50"), later, reuse=first)
     assert all(np.array_equal(again.splits[k], splits[k]) for k in splits) and again.encoding == encoding
     assert (later / "splits.json").read_text() == (first / "splits.json").read_text()
 
@@ -56,18 +58,18 @@ def test_saved_splits_beyond_the_data_are_refused(tmp_path, lv_data_file):
     data.save_splits(tmp_path / "splits.json", {"train": np.array([0, 1]), "val": np.array([99]),
                                                 "test": np.array([2])})
     with pytest.raises(ValueError, match="outside the 40 systems"):
-        runs.prepare_data(_args(lv_data_file, tmp_path), tmp_path)
+        rundata.prepare_data(_args(lv_data_file, tmp_path), tmp_path)
 
 
-def _trained_adapter(tmp_path, lv_data_file) -> tuple[runs.RunData, object]:
+def _trained_adapter(tmp_path, lv_data_file) -> tuple[rundata.RunData, object]:
     """A training run's data and an adapter folder saved in it, as train.py leaves them (the weights aside)."""
     run = tmp_path / "train-run"
     run.mkdir()
-    trained = runs.prepare_data(_args(lv_data_file, run, "--seed", "3", "--percentile", "80"), run)
+    trained = rundata.prepare_data(_args(lv_data_file, run, "--seed", "3", "--percentile", "80"), run)
     adapter = run / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
-    runs.save_adapter_files(adapter, trained)
+    rundata.save_adapter_files(adapter, trained)
     return trained, adapter
 
 
@@ -84,7 +86,7 @@ def test_an_adapter_folder_moved_anywhere_brings_its_splits_encoding_and_data_fi
     shutil.copytree(adapter, moved)
     shutil.rmtree(adapter.parent)   # no run folder beside it: the adapter folder alone decides
     # other --seed and --percentile, no --data: the adapter's own systems, scaling and data file
-    got = runs.prepare_data(_eval_args(tmp_path / "eval", "--adapter", moved, "--seed", 9, "--percentile", 50),
+    got = rundata.prepare_data(_eval_args(tmp_path / "eval", "--adapter", moved, "--seed", 9, "--percentile", 50),
                             tmp_path / "eval")
     assert _same_splits(got.splits, trained.splits) and got.encoding == trained.encoding
     assert got.data_path == str(lv_data_file.resolve()) and got.warnings == []
@@ -100,8 +102,8 @@ def test_another_data_file_is_refused_naming_both_unless_allowed(tmp_path, lv_da
     want = (rf"data file {re.escape(str(other))} \(sha256 {mine}\) is not the one adapter {re.escape(str(adapter))} "
             rf"was trained on: {re.escape(str(lv_data_file.resolve()))} \(sha256 {theirs}\)")
     with pytest.raises(errors.DataError, match=want + "; pass --allow-other-data"):
-        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other), tmp_path / "e")
-    got = runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other, "--allow-other-data"),
+        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other), tmp_path / "e")
+    got = rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other, "--allow-other-data"),
                             tmp_path / "e")
     assert len(got.warnings) == 1 and re.fullmatch(want, got.warnings[0])
     assert np.array_equal(got.trajectories, traj)
@@ -111,14 +113,14 @@ def test_the_adapters_own_training_split_and_a_missing_data_file_are_refused(tmp
     _, adapter = _trained_adapter(tmp_path, lv_data_file)
     with pytest.raises(errors.UsageError,
                        match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
-        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--split", "train"), tmp_path / "e")
+        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--split", "train"), tmp_path / "e")
     recorded = json.loads((adapter / "data.json").read_text())
     (adapter / "data.json").write_text(json.dumps({**recorded, "path": str(tmp_path / "gone.h5")}))
     with pytest.raises(errors.DataError,
                        match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
-        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter), tmp_path / "e")
+        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter), tmp_path / "e")
     with pytest.raises(errors.AdapterFolderError, match="not an adapter folder"):
-        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")
+        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")
 
 
 def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path, lv_data_file):
@@ -126,5 +128,5 @@ def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path
     for f in ("splits.json", "data.json"):
         (adapter / f).unlink()
     with pytest.raises(errors.AdapterFolderError, match=r"has no splits\.json, data\.json"):
-        runs.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
+        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
     assert not (tmp_path / "e" / "splits.json").exists()

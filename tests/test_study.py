@@ -20,8 +20,10 @@ import pytest
 
 import flops
 from experiments import report, study
-from experiments.lib import config, errors, validation
-from experiments.lib.config import ForecastConfig, TrainConfig
+from experiments.lib import errors
+from experiments.lib.run import cli
+from experiments.lib.run.config import ForecastConfig, TrainConfig
+from experiments.lib.training import evaluation
 from flops import Ledger
 from flops.liveness import process_alive
 
@@ -52,7 +54,7 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
     # are scripted per run: each run's base, a little better at each evaluation (so its last is its best)
     base = {"grid_lr0.001_r2": 0.7, "grid_lr0.001_r4": 0.9, "grid_lr0.03_r2": 0.8, "grid_lr0.03_r4": 0.95,
             "context_ctx32": 0.85, "final": 0.5}   # any other context run: 0.6
-    real, calls = validation.score_forecasts, {}
+    real, calls = evaluation.score_forecasts, {}
 
     def scripted(*args, **kwargs):
         figures = real(*args, **kwargs)   # the real forecasts still run, and are charged
@@ -60,7 +62,7 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
         calls[name] = calls.get(name, 0) + 1
         return figures | {"mae": base.get(name, 0.6) - 0.01 * calls[name]}
 
-    monkeypatch.setattr(validation, "score_forecasts", scripted)
+    monkeypatch.setattr(evaluation, "score_forecasts", scripted)
     monkeypatch.setattr(study, "launch", _in_process)
     out = tmp_path / "study"
     study.main(_argv(tiny_ckpt, lv_data_file, out))
@@ -119,7 +121,7 @@ def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_c
     full = json.loads(study.main(argv).read_text())
     for item in full["items"]:   # each run's command line gives its config back, as its script parses it
         kind = TrainConfig if item["script"] == "train" else ForecastConfig
-        assert json.loads(json.dumps(asdict(config.parse(kind, item["argv"])))) == item["config"], item["name"]
+        assert json.loads(json.dumps(asdict(cli.parse(kind, item["argv"])))) == item["config"], item["name"]
     budget = full["planned_flops"] * 0.6
     refusal = f"needs {full['planned_flops']:.3e} FLOPs but {budget:.3e} are left"
     with pytest.raises(flops.BudgetExceeded, match=re.escape(refusal)):

@@ -25,7 +25,10 @@ import flops
 import lora
 import qwen_min
 from experiments import forecast, train
-from experiments.lib import checkpoint, cli, errors, planning, training, validation
+from experiments.lib import errors
+from experiments.lib.budget import planning
+from experiments.lib.run import checkpoint, cli
+from experiments.lib.training import evaluation, schedule
 from flops import Ledger
 from qwen_min import QwenConfig
 from tests.conftest import script_argv
@@ -167,7 +170,7 @@ def test_sigkills_at_random_moments_then_resume_the_same_losses_every_flop_charg
     assert [(r["step"], r["kind"]) for r in a] == [(r["step"], r["kind"]) for r in b]
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]) for x, y in zip(a, b, strict=True)), (a, b)
     # and the learning rate of every step: the warm-up and cosine decay (SMALL's defaults) continue exactly
-    lr_of = training.schedule_of(train.parse_args(script_argv(tiny_ckpt, lv_data_file, run, *SMALL)))
+    lr_of = schedule.schedule_of(train.parse_args(script_argv(tiny_ckpt, lv_data_file, run, *SMALL)))
     assert [r["lr"] for r in b if r["kind"] == "train"] == [lr_of(s) for s in range(40)]
     assert [r["lr"] for r in a] == [r["lr"] for r in b]
     assert json.loads((run / "summary.json").read_text())["steps"] == 40
@@ -240,14 +243,14 @@ def test_a_loss_that_is_not_finite_stops_the_run_keeping_the_last_checkpoint_and
         monkeypatch.setattr(qwen_min, "chunked_cross_entropy", cross_entropy)
         stop, kept = r"step 3: the training loss is nan", 2
     else:   # the third evaluation of the validation subset (steps 0, 2, then 4) scores NaN
-        real, evaluations = training.windows_loss, []
+        real, evaluations = evaluation.windows_loss, []
 
         def windows_loss(*args, **kwargs):
             evaluations.append(1)
             loss, n = real(*args, **kwargs)
             return (float("nan") if len(evaluations) == 3 else loss), n
 
-        monkeypatch.setattr(training, "windows_loss", windows_loss)
+        monkeypatch.setattr(evaluation, "windows_loss", windows_loss)
         stop, kept = r"step 4: the validation-subset loss is nan", 3
     out = tmp_path / "run"
     with pytest.raises(errors.Diverged, match=stop + r": the run stops; .*checkpoint keeps the last good checkpoint; "
@@ -334,7 +337,7 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
     # other forecast score is scripted to disagree, so a criterion that looked at it would fail
     key = {"mae": "mae", "relative": "relative_score"}.get(select_by)
     other = {"mae": "relative_score", "relative": "mae"}.get(select_by)
-    real, seen, weights = validation.score_forecasts, [], []
+    real, seen, weights = evaluation.score_forecasts, [], []
 
     def score(model, *args, **kwargs):
         figures = real(model, *args, **kwargs)
@@ -344,7 +347,7 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
             return figures
         return figures | {key: scores[len(seen) - 1], other: 2.0 - scores[len(seen) - 1]}
 
-    monkeypatch.setattr(validation, "score_forecasts", score)
+    monkeypatch.setattr(evaluation, "score_forecasts", score)
     run = tmp_path / "run"
     summary = train.main(script_argv(tiny_ckpt, lv_data_file, run, "--max-systems", 6, "--context-length", 64,
                                      "--batch-size", 2, "--lr", 0.3, "--max-steps", 12, "--eval-every", 3,

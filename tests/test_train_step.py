@@ -1,4 +1,4 @@
-"""experiments/lib/train_step.py: the training step's loss and gradients are the chunked cross-entropy's
+"""experiments/lib/training/step.py: the training step's loss and gradients are the chunked cross-entropy's
 mean over the scored tokens (or over the n_scored given, as a rank's share of a global batch)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import torch
 
 import lora
 import qwen_min
-from experiments.lib.train_step import next_token_labels, train_step
+from experiments.lib.training.step import next_token_labels, train_step
 
 
 def _grads(model) -> list[torch.Tensor]:

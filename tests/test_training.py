@@ -16,10 +16,14 @@ import torch
 import torch.nn.functional as F
 
 import qwen_min
-from experiments.lib import data, errors, training, windows
-from experiments.lib.booking import Booking, Interrupted
-from experiments.lib.metrics_log import MetricsLog
-from experiments.lib.training import RunState
+from experiments.lib import errors
+from experiments.lib.budget.booking import Booking
+from experiments.lib.errors import Interrupted
+from experiments.lib.run import windows
+from experiments.lib.run.metrics_log import MetricsLog
+from experiments.lib.science import data
+from experiments.lib.training import evaluation, schedule, state
+from experiments.lib.training.state import RunState
 from flops import Ledger
 
 
@@ -40,25 +44,25 @@ def test_early_stopping_stops_after_patience_bad_evaluations_and_keeps_the_best(
 
 
 def test_batch_order_is_a_permutation_fixed_by_seed_and_epoch():
-    a = training.batch_order(50, seed=3, epoch=2)
+    a = schedule.batch_order(50, seed=3, epoch=2)
     assert sorted(a.tolist()) == list(range(50))
-    assert a.tolist() == training.batch_order(50, seed=3, epoch=2).tolist()
-    assert a.tolist() != training.batch_order(50, seed=3, epoch=3).tolist()
-    assert a.tolist() != training.batch_order(50, seed=4, epoch=2).tolist()
+    assert a.tolist() == schedule.batch_order(50, seed=3, epoch=2).tolist()
+    assert a.tolist() != schedule.batch_order(50, seed=3, epoch=3).tolist()
+    assert a.tolist() != schedule.batch_order(50, seed=4, epoch=2).tolist()
 
 
 def test_lr_warms_up_linearly_then_stays():
-    assert [training.lr_at(s, 2.0, 4) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
-    assert training.lr_at(0, 2.0, 0) == 2.0
+    assert [schedule.lr_at(s, 2.0, 4) for s in range(6)] == [0.5, 1.0, 1.5, 2.0, 2.0, 2.0]
+    assert schedule.lr_at(0, 2.0, 0) == 2.0
 
 
 def test_lr_decays_to_its_floor_at_the_last_step_cosine_or_linear():
     # warm-up 2 steps, then 10 steps of decay from 2.0 to 0.1 * 2.0 at step 12
     def cos(s: int) -> float:
-        return training.lr_at(s, 2.0, 2, schedule="cosine", total_steps=12, min_lr_ratio=0.1)
+        return schedule.lr_at(s, 2.0, 2, schedule="cosine", total_steps=12, min_lr_ratio=0.1)
 
     def lin(s: int) -> float:
-        return training.lr_at(s, 2.0, 2, schedule="linear", total_steps=12, min_lr_ratio=0.1)
+        return schedule.lr_at(s, 2.0, 2, schedule="linear", total_steps=12, min_lr_ratio=0.1)
 
     assert [cos(0), cos(1), lin(0), lin(1)] == [1.0, 2.0, 1.0, 2.0]              # the warm-up
     assert cos(2) == lin(2) == 2.0                                             # the peak, after the warm-up
@@ -68,7 +72,7 @@ def test_lr_decays_to_its_floor_at_the_last_step_cosine_or_linear():
     assert cos(12) == lin(12) == pytest.approx(0.2) and cos(50) == pytest.approx(0.2)   # the floor, and after
     assert all(cos(s) > cos(s + 1) for s in range(2, 12))
     with pytest.raises(ValueError, match="schedule 'step'"):
-        training.lr_at(3, 2.0, 2, schedule="step", total_steps=12)
+        schedule.lr_at(3, 2.0, 2, schedule="step", total_steps=12)
 
 
 def test_windows_loss_equals_transformers_cross_entropy(tiny_ckpt, hf_tiny):
@@ -78,7 +82,7 @@ def test_windows_loss_equals_transformers_cross_entropy(tiny_ckpt, hf_tiny):
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
     labels[1, 9:] = -100   # the second window: real tokens up to position 9, then padding
-    loss, count = training.windows_loss(model, ids, labels, batch_size=2, device=torch.device("cpu"))
+    loss, count = evaluation.windows_loss(model, ids, labels, batch_size=2, device=torch.device("cpu"))
     with torch.no_grad():
         logits = hf_tiny(ids).logits
     want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
@@ -120,7 +124,7 @@ def test_windows_loss_refuses_to_score_nothing(tiny_ckpt):
     ids = torch.zeros(2, 8, dtype=torch.long)
     calls = []
     with pytest.raises(ValueError, match=r"the test subset: no token to score \(2 windows, every label padding\)"):
-        training.windows_loss(model, ids, torch.full_like(ids, -100), 2, torch.device("cpu"), what="the test subset",
+        evaluation.windows_loss(model, ids, torch.full_like(ids, -100), 2, torch.device("cpu"), what="the test subset",
                               after_batch=lambda rows, scored: calls.append(rows))
     assert calls == []   # refused before any work
     empty = data.Windows(*(torch.zeros(0, 8, dtype=torch.long),) * 3)
@@ -132,10 +136,10 @@ def test_windows_loss_refuses_to_score_nothing(tiny_ckpt):
 
 
 def test_check_finite_names_the_step():
-    training.check_finite(3.5, "training", 7)
+    state.check_finite(3.5, "training", 7)
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(errors.Diverged, match=rf"step 7: the validation loss is {bad}"):
-            training.check_finite(bad, "validation", 7)
+            state.check_finite(bad, "validation", 7)
 
 
 def _charges(ledger: Ledger) -> list[tuple]:

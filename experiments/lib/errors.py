@@ -1,10 +1,13 @@
 """The experiments' own error types: what a person can fix (a flag, a file, a run folder) rather
 than a bug. Every script catches them in one place (``cli.run_as_script``) and prints one line,
 ``<script>: error: <message>``, exiting 2 for a usage error (as argparse does) and 1 otherwise.
-Any other exception is a bug and keeps its traceback.
+Any other exception is a bug and keeps its traceback. ``Interrupted`` is no error: the signal that
+stops a run, raised where the run can close its books on the way out.
 """
 
 from __future__ import annotations
+
+import signal
 
 
 class ExperimentError(Exception):
@@ -50,3 +53,22 @@ class MissingDependencyError(ExperimentError):
 
 class NoCheckpointError(RunFolderError, FileNotFoundError):
     """--resume, and the run folder holds no checkpoint."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it): the run
+    charges what it spent and closes its reservation on the way out; ``cli.run_as_script`` then prints
+    ``note`` (set on the way out, e.g. train.py's step and --resume command line) and ends the process
+    by the same signal, with the exit status that signal always gives."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = signum
+        self.note = ""
+        self.step: int | None = None   # train.py: the optimizer steps taken when it arrived
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(text.split()) or type(e).__name__

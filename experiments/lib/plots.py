@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from experiments.lib.metrics import VARIABLES
-from experiments.lib.metrics_log import read_rows
+from experiments.lib.run.metrics_log import read_rows
+from experiments.lib.science.metrics import VARIABLES
 
 
 def _pyplot():

@@ -15,8 +15,9 @@ import h5py
 import numpy as np
 
 import flops
-from experiments.lib import files, metrics, plots
-from experiments.lib.metrics_log import read_rows
+from experiments.lib import files, plots
+from experiments.lib.run.metrics_log import read_rows
+from experiments.lib.science import metrics
 
 
 def fmt(x: Any, digits: int = 4) -> str:

@@ -1,4 +1,5 @@
-"""What train.py scores at each evaluation, and by which score it keeps the best adapter.
+"""What train.py scores at each evaluation (the cross-entropy of windows, the validation forecasts),
+and by which score it keeps the best adapter.
 
 Teacher-forced cross-entropy on validation windows is cheap, but a lower one does not mean better
 forecasts: most of it sits in the digits below the data's resolution, and a model that has learnt
@@ -23,12 +24,32 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from experiments.lib import data, errors, forecasting, llmtime, metrics, planning, runs, training
-from experiments.lib.accounts import RunAccounts
-from experiments.lib.config import SELECT_BY, TrainConfig
-from experiments.lib.metrics_log import MetricsLog
-from experiments.lib.training import RunState
+import qwen_min
+from experiments.lib import errors
+from experiments.lib.science import data, forecasting, llmtime, metrics
 from qwen_min import Qwen2, Tokenizer
+
+
+@torch.no_grad()
+def windows_loss(model: Qwen2, input_ids: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                 device: torch.device, *, what: str = "the windows",
+                 after_batch: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+    """Mean next-token cross-entropy over every scored label (padding excluded), and their count.
+
+    ``after_batch(rows, scored_tokens)`` is called as each batch is done (to charge it). No scored
+    label at all is an error naming ``what``, raised before any work."""
+    if not bool((labels != -100).any()):
+        raise ValueError(f"{what}: no token to score ({len(input_ids)} windows, every label padding)")
+    total, count = 0.0, 0
+    for i in range(0, len(input_ids), batch_size):
+        ids, y = input_ids[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)
+        h = model.hidden(ids)  # right padding: causal attention already keeps real tokens off the pads
+        total += qwen_min.chunked_cross_entropy(h, model.lm_head, y, reduction="sum").item()
+        scored = int((y != -100).sum())
+        count += scored
+        if after_batch:
+            after_batch(len(ids), scored)
+    return total / count, count
 
 
 @dataclass
@@ -46,14 +67,6 @@ class ForecastSet:
     @property
     def horizon(self) -> int:
         return self.truth.shape[1]
-
-
-def forecast_set_of(cfg: TrainConfig, run_data: runs.RunData, tokenizer: Tokenizer) -> ForecastSet | None:
-    """train.py's validation forecasts: the first --val-forecast-systems validation systems (None for 0)."""
-    if not cfg.val_forecast_systems:
-        return None
-    return forecast_set(run_data.trajectories, run_data.systems("val", cfg.val_forecast_systems), run_data.encoding,
-                        tokenizer, context_steps=cfg.context_steps, horizon=cfg.horizon, to_limit=cfg.run_to_limit)
 
 
 def forecast_set(trajectories: np.ndarray, systems: np.ndarray, encoding: llmtime.EncodingConfig,
@@ -106,54 +119,3 @@ def selection_score(figures: dict, select_by: str) -> float:
     """The figure of one evaluation that ``select_by`` compares (lower is better; missing: worst)."""
     value = figures.get(SELECTION_SCORE[select_by])
     return math.inf if value is None or not math.isfinite(value) else float(value)
-
-
-class Validator:
-    """One evaluation of train.py: the cross-entropy of the fixed validation subset and (with a
-    ForecastSet) the greedy forecasts of the validation systems, each charged (``accounts``, kind
-    ``eval``) as it ends and logged; then early stopping's bookkeeping by the ``select_by`` score,
-    keeping a copy of the best adapter in ``best``. The forecasts at step 0 (the untrained model)
-    are kept in ``untrained``; every evaluation after them logs ``vs_untrained``. A resumed run
-    passes its checkpoint's ``best`` and ``untrained``."""
-
-    def __init__(self, windows: data.Windows, forecasts: ForecastSet | None, *, select_by: str,
-                 accounts: RunAccounts, log: MetricsLog, best: dict[str, torch.Tensor] | None = None,
-                 untrained: np.ndarray | None = None) -> None:
-        if select_by not in SELECT_BY:
-            raise ValueError(f"select by {select_by!r}: one of {SELECT_BY}")
-        if select_by != "loss" and forecasts is None:
-            raise errors.UsageError(f"--select-by {select_by} needs --val-forecast-systems > 0")
-        self.windows, self.forecasts, self.select_by, self.accounts, self.log = windows, forecasts, select_by, \
-            accounts, log
-        self.best = best or {}  # the best adapter so far (a resumed run's from its checkpoint); empty: none yet
-        self.untrained = untrained  # the step-0 forecasts (a resumed run's from its checkpoint); None: not yet
-
-    def __call__(self, model: Qwen2, state: RunState, lr: float) -> None:
-        ids, labels, costs, accounts = self.windows.input_ids, self.windows.labels, self.accounts.costs, self.accounts
-        device = model.lm_head.weight.device
-        cost = costs.evaluation(len(ids), int((labels != -100).sum()))
-        if self.forecasts is not None:   # (generation priced at its token limit: at least what it spends)
-            cost += planning.calls_flops(costs.shape, self.forecasts.calls)
-        accounts.before_eval(cost)
-        model.eval()
-        loss, scored = training.windows_loss(model, ids, labels, costs.batch_size, device,
-                                             what="the validation subset")
-        with accounts.held():  # the evaluation's charge and its metrics row: a signal waits for both
-            accounts.eval_done(costs.evaluation(len(ids), scored), len(ids) * ids.shape[1],
-                               {"split": "val", "step": state.step, "windows": len(ids)})
-            self.log(state, "val", loss, lr, scored_tokens=scored)
-        training.check_finite(loss, "validation-subset", state.step)
-        figures: dict = {"val_loss": loss}
-        if self.forecasts is not None:
-            figures |= score_forecasts(model, self.forecasts, device, on_call=lambda call, f: accounts.eval_done(
-                f, call["batch"] * call["steps"], {"split": "val", "step": state.step, "forecast": call}))
-            values = figures.pop("forecasts")
-            if state.step == 0:   # every LoRA B is still zero: these are the untrained model's forecasts
-                self.untrained = values
-            if self.untrained is not None:
-                figures["vs_untrained"] = vs_untrained(values, self.untrained, self.forecasts)
-            with accounts.held():
-                self.log(state, "val_forecast", None, lr, **{k: v for k, v in figures.items() if k != "val_loss"})
-        model.train()
-        if state.record_val(selection_score(figures, self.select_by), figures):
-            self.best = training.trainable_copy(model)

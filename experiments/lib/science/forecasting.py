@@ -17,7 +17,7 @@ import torch
 
 import flops
 import qwen_min
-from experiments.lib import llmtime
+from experiments.lib.science import llmtime
 from qwen_min import Qwen2, Tokenizer
 
 ALPHABET = list("0123456789,.;")

@@ -1,4 +1,5 @@
-"""The command line a person meets: one parser class and one handler for every script.
+"""The command line a person meets: one parser class, the parser of every config-taking script built
+from its config's fields (run/config.py), and one handler for every script.
 
 ``run_as_script(main)`` runs a script's ``main`` and is the one place its errors are caught: an
 error of the experiments' own (``errors.ExperimentError``), of the ledger (``flops.LedgerError``),
@@ -6,7 +7,7 @@ of a checkpoint or config (``qwen_min.CheckpointError``/``ConfigError``), of an 
 (``lora.AdapterError``) or of the data (``lotka_volterra.DataError``) is printed as one line,
 ``<script>: error: <message>``, and the exit status is 1 (2 for a usage error, as argparse gives).
 Any other exception is a bug and keeps its traceback; ``--debug`` shows the traceback of any error.
-A run interrupted by SIGINT or SIGTERM (``booking.Interrupted``) closes its booking on the way out
+A run interrupted by SIGINT or SIGTERM (``errors.Interrupted``) closes its booking on the way out
 and then dies of that same signal, after printing what it left for ``--resume``, if anything.
 """
 
@@ -18,12 +19,16 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from pathlib import Path
+from typing import Any, TypeVar
 
 import flops
 import lora
 import qwen_min
-from experiments.lib import booking, errors
+from experiments.lib import errors
+from experiments.lib.errors import one_line
+from experiments.lib.run.config import RunConfig, flag_name, is_switch
 
 # Everything a person can fix; any other exception is a bug.
 EXPECTED: tuple[type[BaseException], ...] = (errors.ExperimentError, flops.LedgerError, qwen_min.CheckpointError,
@@ -57,10 +62,34 @@ def script_parser(description: str | None = None) -> ArgumentParser:
     return p
 
 
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(text.split()) or type(e).__name__
+C = TypeVar("C", bound=RunConfig)
+
+
+def parser(cls: type[RunConfig], description: str | None = None) -> argparse.ArgumentParser:
+    """The command line of a script that takes ``cls``: one option per field, in the field's group,
+    with its type, default and help; --debug besides (cli.run_as_script reads it)."""
+    p = script_parser(description)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(cls):
+        m = f.metadata
+        where = p if m["group"] is None else groups.setdefault(m["group"], p.add_argument_group(m["group"]))
+        if is_switch(f):
+            action = argparse.BooleanOptionalAction if f.default else "store_true"
+            where.add_argument(flag_name(f), dest=f.name, action=action, default=f.default, help=m["help"])
+        else:
+            extra = {k: m[k] for k in ("type", "choices", "nargs", "metavar") if m[k] is not None}
+            where.add_argument(flag_name(f), dest=f.name, default=f.default, help=m["help"], **extra)
+    return p
+
+
+def parse(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
+    """``argv`` (default: the process's arguments) as a ``cls``: refused as errors.UsageError, one line."""
+    ns = parser(cls, description).parse_args(argv)
+    return cls(**{f.name: _value(getattr(ns, f.name)) for f in fields(cls)})
+
+
+def _value(v: Any) -> Any:
+    return tuple(v) if isinstance(v, list) else v   # (nargs gives lists; configs hold tuples: frozen, hashable)
 
 
 def run_as_script(main: Callable[[list[str]], object], argv: Sequence[str] | None = None, *,
@@ -75,7 +104,7 @@ def run_as_script(main: Callable[[list[str]], object], argv: Sequence[str] | Non
     name = name or Path(inspect.getfile(main)).name
     try:
         main(argv)
-    except booking.Interrupted as e:
+    except errors.Interrupted as e:
         if e.note:
             print(f"{name}: {e.note}", file=sys.stderr, flush=True)
         signal.signal(e.signum, signal.SIG_DFL)

@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from experiments.lib import errors, files
-from experiments.lib.config import TrainConfig
+from experiments.lib.run.config import TrainConfig
 
 if TYPE_CHECKING:   # (for the annotations alone: a row reads the state, the log needs nothing else of training)
-    from experiments.lib.training import RunState
+    from experiments.lib.training.state import RunState
 
 
 class MetricsLog:

@@ -1,10 +1,13 @@
 """The resumable training checkpoint: safetensors for tensors, JSON for the run's state, swapped in
-atomically so a kill at any moment leaves a complete checkpoint behind.
+atomically so a kill at any moment leaves a complete checkpoint behind. Its layout in a run folder
+is known here alone:
 
     checkpoint/state.safetensors  trainable weights, AdamW moments, the torch RNG state
     checkpoint/best.safetensors   the best adapter so far (early stopping)
     checkpoint/untrained.safetensors  the untrained model's validation forecasts (the paired reference)
     checkpoint/state.json         RunState: step, data position, early stopping, FLOPs
+    checkpoint.tmp/               a checkpoint being written
+    checkpoint.old/               the previous one, while the new one is swapped in (read if the swap was cut short)
 
 A checkpoint is written only when every FLOP it holds has been charged to the ledger (train.py
 flushes its charges first), so a run resumed from it owes nothing for what came before.
@@ -24,7 +27,20 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from experiments.lib import errors
-from experiments.lib.training import RunState
+from experiments.lib.training.state import RunState
+
+FOLDER = "checkpoint"                                   # in a run folder
+NAMES = (FOLDER, FOLDER + ".old", FOLDER + ".tmp")      # everything a checkpoint may leave there
+
+
+def folder(out: Path) -> Path:
+    """The checkpoint folder of run folder ``out``."""
+    return out / FOLDER
+
+
+def exists(folder: Path) -> bool:
+    """Whether ``folder`` holds a checkpoint to resume from (itself, or its .old if a save was cut short)."""
+    return any((f / "state.json").is_file() for f in (folder, folder.with_name(folder.name + ".old")))
 
 
 def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: RunState,

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from experiments.lib import errors
-from experiments.lib.bench_env import current_rss_bytes, peak_rss_bytes, reset_peak_rss, sync
-from experiments.lib.train_step import next_token_labels, train_step
+from experiments.lib.bench.env import current_rss_bytes, peak_rss_bytes, reset_peak_rss, sync
+from experiments.lib.training.step import next_token_labels, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -27,8 +27,8 @@ def qwen_ids() -> tuple[list[int], int]:
     oracles): the ids of the LLMTIME characters 0-9 , . ; (what constrained decoding allows) and of
     <|endoftext|>, Qwen2.5's pad token and its first special one: every id below it is text."""
     import qwen_min
-    from experiments.lib.forecasting import ALPHABET
-    from experiments.make_tiny_checkpoint import default_tokenizer_dir
+    from experiments.lib.bench.tiny import default_tokenizer_dir
+    from experiments.lib.science.forecasting import ALPHABET
 
     try:
         folder = default_tokenizer_dir()
@@ -82,7 +82,7 @@ def write_checkpoint(directory: Path, dtype: torch.dtype, config: dict | None = 
     if tokenizer:
         import shutil
 
-        from experiments.make_tiny_checkpoint import TOKENIZER_FILES, default_tokenizer_dir
+        from experiments.lib.bench.tiny import TOKENIZER_FILES, default_tokenizer_dir
 
         for name in TOKENIZER_FILES:
             shutil.copy(default_tokenizer_dir() / name, out / name)
@@ -206,7 +206,7 @@ def time_train_step(ours, theirs, ids: torch.Tensor, reps: int, device: torch.de
 def time_forecast(ours, theirs, prompts: torch.Tensor, steps: int, new: int, device: torch.device) -> dict:
     """Greedy forecasts of ``new`` tokens (``steps`` time steps) after each of prompts [n, P], once
     each: seconds, time steps per second, their ratio, and ours' FLOPs by the counter and FLOP/s."""
-    from experiments.lib import forecasting
+    from experiments.lib.science import forecasting
 
     n, prompt_len = prompts.shape
     fc_ours, fc_theirs = forecast_fns(ours, theirs, prompts, new)

@@ -1,9 +1,9 @@
 """What each experiment script is told: typed, frozen configs, one definition per flag.
 
 Every field of a config is a flag (``context_length`` is ``--context-length``) whose type, default
-and help are written once, here: ``parser`` builds a script's argparse parser from the fields,
-``parse`` turns a command line into the config, and ``to_argv`` writes the command line that gives
-a config back (study.py starts each run's script with it). So ``--help``, the config the library
+and help are written once, here: ``cli.parser`` builds a script's argparse parser from the fields,
+``cli.parse`` turns a command line into the config, and ``to_argv`` writes the command line that
+gives a config back (study.py starts each run's script with it). So ``--help``, the config the library
 takes and the ``<script>_args.json`` a run saves cannot drift apart. What no single flag's type can
 check (the splits' sum, a stride longer than the window, nothing to train) is checked when a config
 is made, from a command line or directly.
@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import flops
-from experiments.lib import cli, errors
-from experiments.lib.flagtypes import (
+from experiments.lib import errors
+from experiments.lib.run.flagtypes import (
     at_least_two,
     finite_positive_float,
     fraction,
@@ -28,10 +28,10 @@ from experiments.lib.flagtypes import (
     positive_int,
     probability,
 )
+from experiments.lib.training.schedule import SCHEDULES  # the learning rate after the warm-up
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")    # (devices.weight_dtype maps them to torch dtypes)
-SCHEDULES = ("cosine", "linear", "constant")      # the learning rate after the warm-up
 # What picks the best adapter: the validation forecasts' filled-in MAE (the headline metric), their
 # relative score, or the validation-subset cross-entropy.
 SELECT_BY = ("mae", "relative", "loss")
@@ -215,14 +215,13 @@ class TrainConfig(RunConfig):
 # ---------------------------------------------------------------------------------------------
 # Configs and command lines
 
-C = TypeVar("C", bound=RunConfig)
-
-
-def _flag(f: Field) -> str:
+def flag_name(f: Field) -> str:
+    """The field's flag: ``context_length`` is ``--context-length``."""
     return "--" + f.name.replace("_", "-")
 
 
-def _is_switch(f: Field) -> bool:
+def is_switch(f: Field) -> bool:
+    """A bool field: a switch (False ``--x``, True ``--x/--no-x``)."""
     return isinstance(f.default, bool)
 
 
@@ -231,44 +230,17 @@ def check_fields(config: RunConfig) -> None:
     directly (study.py's) is refused as a command line would be: errors.UsageError naming the flag."""
     for f in fields(config):
         m, v = f.metadata, getattr(config, f.name)
-        if v is None or _is_switch(f):
+        if v is None or is_switch(f):
             continue
         for x in v if m["nargs"] else (v,):
             if m["choices"] is not None and x not in m["choices"]:
-                raise errors.UsageError(f"argument {_flag(f)}: invalid choice: {x!r} (choose from "
+                raise errors.UsageError(f"argument {flag_name(f)}: invalid choice: {x!r} (choose from "
                                         f"{', '.join(map(repr, m['choices']))})")
             if m["type"] is not None:
                 try:
                     m["type"](_text(x))
                 except argparse.ArgumentTypeError as e:
-                    raise errors.UsageError(f"argument {_flag(f)}: {e}") from None
-
-
-def parser(cls: type[RunConfig], description: str | None = None) -> argparse.ArgumentParser:
-    """The command line of a script that takes ``cls``: one option per field, in the field's group,
-    with its type, default and help; --debug besides (cli.run_as_script reads it)."""
-    p = cli.script_parser(description)
-    groups: dict[str, argparse._ArgumentGroup] = {}
-    for f in fields(cls):
-        m = f.metadata
-        where = p if m["group"] is None else groups.setdefault(m["group"], p.add_argument_group(m["group"]))
-        if _is_switch(f):
-            action = argparse.BooleanOptionalAction if f.default else "store_true"
-            where.add_argument(_flag(f), dest=f.name, action=action, default=f.default, help=m["help"])
-        else:
-            extra = {k: m[k] for k in ("type", "choices", "nargs", "metavar") if m[k] is not None}
-            where.add_argument(_flag(f), dest=f.name, default=f.default, help=m["help"], **extra)
-    return p
-
-
-def parse(cls: type[C], argv: list[str] | None = None, description: str | None = None) -> C:
-    """``argv`` (default: the process's arguments) as a ``cls``: refused as errors.UsageError, one line."""
-    ns = parser(cls, description).parse_args(argv)
-    return cls(**{f.name: _value(getattr(ns, f.name)) for f in fields(cls)})
-
-
-def _value(v: Any) -> Any:
-    return tuple(v) if isinstance(v, list) else v   # (nargs gives lists; configs hold tuples: frozen, hashable)
+                    raise errors.UsageError(f"argument {flag_name(f)}: {e}") from None
 
 
 def to_argv(config: RunConfig) -> list[str]:
@@ -278,13 +250,13 @@ def to_argv(config: RunConfig) -> list[str]:
         v = getattr(config, f.name)
         if f.default is not MISSING and v == f.default:
             continue
-        if _is_switch(f):
-            argv.append(_flag(f) if v else "--no-" + _flag(f)[2:])
+        if is_switch(f):
+            argv.append(flag_name(f) if v else "--no-" + flag_name(f)[2:])
         elif v is None:
             raise ValueError(f"{type(config).__name__}.{f.name}: None has no command line (its default is "
                              f"{f.default!r})")
         else:
-            argv += [_flag(f), *map(_text, v if isinstance(v, tuple) else (v,))]
+            argv += [flag_name(f), *map(_text, v if isinstance(v, tuple) else (v,))]
     return argv
 
 

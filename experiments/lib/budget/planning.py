@@ -17,8 +17,10 @@ import torch
 import flops
 import lora
 import qwen_min
-from experiments.lib import data, forecasting, training
-from experiments.lib.config import ForecastConfig, TrainConfig
+from experiments.lib.run.config import ForecastConfig, TrainConfig
+from experiments.lib.science import data, forecasting
+from experiments.lib.training import schedule
+from experiments.lib.training.state import RunState
 from qwen_min import Qwen2, QwenConfig, Tokenizer
 
 
@@ -75,9 +77,9 @@ def step_costs(costs: ScoredCosts, train: data.Windows, n_steps: int, seed: int)
     """FLOPs of each of the first ``n_steps`` optimizer steps, on the very batches the loop draws (the
     tokens each scores): what a run's steps cost, and what a step count is worked out from."""
     scored = (train.labels != -100).sum(1).numpy()          # [N] scored tokens of every training window
-    walk, out = training.RunState(), []
+    walk, out = RunState(), []
     for _ in range(n_steps):                                # the batches the loop draws, in its order
-        batch = training.next_batch(walk, len(scored), costs.batch_size, seed)
+        batch = schedule.next_batch(walk, len(scored), costs.batch_size, seed)
         walk.position += costs.batch_size
         out.append(costs.train_step(int(scored[batch].sum())))
     return out
@@ -106,7 +108,7 @@ class ScoredCosts:
         return self._eval[rows, scored]
 
     def windows_loss(self, labels: torch.Tensor) -> float:
-        """training.windows_loss over windows with these labels, in its batches of ``batch_size``."""
+        """evaluation.windows_loss over windows with these labels, in its batches of ``batch_size``."""
         return sum(self.evaluation(len(y), int((y != -100).sum())) for y in labels.split(self.batch_size))
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from experiments.lib import files, llmtime
+from experiments.lib import files
+from experiments.lib.science import llmtime
 
 
 def split_systems(n: int, fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), *,

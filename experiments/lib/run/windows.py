@@ -1,7 +1,8 @@
-"""A training run's windows: its data (runs.prepare_data) cut into training and validation
-windows (data.training_windows), and the refusals of what could not be scored, all before any
-model work. Apart from data.py because it reads the run's config and data (runs), which data.py's
-own users do not need.
+"""A training run's windows: its data (rundata.prepare_data) cut into training and validation
+windows (data.training_windows), the refusals of what could not be scored, and the validation
+systems forecast at every evaluation, all from its config, before any model work. Apart from
+data.py and training/evaluation.py because it reads the run's config and data, which their other
+users do not need.
 """
 
 from __future__ import annotations
@@ -9,16 +10,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import qwen_min
-from experiments.lib import data, errors, runs
-from experiments.lib.config import TrainConfig
+from experiments.lib import errors
+from experiments.lib.run.config import TrainConfig
+from experiments.lib.run.rundata import RunData, prepare_data
+from experiments.lib.science import data
+from experiments.lib.training.evaluation import ForecastSet, forecast_set
 
 
 def prepare_windows(cfg: TrainConfig, out: Path | None,
-                    tokenizer: qwen_min.Tokenizer) -> tuple[runs.RunData, data.Windows, data.Windows]:
+                    tokenizer: qwen_min.Tokenizer) -> tuple[RunData, data.Windows, data.Windows]:
     """The run's data (saved in ``out``) cut into training windows (stride --stride, default half a
     window) and validation windows (each transition scored once). Refused (UsageError or DataError, before any
     model work) when either has nothing to score, or there are fewer training windows than a batch."""
-    run_data = runs.prepare_data(cfg, out)
+    run_data = prepare_data(cfg, out)
     L = cfg.context_length
     require_step_fits(L, run_data.texts("train", cfg.max_systems), tokenizer)
     train = data.training_windows(run_data.texts("train", cfg.max_systems), tokenizer, context_length=L,
@@ -50,3 +54,11 @@ def require_scored(windows: data.Windows, what: str) -> None:
         raise errors.DataError(f"{what}: no windows to score")
     if not bool((windows.labels != -100).any()):
         raise errors.DataError(f"{what}: its {len(windows.input_ids)} windows hold no token to score (all padding)")
+
+
+def forecast_set_of(cfg: TrainConfig, run_data: RunData, tokenizer: qwen_min.Tokenizer) -> ForecastSet | None:
+    """train.py's validation forecasts: the first --val-forecast-systems validation systems (None for 0)."""
+    if not cfg.val_forecast_systems:
+        return None
+    return forecast_set(run_data.trajectories, run_data.systems("val", cfg.val_forecast_systems), run_data.encoding,
+                        tokenizer, context_steps=cfg.context_steps, horizon=cfg.horizon, to_limit=cfg.run_to_limit)

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from experiments.lib import devices, errors
+from experiments.lib import errors
+from experiments.lib.run import devices
 
 
 @dataclass

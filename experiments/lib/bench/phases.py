@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
-from experiments.lib.bench_env import sync
+from experiments.lib.bench.env import sync
 
 PHASES = ("matmul", "attention", "norms/rotary", "elementwise", "output layer/loss", "allocation/copy", "other")
 _OPS = {  # operator names without namespace and underscores at either end

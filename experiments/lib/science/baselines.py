@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.lib.lotka_volterra import PARAM_NAMES, PARAM_RANGES, integrate
+from experiments.lib.science.lotka_volterra import PARAM_NAMES, PARAM_RANGES, integrate
 
 Baseline = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
-from experiments.lib.booking import Booking
-from experiments.lib.planning import ScoredCosts
-from experiments.lib.training import RunState
+from experiments.lib.budget.booking import Booking
+from experiments.lib.budget.planning import ScoredCosts
+from experiments.lib.training.state import RunState
 
 
 class RunAccounts:

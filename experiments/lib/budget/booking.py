@@ -1,8 +1,8 @@
-"""A run's ledger bookings: its charges to a reservation, made as the work ends, and the signals
-(SIGINT, SIGTERM) held off while a charge, the metrics row it pays for or a checkpoint is written,
-so a kill at any moment leaves every finished piece of work charged once. Used by every script
-that spends FLOPs (train.py, evaluate.py, forecast.py); ``cli.run_as_script`` ends the process
-when ``Interrupted`` reaches it.
+"""A run's ledger bookings: the reservation made (or attached) before any model work, its charges
+made as the work ends, and the signals (SIGINT, SIGTERM) held off while a charge, the metrics row it
+pays for or a checkpoint is written, so a kill at any moment leaves every finished piece of work
+charged once. Used by every script that spends FLOPs (train.py, evaluate.py, forecast.py);
+``cli.run_as_script`` ends the process when ``errors.Interrupted`` reaches it.
 """
 
 from __future__ import annotations
@@ -15,19 +15,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import flops
-
-
-class Interrupted(BaseException):
-    """SIGINT or SIGTERM arrived (a BaseException, so no ``except Exception`` swallows it): the run
-    charges what it spent and closes its reservation on the way out; ``cli.run_as_script`` then prints
-    ``note`` (set on the way out, e.g. train.py's step and --resume command line) and ends the process
-    by the same signal, with the exit status that signal always gives."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-        self.signum = signum
-        self.note = ""
-        self.step: int | None = None   # train.py: the optimizer steps taken when it arrived
+from experiments.lib import errors
+from experiments.lib.errors import Interrupted
+from experiments.lib.run.config import RunConfig
 
 
 class Booking:
@@ -124,3 +114,21 @@ class Booking:
             self.charge(f, kind="train", steps=n, tokens=n * self.step_tokens,
                         config={"from_step": self.to_step - n, "to_step": self.to_step})
             self.pending_steps, self.pending_flops = 0, 0.0
+
+
+def reserve(cfg: RunConfig, planned: float, *, kind: str, config: dict[str, Any]) -> flops.Reservation:
+    """Hold the run's planned FLOPs in the ledger, or refuse it (flops.LedgerError) before any model work.
+
+    With --reservation the FLOPs were reserved by the process that started this run (a study, for all
+    its runs at once): this run charges that reservation under its own name and leaves it open."""
+    ledger = flops.Ledger(cfg.ledger, budget=cfg.budget)
+    try:
+        if cfg.reservation:
+            reservation = ledger.attach(cfg.reservation)
+            reservation.name, reservation.kind = cfg.run_name, kind
+            return reservation
+        return ledger.reserve(planned, name=cfg.run_name, kind=kind, config=config)
+    except (flops.BudgetExceeded, flops.LedgerDamaged) as e:
+        raise type(e)(f"refused before any model work: {e}") from None
+    except (KeyError, ValueError) as e:  # no such reservation, or it is closed
+        raise errors.UsageError(f"--reservation {cfg.reservation}: {errors.one_line(e)}") from None
