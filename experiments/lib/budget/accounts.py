@@ -1,5 +1,5 @@
 """The ledger's side of a training run, so train.py's loop and its evaluations are the model, LoRA
-and the loss, with the accounting behind a few calls (drop them, and the loop runs without a ledger).
+and the loss, with the accounting attached from outside (train.py's RunHooks call these).
 
 Every price comes from ``planning.ScoredCosts``, the same counts the run was planned and reserved
 with, so what is charged is what was planned: exactly for steps and cross-entropy evaluations, at
@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 
 from experiments.lib.budget.booking import Booking
-from experiments.lib.budget.planning import ScoredCosts
+from experiments.lib.budget.planning import ScoredCosts, calls_flops
 from experiments.lib.training.state import RunState
 
 
@@ -22,9 +22,10 @@ class RunAccounts:
     is a ceiling). ``step_done``: the block where a finished step is charged and counted before the
     loop advances the state and writes its metrics row; SIGINT and SIGTERM wait for the whole block,
     so the ledger and metrics.jsonl agree, and a SIGKILL can lose a row but never a charge.
-    ``settled``: a checkpoint's block, every pending step charged first. ``before_eval`` and
-    ``eval_done``: an evaluation's refusal and its charges (kind ``eval``). ``final_batch``: the
-    charge of each batch of the final evaluation, which every rank runs."""
+    ``settled``: a checkpoint's block, every pending step charged first. ``before_eval``: an
+    evaluation refused before it runs; ``eval_loss_done`` and ``forecast_done``: its charges (kind
+    ``eval``), its cross-entropy's and each generate call's. ``final_batch``: the charge of each
+    batch of the final evaluation, which every rank runs."""
 
     def __init__(self, booking: Booking, costs: ScoredCosts, state: RunState, *, world: int = 1) -> None:
         self.booking, self.costs, self.state, self.world = booking, costs, state, world
@@ -50,9 +51,22 @@ class RunAccounts:
         """A block that SIGINT and SIGTERM wait for (a charge and the metrics row it pays for)."""
         return self.booking.held()
 
-    def before_eval(self, flops: float) -> None:
-        """Refuse an evaluation of one rank's ``flops`` the reservation cannot pay for, before it runs."""
+    def before_eval(self, rows: int, scored: int, calls: list[dict]) -> None:
+        """Refuse an evaluation the reservation cannot pay for, before it runs: the cross-entropy of
+        ``rows`` windows scoring ``scored`` tokens and the generate ``calls`` (priced at their token
+        limit: at least what they spend), on every rank."""
+        flops = self.costs.evaluation(rows, scored) + calls_flops(self.costs.shape, calls)
         self.booking.ensure(self.world * flops, f"the evaluation at step {self.state.step}")
+
+    def eval_loss_done(self, rows: int, scored: int) -> None:
+        """Charge an evaluation's cross-entropy of ``rows`` windows that scored ``scored`` tokens."""
+        self.eval_done(self.costs.evaluation(rows, scored), rows * self.costs.context_length,
+                       {"split": "val", "step": self.state.step, "windows": rows})
+
+    def forecast_done(self, call: dict, flops: float) -> None:
+        """Charge an evaluation's generate ``call`` (forecasting.planned_calls' terms), which spent ``flops``."""
+        self.eval_done(flops, call["batch"] * call["steps"],
+                       {"split": "val", "step": self.state.step, "forecast": call})
 
     def eval_done(self, flops: float, tokens: int, config: dict) -> None:
         """Charge one rank's finished evaluation work (its cross-entropy, or one generate call)."""

@@ -32,6 +32,7 @@ def meta_model(config: QwenConfig) -> Qwen2:
 
 @dataclass
 class TrainPlan:
+    costs: ScoredCosts  # the prices it was made with, which the run charges: the same counts
     step: float       # one optimizer step, on average over the steps left
     eval: float       # one evaluation: the validation subset, and the validation forecasts
     full_eval: float  # the final evaluation of the whole validation split
@@ -69,7 +70,8 @@ def train_plan(cfg: TrainConfig, train: data.Windows, val: data.Windows, world: 
     at_start = from_step == 0 and cfg.eval_at_start
     evals = cfg.max_steps // every - min(from_step, cfg.max_steps) // every + at_start if every else 0
     total = steps + world * (evals * evaluation + full)
-    plan = TrainPlan(steps / max(1, n_steps), evaluation, full, n_steps, evals, total, world * evals * generation)
+    plan = TrainPlan(costs, steps / max(1, n_steps), evaluation, full, n_steps, evals, total,
+                     world * evals * generation)
     return plan, shape
 
 
@@ -92,6 +94,7 @@ class ScoredCosts:
 
     def __init__(self, shape: Qwen2, batch_size: int, context_length: int) -> None:
         self.shape, self.batch_size, self.context_length = shape, batch_size, context_length
+        self.step_tokens = batch_size * context_length   # every position of every window of a step
         self._train: dict[int, float] = {}
         self._eval: dict[tuple[int, int], float] = {}
 

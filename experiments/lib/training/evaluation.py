@@ -103,6 +103,31 @@ def score_forecasts(model: Qwen2, fs: ForecastSet, device: torch.device,
     return {k: s.get(k) for k in ("relative_score", "mae", "mae_h1_10", "coverage")} | blocks | {"forecasts": values}
 
 
+def evaluate(model: Qwen2, windows: data.Windows, forecasts: ForecastSet | None, batch_size: int, *,
+             after_loss: Callable[[float, int], None] | None = None,
+             on_call: Callable[[dict, float], None] | None = None) -> dict:
+    """One evaluation: the mean cross-entropy of ``windows`` (in batches of ``batch_size``) and, with
+    a forecast set, its greedy forecasts scored (``score_forecasts``). Returns the figures:
+    ``val_loss``, and the forecasts' scores with their values (``"forecasts"``).
+
+    ``after_loss(loss, scored_tokens)`` is called once the cross-entropy is done, before any
+    forecast; ``on_call(call, flops)`` as each generate call ends. The model is in eval mode
+    meanwhile, and back in the mode it was in afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        loss, scored = windows_loss(model, windows.input_ids, windows.labels, batch_size, model.lm_head.weight.device,
+                                    what="the validation subset")
+        if after_loss:
+            after_loss(loss, scored)
+        figures: dict = {"val_loss": loss}
+        if forecasts is not None:
+            figures |= score_forecasts(model, forecasts, model.lm_head.weight.device, on_call=on_call)
+    finally:
+        model.train(was_training)
+    return figures
+
+
 def vs_untrained(values: np.ndarray, untrained: np.ndarray, fs: ForecastSet) -> dict:
     """These forecasts minus the untrained model's, system by system (negative: better): filled-in
     MAE overall and per horizon block, each with its SE over systems and the systems that improved."""
