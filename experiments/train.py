@@ -84,7 +84,8 @@ def train_loop(model: qwen_min.Qwen2, opt: torch.optim.Optimizer, windows: data.
     hooks = hooks or Hooks()
     hidden = hidden or model.hidden
     device = model.lm_head.weight.device
-    n_windows, context, local = len(windows.input_ids), windows.input_ids.shape[1], batch_size // world
+    n_windows, local = len(windows.input_ids), batch_size // world
+    step_tokens = batch_size * windows.input_ids.shape[1]   # every position of every window, padding too
     model.train()
     stop, t_step = False, time.time()
     while state.step < max_steps and not stop:
@@ -102,9 +103,9 @@ def train_loop(model: qwen_min.Qwen2, opt: torch.optim.Optimizer, windows: data.
         opt.step()
         opt.zero_grad(set_to_none=True)
         loss, now = loss_sum.item() / n_scored, time.time()
-        tok_s, t_step = batch_size * context / max(now - t_step, 1e-9), now
+        tok_s, t_step = step_tokens / max(now - t_step, 1e-9), now
         with hooks.step_ending(state, n_scored):
-            state.advance(batch_size, context)
+            state.advance(batch_size, step_tokens)
             hooks.on_step(state, loss, lr, tokens_per_s=tok_s, scored_tokens=n_scored)
         check_finite(loss, "training", state.step)
         stop = bool(eval_every) and state.step % eval_every == 0 and hooks.evaluate(model, state, lr)

@@ -43,10 +43,11 @@ class RunState:
         """``patience`` evaluations in a row without improvement (patience 0: never)."""
         return bool(patience) and self.bad_evals >= patience
 
-    def advance(self, batch_size: int, context_length: int) -> None:
-        """One optimizer step done: the step count, the data position and the tokens trained on move on."""
-        self.step, self.position = self.step + 1, self.position + batch_size
-        self.tokens += batch_size * context_length
+    def advance(self, windows: int, tokens: int) -> None:
+        """One optimizer step done over ``windows`` windows holding ``tokens`` tokens: the step count,
+        the data position and the tokens trained on move on."""
+        self.step, self.position = self.step + 1, self.position + windows
+        self.tokens += tokens
 
 
 def check_finite(loss: float, what: str, step: int) -> None:
