@@ -185,3 +185,32 @@ def script_argv(ckpt: Path, data: Path, out: Path, *extra) -> list[str]:
     ledger beside the run folder (so runs under one parent share it)."""
     return ["--model", str(ckpt), "--data", str(data), "--out", str(out), "--ledger", str(out.parent / "ledger.jsonl"),
             "--dtype", "fp32", "--device", "cpu", *map(str, extra)]
+
+
+# ---------------------------------------------------------------------------------------------
+# A model that writes numbers (tests/number_writer.py)
+
+
+@pytest.fixture
+def number_writer(monkeypatch):
+    """Install the scripted writer for a horizon: every model ``qwen_min.from_pretrained`` loads from
+    then on (forecast.py's, train.py's, a study's in-process runs) is a NumberWriter writing
+    ``number_writer.continuation``. Call it with the horizon; it returns the dict of what was written,
+    (prompt, who, sample) -> text."""
+    import qwen_min
+    from tests.number_writer import NumberWriter, continuation
+
+    real = qwen_min.from_pretrained
+
+    def install(horizon: int) -> dict:
+        written: dict = {}
+
+        def loaded(name_or_path, **kwargs):
+            model = real(name_or_path, **kwargs)
+            tokenizer = qwen_min.load_tokenizer(name_or_path, revision=kwargs.get("revision"))
+            return NumberWriter.adopt(model, lambda p, who, s: continuation(p, who, s, horizon), tokenizer, written)
+
+        monkeypatch.setattr(qwen_min, "from_pretrained", loaded)
+        return written
+
+    return install
