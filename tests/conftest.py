@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import torch
@@ -214,3 +218,30 @@ def number_writer(monkeypatch):
         return written
 
     return install
+
+
+# ---------------------------------------------------------------------------------------------
+# Waiting on a child process's event (a file, a ledger line), not on the clock
+
+# A wait on a child's event gives up only after this long: a guard against a hung child, far above the
+# time any run here takes, never a speed target (those live in the benchmarks).
+HANG_GUARD_S = 1800.0
+
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], proc: subprocess.Popen, what: str, *, poll_s: float = 0.02) -> T | None:
+    """``condition()``'s first truthy value, asked every ``poll_s`` while ``proc`` runs (and once more when
+    it has ended); None if ``proc`` ended without it. Past HANG_GUARD_S the child is killed and the wait
+    fails, naming ``what``."""
+    guard = time.monotonic() + HANG_GUARD_S
+    while True:
+        ended = proc.poll() is not None
+        if value := condition():
+            return value
+        if ended:
+            return None
+        if time.monotonic() > guard:
+            proc.kill()
+            raise AssertionError(f"hang guard: {what} not seen in {HANG_GUARD_S:.0f} s (pid {proc.pid} still ran)")
+        time.sleep(poll_s)

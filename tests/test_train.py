@@ -28,10 +28,12 @@ from experiments import forecast, train
 from experiments.lib import errors
 from experiments.lib.budget import planning
 from experiments.lib.run import checkpoint, cli
+from experiments.lib.science.lotka_volterra import load_h5
 from experiments.lib.training import evaluation, schedule
 from flops import Ledger
 from qwen_min import QwenConfig
-from tests.conftest import script_argv
+from tests.conftest import HANG_GUARD_S, script_argv, wait_for
+from tests.number_writer import hand_forecasts, hand_paired, hand_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN_PY = str(ROOT / "experiments" / "train.py")
@@ -126,15 +128,17 @@ def _start(run: Path, ckpt: Path, data: Path, *extra, stderr: Path | None = None
 
 
 def _wait_until_trained(ledger: Ledger, proc: subprocess.Popen, steps: int) -> str:
-    """The reservation of ``proc`` once it has charged ``steps`` training steps."""
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
+    """The reservation of ``proc`` once it has charged ``steps`` training steps (waiting on its ledger
+    lines, as long as it runs)."""
+    def charged() -> str | None:
         mine = [r.id for r in ledger.reservations() if r.processes[0]["pid"] == proc.pid]
-        if mine and sum(e.steps for e in ledger.entries() if e.reservation == mine[0]) >= steps:
-            return mine[0]
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError(f"train.py (pid {proc.pid}) did not charge {steps} steps: exit status {proc.wait()}")
+        return mine[0] if mine and sum(e.steps for e in ledger.entries() if e.reservation == mine[0]) >= steps else None
+
+    rid = wait_for(charged, proc, f"train.py charging {steps} steps")
+    if rid is None:
+        raise AssertionError(f"train.py (pid {proc.pid}) ended before charging {steps} steps: "
+                             f"exit status {proc.wait()}")
+    return rid
 
 
 def _resume_step(run: Path) -> int | None:
@@ -218,7 +222,7 @@ def test_a_signal_charges_what_ran_closes_the_reservation_and_ends_the_process(t
     proc = _start(run, tiny_ckpt, lv_data_file, stderr=tmp_path / "stderr")
     rid = _wait_until_trained(ledger, proc, steps=5)
     proc.send_signal(sig)
-    assert proc.wait(timeout=120) == -sig   # died of the signal, as without a handler
+    assert proc.wait(timeout=HANG_GUARD_S) == -sig   # died of the signal, as without a handler
     # one line says where it stopped and the exact command line that continues it
     [note] = [line for line in (tmp_path / "stderr").read_text().splitlines() if line.startswith("train.py: ")]
     assert f"interrupted by {sig.name} at step " in note and "continue with: python experiments/train.py " in note
@@ -331,10 +335,13 @@ def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
                                                    ("loss", None)],
                          ids=["mae-step-6-best", "mae-untrained-best", "relative-step-6-best", "by-loss"])
 def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, tiny_ckpt, lv_data_file, monkeypatch,
-                                                                    select_by, scores):
-    # evaluations at steps 0, 3, 6, 9, 12 forecast 4 validation systems; the scores --select-by compares
-    # are scripted (a tiny random model writes no valid number), everything else is the real run; the
-    # other forecast score is scripted to disagree, so a criterion that looked at it would fail
+                                                                    number_writer, select_by, scores):
+    # evaluations at steps 0, 3, 6, 9, 12 forecast 4 validation systems with a model that writes numbers
+    # (tests/number_writer.py: the untrained model's text while every LoRA B is zero, the trained one's
+    # after); the scores --select-by compares are scripted, everything else is the real run; the other
+    # forecast score is scripted to disagree, so a criterion that looked at it would fail
+    C, H, N = 8, 12, 4
+    number_writer(H)
     key = {"mae": "mae", "relative": "relative_score"}.get(select_by)
     other = {"mae": "relative_score", "relative": "mae"}.get(select_by)
     real, seen, weights = evaluation.score_forecasts, [], []
@@ -351,8 +358,8 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
     run = tmp_path / "run"
     summary = train.main(script_argv(tiny_ckpt, lv_data_file, run, "--max-systems", 6, "--context-length", 64,
                                      "--batch-size", 2, "--lr", 0.3, "--max-steps", 12, "--eval-every", 3,
-                                     "--val-systems", 2, "--eval-windows", 2, "--val-forecast-systems", 4,
-                                     "--context-steps", 8, "--horizon", 3, "--patience", 0,
+                                     "--val-systems", 2, "--eval-windows", 2, "--val-forecast-systems", N,
+                                     "--context-steps", C, "--horizon", H, "--patience", 0,
                                      "--select-by", select_by))
     rows = _rows(run)
     val = {r["step"]: r["loss"] for r in rows if r["kind"] == "val"}
@@ -361,11 +368,41 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
     best_step = min(by, key=lambda s: (by[s], s))
     assert summary["best_step"] == best_step
     assert summary["best_val"][key or "val_loss"] == by[best_step]
-    # every evaluation after step 0 records its paired difference to the untrained model's forecasts,
-    # per horizon block (the tiny model writes no number: every forecast is the fill, so all zero)
-    paired = [r["vs_untrained"] for r in rows if r["kind"] == "val_forecast"]
-    assert len(paired) == 5 and all(p["mae_diff"] == 0.0 and p["se"] == 0.0 and p["systems"] == 4 for p in paired)
-    assert all(set(p["blocks"]) == {"h1_10"} for p in paired)   # a 3-step horizon has the first block only
+
+    # what each evaluation forecast, by hand: the first N validation systems, the writer's texts decoded
+    # with the run's alpha, the fill rule, the MAEs and the paired difference to step 0's forecasts
+    traj, _ = load_h5(lv_data_file)
+    series = traj[json.loads((run / "splits.json").read_text())["val"][:N]]
+    truth, last = series[:, C:C + H], series[:, C - 1]
+    alpha = json.loads((run / "encoding.json").read_text())["alpha"]
+    untrained, trained = (hand_forecasts(series, alpha, C, H, who)[1] for who in ("untrained", "trained"))
+    paired = hand_paired(trained, untrained, truth, last)
+    for r in (r for r in rows if r["kind"] == "val_forecast"):
+        values = untrained if r["step"] == 0 else trained   # (every LoRA B is zero at step 0 only)
+        mine = hand_scores(values, truth, last)
+        assert 0 < mine["coverage"] < 1 and r["coverage"] == pytest.approx(mine["coverage"], rel=1e-12)
+        assert r["mae_h1_10"] == pytest.approx(mine["h1_10"], rel=1e-12)
+        assert r["mae_h11_25"] == pytest.approx(mine["h11_25"], rel=1e-12)
+        if not scores:   # (not scripted: the real figures)
+            assert r["mae"] == pytest.approx(mine["mae"], rel=1e-12)
+            assert r["relative_score"] == pytest.approx(mine["relative"], rel=1e-12)
+        # every evaluation records its paired difference to the untrained model's (step 0's) forecasts,
+        # per horizon block: zero at step 0, the trained texts' difference after
+        d = r["vs_untrained"]
+        assert d["systems"] == N and set(d["blocks"]) == {"h1_10", "h11_25"}
+        if r["step"] == 0:
+            assert d["mae_diff"] == 0.0 and d["se"] == 0.0 and d["better"] == 0
+        else:
+            assert d["mae_diff"] == pytest.approx(paired["mae_diff"], rel=1e-12) and d["mae_diff"] != 0.0
+            assert d["se"] == pytest.approx(paired["se"], rel=1e-12)
+            assert d["better"] == paired["better"]
+            assert d["blocks"]["h1_10"]["mae_diff"] == pytest.approx(paired["h1_10"], rel=1e-12)
+            assert d["blocks"]["h1_10"]["better"] == paired["h1_10_better"]
+    # the forecasts each evaluation scored: numbers where the texts decode, NaN only where they do not
+    for values, figures in zip([untrained] + [trained] * 4, seen, strict=True):
+        ok = np.isfinite(values).all(-1)
+        assert (np.isfinite(figures["forecasts"]).all(-1) == ok).all() and ok.any()
+        assert np.array_equal(figures["forecasts"][ok], values[ok])
     kept = weights[sorted(val).index(best_step)]
     model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
     lora.load_adapter(model, run / "adapter")
@@ -375,12 +412,12 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
         assert all(not v.any() for k, v in kept.items() if "lora_B" in k)
 
     # the forecasts scored at step 0 are forecast.py's of the untrained model on the same systems
-    rep = forecast.main(script_argv(tiny_ckpt, lv_data_file, tmp_path / "fc", "--split", "val", "--max-systems", 4,
-                                    "--context-steps", 8, "--horizon", 3, "--no-baselines"))
-    # (the scripted figure aside: the h1-10 block, which a 3-step horizon makes the whole horizon, is real)
+    rep = forecast.main(script_argv(tiny_ckpt, lv_data_file, tmp_path / "fc", "--split", "val", "--max-systems", N,
+                                    "--context-steps", C, "--horizon", H, "--no-baselines"))
     first = next(r for r in rows if r["kind"] == "val_forecast")
-    assert first["mae_h1_10"] == pytest.approx(rep["summary"]["untrained"]["mae"], rel=1e-12)
-    assert first["coverage"] == pytest.approx(rep["summary"]["untrained"]["coverage"], rel=1e-12)
+    for figure in ("mae_h1_10", "coverage"):   # (not scripted)
+        assert first[figure] == pytest.approx(rep["summary"]["untrained"][figure], rel=1e-12)
+    assert seen[0]["mae"] == pytest.approx(rep["summary"]["untrained"]["mae"], rel=1e-12)
 
     # every evaluation's forecasts charged as kind eval, one generate call each
     ledger = Ledger(tmp_path / "ledger.jsonl")
