@@ -245,3 +245,15 @@ def wait_for(condition: Callable[[], T], proc: subprocess.Popen, what: str, *, p
             proc.kill()
             raise AssertionError(f"hang guard: {what} not seen in {HANG_GUARD_S:.0f} s (pid {proc.pid} still ran)")
         time.sleep(poll_s)
+
+
+def keep_returns(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` so that everything it returns is kept, in order (the plots return their figures)."""
+    real, kept = getattr(module, name), []
+
+    def kept_call(*args, **kwargs):
+        kept.append(real(*args, **kwargs))
+        return kept[-1]
+
+    monkeypatch.setattr(module, name, kept_call)
+    return kept

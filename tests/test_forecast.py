@@ -19,20 +19,8 @@ from experiments.lib import errors, plots
 from experiments.lib.science import baselines, forecasting, llmtime
 from experiments.lib.science.lotka_volterra import load_h5
 from flops import Ledger
-from tests.conftest import script_argv
+from tests.conftest import keep_returns, script_argv
 from tests.number_writer import hand_fill, hand_forecasts, hand_paired, hand_scores, written_for
-
-
-def _spy(monkeypatch, module, name: str) -> list:
-    """Wrap ``module.name`` so that every figure it returns is kept (the plots return theirs)."""
-    real, figures = getattr(module, name), []
-
-    def spy(*args, **kwargs):
-        figures.append(real(*args, **kwargs))
-        return figures[-1]
-
-    monkeypatch.setattr(module, name, spy)
-    return figures
 
 
 def _png(path) -> np.ndarray:
@@ -48,8 +36,8 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
     monkeypatch.setattr(baselines, "ODE_STEPS", 20)  # the fit's quality is tested in test_baselines.py
     C, H, N, S = 20, 12, 4, 3
     written = number_writer(H)   # the models write numbers (tests/number_writer.py), some steps malformed
-    examples_figs, error_figs = _spy(monkeypatch, plots, "plot_examples"), _spy(monkeypatch, plots,
-                                                                                "plot_error_vs_horizon")
+    examples_figs = keep_returns(monkeypatch, plots, "plot_examples")
+    error_figs = keep_returns(monkeypatch, plots, "plot_error_vs_horizon")
     run, out = tmp_path / "run", tmp_path / "fc"
     train.main(script_argv(tiny_ckpt, lv_data_file, run, "--max-systems", 2, "--context-length", 128,
                            "--batch-size", 2, "--lr", 0.3, "--max-steps", 6, "--eval-every", 0, "--val-systems", 2,

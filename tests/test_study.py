@@ -13,19 +13,25 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import flops
 from experiments import report, study
-from experiments.lib import errors
+from experiments.lib import errors, plots
 from experiments.lib.run import cli
 from experiments.lib.run.config import ForecastConfig, TrainConfig
+from experiments.lib.science import llmtime
+from experiments.lib.science.lotka_volterra import load_h5
 from experiments.lib.training import evaluation
 from flops import Ledger
 from flops.liveness import process_alive
+from tests.conftest import HANG_GUARD_S, keep_returns, wait_for
+from tests.number_writer import hand_forecasts, hand_paired, hand_scores
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,9 +55,17 @@ def _in_process(cmd: list[str]) -> int:
 
 
 def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what_ran(tmp_path, tiny_ckpt,
-                                                                                     lv_data_file, monkeypatch):
-    # A tiny random model writes no valid number (every forecast is the fill), so the MAEs
-    # are scripted per run: each run's base, a little better at each evaluation (so its last is its best)
+                                                                                     lv_data_file, monkeypatch,
+                                                                                     number_writer):
+    # Every run's model writes numbers (tests/number_writer.py: the untrained texts while every LoRA B is
+    # zero, the trained ones after), the same whatever the setting, so the MAE that chooses is scripted
+    # per run: each run's base, a little better at each evaluation (so its last is its best); every other
+    # figure is what the texts score, checked by hand below
+    preset = study.PRESETS["tiny"]
+    C, H = preset.context_steps, preset.horizon
+    number_writer(H)
+    example_figs = keep_returns(monkeypatch, plots, "plot_examples")
+    curve_figs = keep_returns(monkeypatch, plots, "plot_loss_curves")
     base = {"grid_lr0.001_r2": 0.7, "grid_lr0.001_r4": 0.9, "grid_lr0.03_r2": 0.8, "grid_lr0.03_r4": 0.95,
             "context_ctx32": 0.85, "final": 0.5}   # any other context run: 0.6
     real, calls = evaluation.score_forecasts, {}
@@ -107,13 +121,92 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
     [reservation] = ledger.reservations()
     assert reservation.status == "closed" and reservation.charged == pytest.approx(spent, rel=1e-12)
 
+    # the forecasts, by hand: the writer's texts after each system's prompt, decoded with the study's alpha
+    traj, _ = load_h5(lv_data_file)
+    alpha = llmtime.EncodingConfig.load(out / "zeroshot_val" / "encoding.json").alpha
+    splits = json.loads((out / "zeroshot_val" / "splits.json").read_text())
+
+    def by_hand(split: str, n: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        series = traj[splits[split][:n]]
+        return series[:, C:C + H], series[:, C - 1], {
+            who: hand_forecasts(series, alpha, C, H, who)[1] for who in ("untrained", "trained")} | {
+            f"{who}_samples": np.stack([hand_forecasts(series, alpha, C, H, who, k)[1]
+                                        for k in range(preset.samples)], axis=1) for who in ("untrained", "trained")}
+
+    # the untrained model on the validation systems (zeroshot_val), which every choice is shown beside
+    truth, last, hand = by_hand("val", preset.val_systems)
+    zeroshot = json.loads((out / "zeroshot_val" / "forecast_metrics.json").read_text())
+    assert zeroshot["systems"] == splits["val"][:preset.val_systems]
+    mine = hand_scores(hand["untrained"], truth, last)
+    assert zeroshot["summary"]["untrained"]["mae"] == pytest.approx(mine["mae"], rel=1e-12)
+    assert choices["untrained"]["score"] == pytest.approx(mine["mae"], rel=1e-12)
+    # every training run's evaluations after step 0: the trained texts' paired difference to step 0's
+    paired = hand_paired(hand["trained"], hand["untrained"], truth, last)
+    for item in plan["items"]:
+        if item["script"] == "train":
+            rows = [json.loads(x) for x in (out / item["name"] / "metrics.jsonl").read_text().splitlines()]
+            later = [r for r in rows if r["kind"] == "val_forecast" and r["step"] > 0]
+            assert later and all(r["coverage"] == pytest.approx(hand_scores(hand["trained"], truth, last)["coverage"])
+                                 for r in later)
+            for r in later:
+                assert r["vs_untrained"]["mae_diff"] == pytest.approx(paired["mae_diff"], rel=1e-12), item["name"]
+                assert r["vs_untrained"]["se"] == pytest.approx(paired["se"], rel=1e-12), item["name"]
+                assert r["vs_untrained"]["better"] == paired["better"], item["name"]
+
+    # the test systems: test_metrics.json scores the untrained model (zeroshot_test) beside the final
+    # adapter (final_test, trained: its best evaluation was step 3), figures by hand
+    truth, last, hand = by_hand("test", preset.test_systems)
+    assert json.loads((out / "final_test" / "forecast_metrics.json").read_text())["systems"] == \
+        splits["test"][:preset.test_systems]
+    test = json.loads((out / "test_metrics.json").read_text())
+    for who in ("untrained", "trained"):
+        mine = hand_scores(hand[who], truth, last)
+        assert 0 < mine["coverage"] <= 1 and np.isfinite(hand[who]).any()
+        got = test["summary"][who]
+        for figure, key in (("mae", "mae"), ("mae_se", "mae_se"), ("coverage", "coverage"),
+                            ("relative_score", "relative")):
+            assert got[figure] == pytest.approx(mine[key], rel=1e-12), (who, figure)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # (a step no sample wrote has no median)
+            median = np.nanmedian(hand[f"{who}_samples"], axis=1)
+        assert test["summary"][f"{who}_median"]["mae"] == pytest.approx(hand_scores(median, truth, last)["mae"],
+                                                                         rel=1e-12)
+    d, mine = test["paired"]["trained - untrained"], hand_paired(hand["trained"], hand["untrained"], truth, last)
+    assert d["mae_diff"] == pytest.approx(mine["mae_diff"], rel=1e-12)
+    assert d["mae_diff_se"] == pytest.approx(mine["se"], rel=1e-12) and d["better"] == mine["better"]
+    # the report's example plot draws those forecasts
+    fig = example_figs[-1]
+    for i in range(preset.test_systems):
+        for v in range(2):
+            lines = {ln.get_label(): ln for ln in fig.axes[2 * i + v].lines}
+            for who in ("untrained", "trained"):
+                assert np.array_equal(lines[who].get_ydata(), hand[who][i, :, v], equal_nan=True)
+
     # report.py over the study's folder: the ledger's table, every training run, the loss curves
+    curve_figs.clear()
     md = report.main(["--runs", str(out), "--ledger", str(out / "ledger.jsonl"), "--out", str(tmp_path / "report")])
     text = md.read_text()
     assert "## FLOPs by experiment" in text and all(f"| {out / i['name']} |" in text
                                                      for i in plan["items"] if i["script"] == "train")
     assert (tmp_path / "report" / "flops.csv").read_text().count("\n") >= len(ledger.entries()) + 1
-    assert (tmp_path / "report" / "loss_curves.png").stat().st_size > 1000
+    # the loss curves: every training run's training losses and validation-forecast MAEs, as its
+    # metrics.jsonl holds them, each drawn once; and the PNG is that figure drawn
+    [fig] = curve_figs
+    drawn = sorted((tuple(ln.get_xdata()), tuple(ln.get_ydata())) for ax in fig.axes for ln in ax.lines
+                   if ln.get_linestyle() == "-")
+    logged = []
+    for item in (i for i in plan["items"] if i["script"] == "train"):
+        rows = [json.loads(x) for x in (out / item["name"] / "metrics.jsonl").read_text().splitlines()]
+        for kind, key in (("train", "loss"), ("val_forecast", "mae")):
+            pts = [(r["step"], r[key]) for r in rows if r["kind"] == kind]
+            logged.append((tuple(s for s, _ in pts), tuple(y for _, y in pts)))
+    assert drawn == sorted(logged)
+    from matplotlib import image
+
+    img = image.imread(tmp_path / "report" / "loss_curves.png")
+    width, height = (fig.get_size_inches() * 110).astype(int)   # (saved at 110 dpi, cropped tight)
+    assert img.ndim == 3 and abs(img.shape[1] - width) < 0.2 * width and abs(img.shape[0] - height) < 0.2 * height
+    assert img[..., :3].std() > 0.05
 
 
 def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_ckpt, lv_data_file):
@@ -166,17 +259,16 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path, tiny_ckpt, lv_data_
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = out / "grid" / "lr0.001_r2" / "summary.json"
-    deadline = time.time() + 300
-    while not first.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert first.exists(), f"the study did not finish its first grid run (exit status {proc.poll()})"
+    assert wait_for(first.exists, proc, "the first grid run's summary.json", poll_s=0.05), \
+        f"the study ended before its first grid run finished (exit status {proc.poll()})"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ledger = Ledger(out / "ledger.jsonl")
     [held] = ledger.reservations()
-    while any(process_alive(p) for p in held.processes) and time.time() < deadline:
-        time.sleep(0.05)   # the run it had started gets SIGKILL as the study dies
-    assert not any(process_alive(p) for p in held.processes)
+    guard = time.monotonic() + HANG_GUARD_S
+    while any(process_alive(p) for p in held.processes):   # the run it had started gets SIGKILL as the study dies
+        assert time.monotonic() < guard, f"hang guard: {held.processes} still alive after {HANG_GUARD_S:.0f} s"
+        time.sleep(0.05)
     kept = first.stat().st_mtime_ns
     before = {e.name for e in ledger.entries()}
     assert {"zeroshot_val", "zeroshot_test", "grid_lr0.001_r2"} <= before
