@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -237,12 +238,16 @@ def test_offline_without_a_cached_model_fails_at_once_in_one_line(tmp_path, monk
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    t0 = time.time()
+    # "at once": no connection is tried and nothing waits (no retry, no back-off), whatever the clock says
+    tried: list = []
+    monkeypatch.setattr(socket.socket, "connect", lambda self, address: tried.append(("connect", address)))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: tried.append(("getaddrinfo", a)) or [])
+    monkeypatch.setattr(time, "sleep", lambda seconds: tried.append(("sleep", seconds)))
     code, err = drive("study", ["--preset", "cpu", "--dry-run", "--model", "nobody/no-such-model",
                                 "--out", tmp_path / "s"], capsys)
     line = one_error("study", code, err, 1, "nobody/no-such-model", "not in the local Hub cache",
                      "hf download nobody/no-such-model", "--model")
-    assert time.time() - t0 < 10, line
+    assert tried == [], (tried, line)
 
 
 # ---------------------------------------------------------------------------------------------
