@@ -13,9 +13,17 @@ from experiments.lib import plots
 from experiments.lib.science import metrics
 
 
-def _is_png(path) -> bool:
-    data = path.read_bytes()
-    return len(data) > 1000 and data[:8] == b"\x89PNG\r\n\x1a\n"
+def _is_png(path, fig, dpi: int) -> bool:
+    """The file is a PNG that decodes to an image drawn on (not blank) of about the figure's size at
+    ``dpi`` (saved tight, so cropped or widened by a legend, by at most a third)."""
+    from matplotlib import image
+
+    if path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        return False
+    img = image.imread(path)
+    width, height = fig.get_size_inches() * dpi
+    return (img.ndim == 3 and abs(img.shape[1] - width) < width / 3 and abs(img.shape[0] - height) < height / 3
+            and img[..., :3].std() > 0.05)
 
 
 def _integer_ticks(ax) -> bool:
@@ -42,7 +50,7 @@ def test_examples_plot(tmp_path, forecasts):
     pytest.importorskip("matplotlib")
     series, _, fc, bands = forecasts
     fig = plots.plot_examples(tmp_path / "ex.png", series, 8, fc, bands, system_ids=np.array([812, 17, 403]))
-    assert _is_png(tmp_path / "ex.png")
+    assert _is_png(tmp_path / "ex.png", fig, 100)
     axes = np.array(fig.axes).reshape(3, 2)
     for i, sid in enumerate((812, 17, 403)):
         for v, name in enumerate(("prey", "predator")):
@@ -56,6 +64,13 @@ def test_examples_plot(tmp_path, forecasts):
     labels = [t.get_text() for t in legend.get_texts()]
     assert {"truth", "prompt | forecast", "a", "a_copy", "b_median", "b_median 10–90% band"} <= set(labels)
     # every forecast its own colour, dash pattern and marker, the identical pair included
+    for i in range(3):   # the truth and every forecast, each at its own steps
+        for v in range(2):
+            drawn = {ln.get_label(): ln for ln in axes[i, v].lines}
+            assert np.array_equal(drawn["truth"].get_ydata(), series[i, :, v])
+            for name, pred in fc.items():
+                assert list(drawn[name].get_xdata()) == [8, 9, 10, 11]
+                assert np.array_equal(drawn[name].get_ydata(), pred[i, :, v], equal_nan=True)
     lines = {ln.get_label(): ln for ln in axes[0, 0].lines}
     styles = [(plots.style(j)["color"], plots.style(j)["ls"], plots.style(j)["marker"]) for j in range(len(fc))]
     assert len(set(styles)) == len(fc)
@@ -69,12 +84,18 @@ def test_error_vs_horizon_plot(tmp_path, forecasts):
     series, truth, fc, _ = forecasts
     summary = metrics.compare({k: v for k, v in fc.items() if k != "nothing"}, truth, series[:, 7])["summary"]
     fig = plots.plot_error_vs_horizon(tmp_path / "err.png", summary)
-    assert _is_png(tmp_path / "err.png")
+    assert _is_png(tmp_path / "err.png", fig, 100)
     assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
     for ax in fig.axes:
         assert ax.get_xlabel() == "steps ahead (time steps)" and ax.get_ylabel() == "MAE (population, data units)"
         assert _integer_ticks(ax)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(summary)
+    for ax, variable in zip(fig.axes, ("prey", "predator"), strict=True):   # each model's MAE at each step ahead
+        for line, (name, scores) in zip(ax.lines, summary.items(), strict=True):
+            assert list(line.get_xdata()) == [1, 2, 3, 4], name
+            assert list(line.get_ydata()) == scores["per_horizon"][variable]["mae"], name
+        drawn = dict(zip(summary, ax.lines, strict=True))
+        assert drawn["a"].get_ydata() == pytest.approx([0.1] * 4)   # (a is the truth + 0.1 everywhere)
     assert all("(identical: a = a_copy)" in ax.get_title() for ax in fig.axes)  # two curves, one line
     # errors spanning decades in one variable only: both panels logarithmic, and the labels say so
     summary["tiny"] = json.loads(json.dumps(summary["a"]))
@@ -97,7 +118,7 @@ def test_loss_curves_one_row_per_stage(tmp_path):
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
             runs.append(d)
     fig = plots.plot_loss_curves(tmp_path / "curves.png", runs)
-    assert _is_png(tmp_path / "curves.png")
+    assert _is_png(tmp_path / "curves.png", fig, 110)
     axes = np.array(fig.axes).reshape(2, 2)
     assert axes[0, 0].get_title().startswith("grid/")
     assert axes[1, 1].get_title() == "context/: validation forecasts (step 0: untrained)"
