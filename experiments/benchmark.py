@@ -65,6 +65,10 @@ N_GEN, NEW = 64, 128   # batched greedy generation: 64 prompts of up to 64 token
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--device", default="auto")
@@ -72,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", default=list(PARTS), choices=PARTS)
     p.add_argument("--json", default=None, help="also write the figures as JSON here")
     p.add_argument("--checkpoint", default=None, help="use this Qwen2 checkpoint folder instead of random weights")
-    return p.parse_args(argv)
+    return p
 
 
 @dataclass

@@ -35,12 +35,19 @@ def parse_args(argv: list[str] | None = None) -> EvalConfig:
     return cli.parse(EvalConfig, argv, __doc__)
 
 
+def build_parser() -> cli.ArgumentParser:
+    """evaluate.py's command line (``parse_args`` also builds the EvalConfig it gives)."""
+    return cli.parser(EvalConfig, __doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     out = folder.start_run(cfg, "evaluate")
     folder.seed_everything(cfg.seed)
     device = devices.pick_device(cfg.device)
-    run_data = rundata.prepare_data(cfg, out)  # with --adapter: its splits, encoding and (checked) data file
+    # with --adapter: its splits, encoding and (checked) data file
+    run_data = rundata.prepare_data(cfg, out, adapter=cfg.adapter, split=cfg.split,
+                                    allow_other_data=cfg.allow_other_data)
     texts = run_data.texts(cfg.split, cfg.max_systems)
     tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
     L = cfg.context_length

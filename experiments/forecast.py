@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> ForecastConfig:
     return cli.parse(ForecastConfig, argv, __doc__)
 
 
+def build_parser() -> cli.ArgumentParser:
+    """forecast.py's command line (``parse_args`` also builds the ForecastConfig it gives)."""
+    return cli.parser(ForecastConfig, __doc__)
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(argv)
     if not cfg.no_baselines and cfg.context_steps <= baselines.AR_ORDER:
@@ -61,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     folder.seed_everything(cfg.seed)
     device = devices.pick_device(cfg.device)
     # with --adapter: its own splits, encoding and (checksum-checked) data file, wherever it was moved
-    run_data = rundata.prepare_data(cfg, out)
+    run_data = rundata.prepare_data(cfg, out, adapter=cfg.adapter, split=cfg.split,
+                                    allow_other_data=cfg.allow_other_data)
     enc = run_data.encoding
     C, H = cfg.context_steps, cfg.horizon
     systems = run_data.systems(cfg.split, cfg.max_systems)

@@ -66,6 +66,10 @@ def sizes(text: str, n: int) -> list[tuple[int, ...]]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="default: bf16 on a GPU, fp32 on a CPU")
@@ -83,8 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--study-preset", default="full", help="the preset of the dry-run study (part plan)")
     p.add_argument("--data", default=None, help="data file for the study (default: the generated data set)")
     p.add_argument("--plan-timeout", type=float, default=300, help="seconds the dry-run study may take (part plan)")
-    args = p.parse_args(argv)
-    return args
+    return p
 
 
 def write_json(path: str, res: dict) -> None:

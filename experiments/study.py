@@ -37,7 +37,6 @@ when run again: finished runs are kept, an interrupted training run resumes from
 
 from __future__ import annotations
 
-import argparse
 import ctypes
 import functools
 import json
@@ -46,8 +45,10 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,8 +61,8 @@ import qwen_min
 from experiments.lib import errors, files, reporting
 from experiments.lib.budget import planning
 from experiments.lib.run import checkpoint, cli, config, folder, metrics_log, rundata
-from experiments.lib.run.config import ForecastConfig, RunConfig, TrainConfig
-from experiments.lib.run.flagtypes import finite_positive_float, non_negative_int, positive_int
+from experiments.lib.run.config import ForecastConfig, RunConfig, TrainConfig, flag, same_as
+from experiments.lib.run.flagtypes import non_negative_int, positive_int
 from experiments.lib.run.windows import forecast_set_of, prepare_windows
 from experiments.lib.science import data
 
@@ -107,29 +108,46 @@ PRESETS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = cli.script_parser(__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="the study's scale (see above)")
-    p.add_argument("--model", default=config.DEFAULT_MODEL, help="Hub repo id or local checkpoint folder")
-    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to pin")
-    p.add_argument("--data", default=None, help="HDF5 data file (none: the generated data set)")
-    p.add_argument("--out", default="runs/study", help="the study's folder")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", choices=config.DTYPE_NAMES, default="auto",
-                   help="base-model weight dtype (auto: bf16 where its matmuls are fast, else fp32; see train.py)")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="seed for splits, sampling and initialisation")
-    p.add_argument("--budget", type=finite_positive_float, default=flops.DEFAULT_BUDGET,
-                   help="total FLOP budget of the ledger")
-    p.add_argument("--ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
-    p.add_argument("--trim", action=argparse.BooleanOptionalAction, default=True,
-                   help="trim every training run's steps to fit the budget, or refuse")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    for f, kind in (("grid_steps", positive_int), ("final_steps", non_negative_int), ("val_systems", positive_int),
-                    ("test_systems", positive_int), ("samples", non_negative_int), ("batch_size", positive_int),
-                    ("eval_every", positive_int)):
-        p.add_argument("--" + f.replace("_", "-"), type=kind, default=None,
-                       help=f"override the preset's {f} (none: the preset's)")
-    return p.parse_args(argv)
+def _override(name: str, kind: Callable[[str], int]) -> Any:
+    return flag(None, f"override the preset's {name} (none: the preset's)", type=kind)
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """study.py: the study's scale (a preset, some of its values overridden) and what all its runs
+    share, which are RunConfig's own flags."""
+
+    preset: str = flag("cpu", "the study's scale (see above)", choices=tuple(sorted(PRESETS)))
+    model: str = same_as(RunConfig, "model")
+    revision: str | None = same_as(RunConfig, "revision")
+    data: str | None = same_as(RunConfig, "data")
+    out: str = same_as(RunConfig, "out", default="runs/study", help="the study's folder")
+    device: str = same_as(RunConfig, "device")
+    dtype: str = same_as(RunConfig, "dtype")
+    seed: int = same_as(RunConfig, "seed")
+    budget: float = same_as(RunConfig, "budget")
+    ledger: str | None = same_as(RunConfig, "ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
+    trim: bool = flag(True, "trim every training run's steps to fit the budget, or refuse")
+    dry_run: bool = flag(False, "print the plan and stop")
+    grid_steps: int | None = _override("grid_steps", positive_int)
+    final_steps: int | None = _override("final_steps", non_negative_int)
+    val_systems: int | None = _override("val_systems", positive_int)
+    test_systems: int | None = _override("test_systems", positive_int)
+    samples: int | None = _override("samples", non_negative_int)
+    batch_size: int | None = _override("batch_size", positive_int)
+    eval_every: int | None = _override("eval_every", positive_int)
+
+    def __post_init__(self) -> None:
+        config.check_fields(self)
+
+
+def parse_args(argv: list[str] | None = None) -> StudyConfig:
+    return cli.parse(StudyConfig, argv, __doc__)
+
+
+def build_parser() -> cli.ArgumentParser:
+    """study.py's command line (``parse_args`` also builds the StudyConfig it gives)."""
+    return cli.parser(StudyConfig, __doc__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +167,8 @@ class Item:
 
     @property
     def script(self) -> str:
-        return "train" if isinstance(self.config, TrainConfig) else "forecast"
+        """The script that runs it (its config's): "train" or "forecast"."""
+        return self.config.script
 
     def plan_entry(self) -> dict:
         """Its line in plan.json: the config, and the command line that starts it (without the
@@ -163,7 +182,7 @@ class Item:
 
 
 class Study:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: StudyConfig) -> None:
         self.args, self.out = args, Path(args.out)
         overrides = {k: getattr(args, k) for k in ("grid_steps", "final_steps", "val_systems", "test_systems",
                                                     "samples", "batch_size", "eval_every")
@@ -240,13 +259,13 @@ class Study:
         cfg = item.config
         key = (cfg, rank)   # (a forecast of the final adapter: its config does not name the rank)
         if key not in self._prices:
-            if isinstance(cfg, TrainConfig):
+            if item.script == "train":
                 run_data, train, val = self.windows(cfg)
                 forecasts = forecast_set_of(cfg, run_data, self.tokenizer)
                 plan, _ = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
                 self._prices[key] = plan.total, plan.generation
             else:
-                run_data = rundata.prepare_data(replace(cfg, adapter=None))   # (not trained yet; the seed's splits)
+                run_data = rundata.prepare_data(cfg)   # (the adapter not trained yet: the seed's splits)
                 prompts = [e.prompt for e in data.forecast_examples(
                     run_data.trajectories, run_data.systems(cfg.split, cfg.max_systems), run_data.encoding,
                     context_steps=cfg.context_steps, horizon=cfg.horizon)]
@@ -273,13 +292,12 @@ class Study:
         cfg = final.config
         run_data, train, val = self.windows(cfg)
         forecasts = forecast_set_of(cfg, run_data, self.tokenizer)
-        plan, shape = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
+        plan, _ = planning.train_plan(cfg, train, val, forecast_calls=forecasts and forecasts.calls)
         fixed = test + plan.full_eval + (plan.eval if cfg.eval_at_start else 0.0)   # whatever the step count
         if final.flops + test > left:
             raise errors.StudyError(f"the final run's first step and the test forecasts need "
                              f"{final.flops + test:.3e} FLOPs; the study's reservation has {left:.3e} left")
-        costs = planning.ScoredCosts(shape, cfg.batch_size, cfg.context_length)
-        every = cfg.eval_every
+        costs, every = plan.costs, cfg.eval_every
         cheapest = costs.train_step(1) + (plan.eval / every if every else 0.0)
         n_max = int((left - fixed) / cheapest) + 1                    # no more steps than this can fit
         steps = np.cumsum(planning.step_costs(costs, train, n_max, cfg.seed))
@@ -308,7 +326,7 @@ def run_item(item: Item, out: Path, reservation: str) -> None:
         return
     cfg = replace(item.config, reservation=reservation)
     run = out / item.name
-    if isinstance(cfg, TrainConfig) and checkpoint.exists(checkpoint.folder(run)):
+    if item.script == "train" and checkpoint.exists(checkpoint.folder(run)):
         cfg = replace(cfg, resume=True)       # (interrupted after a checkpoint: continue it)
     elif (run / f"{item.script}_args.json").is_file():
         cfg = replace(cfg, overwrite=True)    # (interrupted before anything could be continued: start it again)
@@ -359,7 +377,7 @@ def main(argv: list[str] | None = None) -> Path:
     study = Study(args)
     out, p = study.out, study.preset
     folder.claim_run(out)   # (a second study on this folder is refused; run again, this one continues)
-    files.write_json(out / "study_args.json", {"argv": sys.argv, **vars(args), "preset_values": asdict(p)})
+    files.write_json(out / "study_args.json", {"argv": sys.argv, **asdict(args), "preset_values": asdict(p)})
 
     # ---- plan everything at the most expensive choices, fit it to the budget, reserve it
     ledger = flops.Ledger(study.ledger_path, budget=args.budget)

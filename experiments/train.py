@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = parse_args(argv)
     dp = parallel.start_distributed(cfg.device, cfg.batch_size)  # torchrun: one process per rank
-    out = folder.start_run(cfg, "train") if dp.main else Path(cfg.out)
+    out = folder.start_run(cfg, "train", resume=cfg.resume) if dp.main else Path(cfg.out)
     dp.barrier()
     folder.seed_everything(cfg.seed)
 

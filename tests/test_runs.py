@@ -26,6 +26,13 @@ def _eval_args(out, *extra) -> config.EvalConfig:
     return cli.parse(config.EvalConfig, ["--out", str(out), *map(str, extra)])
 
 
+def _adapter_data(out, *extra) -> rundata.RunData:
+    """prepare_data as evaluate.py calls it, from evaluate.py's config of these flags (forecast.py's has
+    the same adapter fields; no --data unless given), saving in ``out``."""
+    cfg = _eval_args(out, *extra)
+    return rundata.prepare_data(cfg, out, adapter=cfg.adapter, split=cfg.split, allow_other_data=cfg.allow_other_data)
+
+
 def test_start_run_saves_the_command_line_and_names_the_run(tmp_path, lv_data_file):
     args = _args(lv_data_file, tmp_path / "my-run", "--seed", "7")
     out = folder.start_run(args, "evaluate")
@@ -86,8 +93,7 @@ def test_an_adapter_folder_moved_anywhere_brings_its_splits_encoding_and_data_fi
     shutil.copytree(adapter, moved)
     shutil.rmtree(adapter.parent)   # no run folder beside it: the adapter folder alone decides
     # other --seed and --percentile, no --data: the adapter's own systems, scaling and data file
-    got = rundata.prepare_data(_eval_args(tmp_path / "eval", "--adapter", moved, "--seed", 9, "--percentile", 50),
-                            tmp_path / "eval")
+    got = _adapter_data(tmp_path / "eval", "--adapter", moved, "--seed", 9, "--percentile", 50)
     assert _same_splits(got.splits, trained.splits) and got.encoding == trained.encoding
     assert got.data_path == str(lv_data_file.resolve()) and got.warnings == []
     assert got.adapter_info.folder == moved
@@ -102,9 +108,8 @@ def test_another_data_file_is_refused_naming_both_unless_allowed(tmp_path, lv_da
     want = (rf"data file {re.escape(str(other))} \(sha256 {mine}\) is not the one adapter {re.escape(str(adapter))} "
             rf"was trained on: {re.escape(str(lv_data_file.resolve()))} \(sha256 {theirs}\)")
     with pytest.raises(errors.DataError, match=want + "; pass --allow-other-data"):
-        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other), tmp_path / "e")
-    got = rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", other, "--allow-other-data"),
-                            tmp_path / "e")
+        _adapter_data(tmp_path / "e", "--adapter", adapter, "--data", other)
+    got = _adapter_data(tmp_path / "e", "--adapter", adapter, "--data", other, "--allow-other-data")
     assert len(got.warnings) == 1 and re.fullmatch(want, got.warnings[0])
     assert np.array_equal(got.trajectories, traj)
 
@@ -113,14 +118,14 @@ def test_the_adapters_own_training_split_and_a_missing_data_file_are_refused(tmp
     _, adapter = _trained_adapter(tmp_path, lv_data_file)
     with pytest.raises(errors.UsageError,
                        match=rf"--split train: adapter {re.escape(str(adapter))} was trained on these"):
-        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--split", "train"), tmp_path / "e")
+        _adapter_data(tmp_path / "e", "--adapter", adapter, "--split", "train")
     recorded = json.loads((adapter / "data.json").read_text())
     (adapter / "data.json").write_text(json.dumps({**recorded, "path": str(tmp_path / "gone.h5")}))
     with pytest.raises(errors.DataError,
                        match=r"data file .*gone\.h5 not found \(recorded in .*data\.json; pass --data\)"):
-        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter), tmp_path / "e")
+        _adapter_data(tmp_path / "e", "--adapter", adapter)
     with pytest.raises(errors.AdapterFolderError, match="not an adapter folder"):
-        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", tmp_path), tmp_path / "e")
+        _adapter_data(tmp_path / "e", "--adapter", tmp_path)
 
 
 def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path, lv_data_file):
@@ -128,5 +133,5 @@ def test_an_adapter_without_its_provenance_files_is_refused_naming_them(tmp_path
     for f in ("splits.json", "data.json"):
         (adapter / f).unlink()
     with pytest.raises(errors.AdapterFolderError, match=r"has no splits\.json, data\.json"):
-        rundata.prepare_data(_eval_args(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file), tmp_path / "e")
+        _adapter_data(tmp_path / "e", "--adapter", adapter, "--data", lv_data_file)
     assert not (tmp_path / "e" / "splits.json").exists()

@@ -28,7 +28,7 @@ import lora
 import qwen_min
 from experiments.lib import errors
 from experiments.lib.errors import one_line
-from experiments.lib.run.config import RunConfig, flag_name, is_switch
+from experiments.lib.run.config import flag_name, is_switch
 
 # Everything a person can fix; any other exception is a bug.
 EXPECTED: tuple[type[BaseException], ...] = (errors.ExperimentError, flops.LedgerError, qwen_min.CheckpointError,
@@ -62,10 +62,10 @@ def script_parser(description: str | None = None) -> ArgumentParser:
     return p
 
 
-C = TypeVar("C", bound=RunConfig)
+C = TypeVar("C")   # a config: a frozen dataclass whose every field is a flag (config.flag)
 
 
-def parser(cls: type[RunConfig], description: str | None = None) -> argparse.ArgumentParser:
+def parser(cls: type, description: str | None = None) -> ArgumentParser:
     """The command line of a script that takes ``cls``: one option per field, in the field's group,
     with its type, default and help; --debug besides (cli.run_as_script reads it)."""
     p = script_parser(description)

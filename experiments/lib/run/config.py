@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import flops
 from experiments.lib import errors
@@ -37,7 +37,8 @@ DTYPE_NAMES = ("auto", "bf16", "fp16", "fp32")    # (devices.weight_dtype maps t
 SELECT_BY = ("mae", "relative", "loss")
 
 MODEL_AND_DATA, BUDGET, TRAINING = "model and data", "FLOP budget", "training"
-SELECTION = "model selection (each evaluation: step 0, then every --eval-every steps)"
+LORA, OPTIMIZER = "LoRA", "optimizer and learning rate schedule"
+SELECTION = "evaluation and model selection (each evaluation: step 0, then every --eval-every steps)"
 FORECASTING = "forecasting"
 
 
@@ -47,6 +48,16 @@ def flag(default: Any, help: str, *, type: Any = None, choices: tuple | None = N
     default is a switch: False ``--x``, True ``--x/--no-x``)."""
     return field(default=default, metadata={"help": help, "type": type, "choices": choices, "nargs": nargs,
                                             "metavar": metavar, "group": group})
+
+
+def same_as(cls: type, name: str, *, default: Any = MISSING, help: str | None = None) -> Any:
+    """Field ``name`` of config ``cls`` as a flag of another config (study.py's of RunConfig's), so a
+    flag of one meaning is defined once: the same type, choices and group, and the same default and
+    help unless ``default`` or ``help`` says what differs."""
+    f = next(f for f in fields(cls) if f.name == name)
+    m = f.metadata
+    return flag(f.default if default is MISSING else default, m["help"] if help is None else help, type=m["type"],
+                choices=m["choices"], nargs=m["nargs"], metavar=m["metavar"], group=m["group"])
 
 
 def _out(default: str) -> Any:
@@ -123,12 +134,16 @@ class AdapterConfig(RunConfig):
 class EvalConfig(AdapterConfig):
     """evaluate.py: the cross-entropy of one split's windows."""
 
+    script: ClassVar[str] = "evaluate"
+
     out: str = _out("runs/eval")
 
 
 @dataclass(frozen=True)
 class ForecastConfig(AdapterConfig):
     """forecast.py: greedy (and sampled) forecasts of one split's systems, with the baselines."""
+
+    script: ClassVar[str] = "forecast"
 
     out: str = _out("runs/forecast")
     context_steps: int = flag(50, "time steps in the prompt (C)", type=positive_int, group=FORECASTING)
@@ -152,31 +167,33 @@ class TrainConfig(RunConfig):
     than the untrained model's): rank 4 on q/v, lr 1e-3 with 20 warm-up steps and a cosine decay to
     1e-4 at step 600, 4 windows of 256 tokens a step."""
 
+    script: ClassVar[str] = "train"
+
     out: str = _out("runs/train")
-    rank: int = flag(4, "LoRA rank on q_proj and v_proj (0: no adapters)", type=non_negative_int, group=TRAINING)
+    rank: int = flag(4, "LoRA rank on q_proj and v_proj (0: no adapters)", type=non_negative_int, group=LORA)
     lora_alpha: float | None = flag(None, "LoRA alpha (none: = rank, scaling 1)", type=finite_positive_float,
-                                    group=TRAINING)
-    lora_dropout: float = flag(0.0, "dropout on the LoRA input, in [0, 1]", type=fraction, group=TRAINING)
-    targets: tuple[str, ...] = flag(("q_proj", "v_proj"), "linear layers to wrap", nargs="+", group=TRAINING)
-    train_lm_head_bias: bool = flag(False, "also train a bias on the output layer", group=TRAINING)
+                                    group=LORA)
+    lora_dropout: float = flag(0.0, "dropout on the LoRA input, in [0, 1]", type=fraction, group=LORA)
+    targets: tuple[str, ...] = flag(("q_proj", "v_proj"), "linear layers to wrap", nargs="+", group=LORA)
+    train_lm_head_bias: bool = flag(False, "also train a bias on the output layer", group=LORA)
     lr: float = flag(1e-3, "AdamW peak learning rate (LoRA wants ~10x full fine-tuning's: at 1e-5 the validation CE "
-                     "falls while the forecasts get worse)", type=finite_positive_float, group=TRAINING)
-    weight_decay: float = flag(0.0, "AdamW weight decay", type=non_negative_float, group=TRAINING)
-    warmup_steps: int = flag(20, "linear warm-up steps", type=non_negative_int, group=TRAINING)
+                     "falls while the forecasts get worse)", type=finite_positive_float, group=OPTIMIZER)
+    weight_decay: float = flag(0.0, "AdamW weight decay", type=non_negative_float, group=OPTIMIZER)
+    warmup_steps: int = flag(20, "linear warm-up steps", type=non_negative_int, group=OPTIMIZER)
     schedule: str = flag("cosine", "after the warm-up: decay to --min-lr-ratio x lr at --max-steps (cosine, linear), "
-                         "or constant", choices=SCHEDULES, group=TRAINING)
+                         "or constant", choices=SCHEDULES, group=OPTIMIZER)
     min_lr_ratio: float = flag(0.1, "the learning rate at the end of the decay, as a fraction of --lr (in [0, 1])",
-                               type=fraction, group=TRAINING)
+                               type=fraction, group=OPTIMIZER)
     max_steps: int = flag(600, "optimizer steps; the decay ends here (the default: past the early dip, where "
                           "forecasts first get worse, then better than the untrained model's)", type=positive_int,
-                          group=TRAINING)
+                          group=OPTIMIZER)
     stride: int | None = flag(None, "window stride in tokens (none: context/2)", type=positive_int, group=TRAINING)
     eval_every: int = flag(50, "evaluate (validation CE and forecasts) every N steps, and at step 0 (0: never)",
-                           type=non_negative_int, group=TRAINING)
-    eval_windows: int = flag(64, "windows in the fixed validation subset", type=positive_int, group=TRAINING)
+                           type=non_negative_int, group=SELECTION)
+    eval_windows: int = flag(64, "windows in the fixed validation subset", type=positive_int, group=SELECTION)
     patience: int = flag(0, "stop after N evaluations without improvement (0: never; forecasts get worse before "
                          "they get better, so early stopping would end a run inside the dip)", type=non_negative_int,
-                         group=TRAINING)
+                         group=SELECTION)
     checkpoint_every: int = flag(50, "write a resumable checkpoint every N steps", type=positive_int, group=TRAINING)
     charge_every: int = flag(1, "charge the FLOP ledger every N optimizer steps (1: a SIGKILL loses at most the step "
                              "in flight from the ledger; more: fewer ledger lines, up to N steps lost)",
@@ -225,7 +242,7 @@ def is_switch(f: Field) -> bool:
     return isinstance(f.default, bool)
 
 
-def check_fields(config: RunConfig) -> None:
+def check_fields(config: Any) -> None:
     """Every field's value as its flag allows it (its choices, its type's rule), so a config made
     directly (study.py's) is refused as a command line would be: errors.UsageError naming the flag."""
     for f in fields(config):

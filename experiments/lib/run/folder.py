@@ -24,7 +24,7 @@ import torch
 
 from experiments.lib import errors, files
 from experiments.lib.run import checkpoint
-from experiments.lib.run.config import RunConfig, TrainConfig
+from experiments.lib.run.config import RunConfig
 
 # What a resumed training run may not change: each alters the run (its data, its model and precision,
 # its schedule or what picks the kept adapter), so the checkpoint would continue another run than the one asked for.
@@ -90,12 +90,13 @@ def holding_run(out: Path) -> Iterator[Path]:
             unlock_run(out)
 
 
-def check_run_folder(cfg: RunConfig, script: str) -> None:
+def check_run_folder(cfg: RunConfig, script: str, *, resume: bool = False) -> None:
     """Refuse, before anything is written, an --out holding a finished or interrupted run of ``script``
-    (its <script>_args.json) unless --overwrite, or (train.py) --resume with the same run's arguments."""
+    (its <script>_args.json) unless --overwrite, or ``resume`` (train.py's --resume) with the same run's
+    arguments."""
     out = Path(cfg.out)
     previous = out / f"{script}_args.json"
-    if isinstance(cfg, TrainConfig) and cfg.resume:
+    if resume:
         if not previous.is_file() or not checkpoint.exists(checkpoint.folder(out)):
             raise errors.NoCheckpointError(f"--resume: no checkpoint in {checkpoint.folder(out)} to continue from")
         try:
@@ -143,20 +144,20 @@ def clear_run(out: Path, script: str) -> None:
             path.unlink()
 
 
-def start_run(cfg: RunConfig, script: str) -> Path:
+def start_run(cfg: RunConfig, script: str, *, resume: bool = False) -> Path:
     """Take the run folder: refuse it (nothing written) if another process holds it, if it holds a run
-    and neither --overwrite nor a matching --resume was given; then lock it and save the exact command
-    line and arguments in it."""
+    and neither --overwrite nor a matching ``resume`` (train.py's --resume) was given; then lock it and
+    save the exact command line and arguments in it."""
     out = Path(cfg.out)
     held = str(out.resolve()) in _LOCKS
     lock_run(out)
     try:
-        check_run_folder(cfg, script)
+        check_run_folder(cfg, script, resume=resume)
     except errors.ExperimentError:
         if not held:
             unlock_run(out)
         raise
-    if not (isinstance(cfg, TrainConfig) and cfg.resume) and (out / f"{script}_args.json").is_file():
+    if not resume and (out / f"{script}_args.json").is_file():
         clear_run(out, script)   # (--overwrite, or an earlier run that was refused before any work)
     _write_pid(out)
     files.write_json(out / f"{script}_args.json", {"argv": sys.argv, **asdict(cfg)})

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from experiments.lib import errors, files
-from experiments.lib.run.config import AdapterConfig, RunConfig
+from experiments.lib.run.config import RunConfig
 from experiments.lib.science import data, llmtime, lotka_volterra
 
 
@@ -48,24 +48,23 @@ class RunData:
                 for i in self.systems(split, max_systems)]
 
 
-def prepare_data(cfg: RunConfig, out: Path | None = None, *, reuse: Path | None = None) -> RunData:
+def prepare_data(cfg: RunConfig, out: Path | None = None, *, reuse: Path | None = None, adapter: str | None = None,
+                 split: str | None = None, allow_other_data: bool = False) -> RunData:
     """Load (or generate) the data, split it by system, fit alpha on train; save splits and encoding in ``out``.
 
     When ``reuse`` (default: ``out``) already holds splits.json and encoding.json (a resumed run)
     they are used again, so the same systems and the same scaling are used again.
 
-    With an adapter (``cfg.adapter``: evaluate.py, forecast.py) the adapter folder itself decides, wherever it
-    was moved: its splits.json and encoding.json are used, --data defaults to the file in its
-    data.json, and a file whose SHA-256 differs from the recorded one is refused (DataError naming
-    both files and checksums) unless ``cfg.allow_other_data``, which turns the refusal into a
-    warning in ``.warnings``. Scoring the adapter's own training split (``cfg.split`` "train") is
-    refused.
+    With an ``adapter`` folder (evaluate.py's and forecast.py's --adapter) the adapter folder itself
+    decides, wherever it was moved: its splits.json and encoding.json are used, --data defaults to the
+    file in its data.json, and a file whose SHA-256 differs from the recorded one is refused (DataError
+    naming both files and checksums) unless ``allow_other_data``, which turns the refusal into a
+    warning in ``.warnings``. Scoring the adapter's own training ``split`` ("train") is refused.
     """
     warnings: list[str] = []
-    scoring = cfg if isinstance(cfg, AdapterConfig) else None
-    info = adapter_info(scoring.adapter) if scoring and scoring.adapter else None
+    info = adapter_info(adapter) if adapter else None
     if info:
-        if scoring.split == "train":
+        if split == "train":
             raise errors.UsageError(f"--split train: adapter {info.folder} was trained on these systems; score val or "
                              f"test")
         reuse = info.folder
@@ -79,7 +78,7 @@ def prepare_data(cfg: RunConfig, out: Path | None = None, *, reuse: Path | None 
     if info and digest != info.data["sha256"]:
         msg = (f"data file {path} (sha256 {digest}) is not the one adapter {info.folder} was trained on: "
                f"{info.data['path']} (sha256 {info.data['sha256']})")
-        if not scoring.allow_other_data:
+        if not allow_other_data:
             raise errors.DataError(f"{msg}; pass --allow-other-data to score it anyway")
         warn(warnings, msg)
     trajectories, time = lotka_volterra.load_h5(path)
