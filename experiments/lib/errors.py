@@ -7,7 +7,9 @@ stops a run, raised where the run can close its books on the way out.
 
 from __future__ import annotations
 
+import os
 import signal
+from pathlib import Path
 
 
 class ExperimentError(Exception):
@@ -43,6 +45,11 @@ class Diverged(ExperimentError):  # noqa: N818 (the name train.py has always use
     last good checkpoint and the best adapter so far."""
 
 
+class NotFiniteError(ExperimentError):
+    """A loss or score that is not a finite number where a result is reported (evaluate.py): the
+    script ends with exit status 1 and writes no result from it."""
+
+
 class StudyError(ExperimentError):
     """study.py cannot go on: a child run failed, or the plan does not fit the budget."""
 
@@ -53,6 +60,22 @@ class MissingDependencyError(ExperimentError):
 
 class NoCheckpointError(RunFolderError, FileNotFoundError):
     """--resume, and the run folder holds no checkpoint."""
+
+
+class WriteError(ExperimentError):
+    """A file or folder could not be written: the disk is full, an I/O error, no permission, a
+    read-only file system. Raised by the writers of ``files`` (and the checkpoint's), which leave
+    nothing half-written under the name: what the path held before is still there, or nothing is."""
+
+    def __init__(self, path: str | os.PathLike, error: OSError) -> None:
+        reason = error.strerror or one_line(error)
+        super().__init__(f"writing {path}: {reason}")
+        self.path, self.error, self.errno = Path(path), error, error.errno
+
+
+class UnrecordedChargeError(ExperimentError):
+    """A charge to the FLOP ledger could not be written (flops.LedgerWriteError: the disk is full, an
+    I/O error): the run stops, and its message names the FLOPs of finished work the ledger lacks."""
 
 
 class Interrupted(BaseException):
@@ -68,7 +91,13 @@ class Interrupted(BaseException):
         self.step: int | None = None   # train.py: the optimizer steps taken when it arrived
 
 
+def add_note(e: BaseException, note: str) -> None:
+    """``e.add_note(note)`` (Python 3.11), by hand so that 3.10 keeps it too: ``one_line`` shows it."""
+    e.__notes__ = [*getattr(e, "__notes__", ()), note]
+
+
 def one_line(e: BaseException) -> str:
-    """An exception's message on one line."""
+    """An exception's message on one line, with its notes (``add_note``: what failed on the way out)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    text = "; ".join([text, *getattr(e, "__notes__", ())])
     return " ".join(text.split()) or type(e).__name__

@@ -6,7 +6,11 @@ error of the experiments' own (``errors.ExperimentError``), of the ledger (``flo
 of a checkpoint or config (``qwen_min.CheckpointError``/``ConfigError``), of an adapter
 (``lora.AdapterError``) or of the data (``lotka_volterra.DataError``) is printed as one line,
 ``<script>: error: <message>``, and the exit status is 1 (2 for a usage error, as argparse gives).
-Any other exception is a bug and keeps its traceback; ``--debug`` shows the traceback of any error.
+So is an OSError of the machine rather than the code (the disk full, an I/O error, no permission, a
+read-only file system): ``<script>: error: writing <path>: No space left on device`` (the library's
+writers raise it as ``errors.WriteError`` naming the file; any other such OSError is named by its
+own file name). Any other exception is a bug and keeps its traceback; ``--debug`` shows the
+traceback of any error.
 A run interrupted by SIGINT or SIGTERM (``errors.Interrupted``) closes its booking on the way out
 and then dies of that same signal, after printing what it left for ``--resume``, if anything.
 """
@@ -14,6 +18,8 @@ and then dies of that same signal, after printing what it left for ``--resume``,
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import inspect
 import os
 import signal
@@ -33,6 +39,11 @@ from experiments.lib.run.config import flag_name, is_switch
 # Everything a person can fix; any other exception is a bug.
 EXPECTED: tuple[type[BaseException], ...] = (errors.ExperimentError, flops.LedgerError, qwen_min.CheckpointError,
                                              qwen_min.ConfigError, lora.AdapterError)
+
+# OSErrors of the machine rather than the code: one line, exit 1 (any other OSError keeps its traceback).
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS, errno.EACCES,
+                            errno.EPERM})
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})   # (only ever a write)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -105,14 +116,39 @@ def run_as_script(main: Callable[[list[str]], object], argv: Sequence[str] | Non
     try:
         main(argv)
     except errors.Interrupted as e:
-        if e.note:
-            print(f"{name}: {e.note}", file=sys.stderr, flush=True)
+        # what to do next, and what failed on the way out (a note added on the way)
+        for note in filter(None, [e.note, *getattr(e, "__notes__", ())]):
+            print(f"{name}: {note}", file=sys.stderr, flush=True)
         signal.signal(e.signum, signal.SIG_DFL)
         os.kill(os.getpid(), e.signum)
         return 128 + e.signum   # (only if the signal was blocked)
     except EXPECTED as e:
         if "--debug" in argv:
             raise
+        end_progress_bars()
         print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 1)
+    except OSError as e:
+        if "--debug" in argv or e.errno not in MACHINE_ERRNOS:
+            raise
+        end_progress_bars()
+        print(f"{name}: error: {os_error_line(e)}", file=sys.stderr, flush=True)
+        return 1
     return 0
+
+
+def end_progress_bars() -> None:
+    """Close the progress bars an error cut short, so the error gets a line of its own (a bar left open
+    ends its line only when it is collected, after the error, and draws itself again there)."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):   # (a bar that cannot be closed must not hide the error)
+            bar.close()
+
+
+def os_error_line(e: OSError) -> str:
+    """An OSError that no writer of ours named (a library's own write): its file and reason on one line."""
+    reason = e.strerror or one_line(e)
+    if not e.filename:
+        return f"{reason} (--debug shows where)"
+    return f"{'writing ' if e.errno in WRITE_ERRNOS else ''}{e.filename}: {reason}"
