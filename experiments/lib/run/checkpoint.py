@@ -10,7 +10,10 @@ is known here alone:
     checkpoint.old/               the previous one, while the new one is swapped in (read if the swap was cut short)
 
 A checkpoint is written only when every FLOP it holds has been charged to the ledger (train.py
-flushes its charges first), so a run resumed from it owes nothing for what came before.
+flushes its charges first), so a run resumed from it owes nothing for what came before. Every file of
+the new checkpoint and its folder are synced before the swap, and the run folder after it, so the
+swap survives a power cut; a save that fails (the disk full) removes checkpoint.tmp, keeps the
+previous checkpoint and raises ``errors.WriteError`` naming the checkpoint.
 """
 
 from __future__ import annotations
@@ -24,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as serialize
 
-from experiments.lib import errors
+from experiments.lib import errors, files
 from experiments.lib.training.state import RunState
 
 FOLDER = "checkpoint"                                   # in a run folder
@@ -47,24 +51,37 @@ def save(folder: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state
          best: dict[str, torch.Tensor], untrained: np.ndarray | None = None) -> None:
     """Written to ``folder``.tmp, then swapped in; the previous checkpoint is ``folder``.old until the swap is done."""
     tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     names = {id(p): n for n, p in model.named_parameters()}
     tensors = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
     for p, s in opt.state.items():
         for k, v in s.items():
             tensors[f"optimizer.{names[id(p)]}.{k}"] = torch.as_tensor(v).cpu()
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(tmp / "state.safetensors"))
-    save_file({n: t.detach().cpu() for n, t in best.items()}, str(tmp / "best.safetensors"))
+    # (serialized here and written by plain writes, so a full disk is an OSError like any other)
+    contents = {"state.safetensors": serialize(tensors),
+                "best.safetensors": serialize({n: t.detach().cpu() for n, t in best.items()})}
     if untrained is not None:
-        save_file({"forecasts": torch.from_numpy(np.ascontiguousarray(untrained))}, str(tmp / "untrained.safetensors"))
-    (tmp / "state.json").write_text(json.dumps(asdict(state), indent=1))
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        os.replace(folder, old)   # a crash from here on leaves .old, which load() also reads
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+        contents["untrained.safetensors"] = serialize({"forecasts": torch.from_numpy(np.ascontiguousarray(untrained))})
+    contents["state.json"] = json.dumps(asdict(state), indent=1).encode()
+    with files.named(folder):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for name, data in contents.items():
+                with open(tmp / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            files.fsync_path(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)   # (the previous checkpoint stays; the space is freed)
+            raise
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            os.replace(folder, old)   # a crash from here on leaves .old, which load() also reads
+        os.replace(tmp, folder)
+        files.fsync_path(folder.parent)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _current(folder: Path) -> Path:

@@ -3,8 +3,10 @@ unless --overwrite (or, for train.py, a --resume that continues the same run), a
 line and config saved in it before any work; the run's seeds.
 
 A run folder holds everything the run wrote: ``<script>_args.json`` (the exact command line and the
-config it gave), splits.json and encoding.json (so a later script sees the same systems and the same
-scaling, see rundata.py) and the script's own results.
+config it gave), splits.json, encoding.json and data.json (so a later script sees the same systems and
+the same scaling, and a resumed run the same data file, see rundata.py) and the script's own results.
+Each file is written whole (``files``); the temporary files a kill left behind are removed when the
+folder is next taken.
 """
 
 from __future__ import annotations
@@ -60,8 +62,9 @@ def lock_run(out: Path) -> None:
 
 def _write_pid(out: Path) -> None:
     fd = _LOCKS[str(out.resolve())]
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    with files.named(out / ".lock"):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
 
 
 def claim_run(out: Path) -> None:
@@ -115,8 +118,8 @@ def check_run_folder(cfg: RunConfig, script: str, *, resume: bool = False) -> No
                                     f"to replace it{also}, or choose another --out")
 
 
-# What each script writes in a run folder beyond its setup (<script>_args.json, splits.json and
-# encoding.json, written before any work, so a run refused then leaves nothing else): its work.
+# What each script writes in a run folder beyond its setup (<script>_args.json, splits.json,
+# encoding.json and data.json, written before any work, so a run refused then leaves nothing else): its work.
 WORK_FILES = {
     "train": ("metrics.jsonl", "metrics.csv", "summary.json", *checkpoint.NAMES, "adapter"),
     "evaluate": ("eval_metrics.json",),
@@ -135,7 +138,7 @@ def clear_run(out: Path, script: str) -> None:
     none of it is read again: its splits and encoding would otherwise be reused, its checkpoint resumed.
     The splits and encoding stay if another script's run shares the folder."""
     others = [f"{s}_args.json" for s in WORK_FILES if s != script]
-    shared = () if any((out / f).exists() for f in others) else ("splits.json", "encoding.json")
+    shared = () if any((out / f).exists() for f in others) else ("splits.json", "encoding.json", "data.json")
     for name in (f"{script}_args.json", *shared, *WORK_FILES.get(script, ())):
         path = out / name
         if path.is_dir():
@@ -159,6 +162,8 @@ def start_run(cfg: RunConfig, script: str, *, resume: bool = False) -> Path:
         raise
     if not resume and (out / f"{script}_args.json").is_file():
         clear_run(out, script)   # (--overwrite, or an earlier run that was refused before any work)
+    for stale in files.leftovers(out):   # (what a write killed midway left under a temporary name; never read)
+        stale.unlink(missing_ok=True)
     _write_pid(out)
     files.write_json(out / f"{script}_args.json", {"argv": sys.argv, **asdict(cfg)})
     return out

@@ -1,7 +1,9 @@
 """The run's data, from its config: the data file loaded (or generated), split by system, the
-encoding fitted on the training systems only, all saved in the run folder; and an adapter's
-provenance, saved beside its weights (encoding.json, splits.json, data.json: the data file's path
-and SHA-256), so it decodes its forecasts again wherever it is moved.
+encoding fitted on the training systems only, all saved in the run folder with the data file's path
+and SHA-256 (data.json), so a run that reuses the folder (train.py --resume) is refused on other data;
+and an adapter's provenance, saved beside its weights (encoding.json, splits.json, data.json), so it
+decodes its forecasts again wherever it is moved. A split left without systems (a data file too small
+for its --splits) is refused in one line naming the file, its systems and the splits.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+import lora
 from experiments.lib import errors, files
 from experiments.lib.run.config import RunConfig
 from experiments.lib.science import data, llmtime, lotka_volterra
@@ -38,9 +41,18 @@ class RunData:
     sha256: str = ""                  # of the data file
     warnings: list[str] = field(default_factory=list)  # for the run's results file (also printed)
     adapter_info: AdapterInfo | None = None            # with --adapter: where its provenance came from
+    splits_from: str = ""                              # what cut the splits, in words (--splits, a splits.json)
 
     def systems(self, split: str, max_systems: int | None = None) -> np.ndarray:
+        """The system indices of ``split`` (the first ``max_systems``); a split without any is refused
+        (DataError naming the data file, its number of systems and the splits), as nothing can be
+        trained, scored or forecast on it."""
         idx = self.splits[split]
+        if not len(idx):
+            sizes = ", ".join(f"{k} {len(v)}" for k, v in self.splits.items())
+            raise errors.DataError(f"data file {self.data_path} holds {len(self.trajectories)} system(s), and "
+                                   f"{self.splits_from or 'the splits'} give the {split} split none ({sizes}); "
+                                   f"use a data file with more systems, or other --splits")
         return idx if max_systems is None else idx[:max_systems]
 
     def texts(self, split: str, max_systems: int | None = None) -> list[str]:
@@ -60,6 +72,10 @@ def prepare_data(cfg: RunConfig, out: Path | None = None, *, reuse: Path | None 
     file in its data.json, and a file whose SHA-256 differs from the recorded one is refused (DataError
     naming both files and checksums) unless ``allow_other_data``, which turns the refusal into a
     warning in ``.warnings``. Scoring the adapter's own training ``split`` ("train") is refused.
+
+    ``out`` records the data file's path and SHA-256 in its data.json. A ``reuse`` folder (without an
+    adapter) whose data.json names another checksum is refused (DataError naming both), since its
+    splits and encoding were made on other data: train.py --resume after the file was replaced, say.
     """
     warnings: list[str] = []
     info = adapter_info(adapter) if adapter else None
@@ -81,22 +97,51 @@ def prepare_data(cfg: RunConfig, out: Path | None = None, *, reuse: Path | None 
         if not allow_other_data:
             raise errors.DataError(f"{msg}; pass --allow-other-data to score it anyway")
         warn(warnings, msg)
-    trajectories, time = lotka_volterra.load_h5(path)
     reuse = reuse or out
+    if reuse and not info:
+        check_same_data(reuse, path, digest)
+    trajectories, time = lotka_volterra.load_h5(path)
     if reuse and (reuse / "splits.json").is_file():
         splits = _read(data.load_splits, reuse / "splits.json", n_systems=len(trajectories))
+        splits_from = f"the splits in {reuse / 'splits.json'}"
     else:
         splits = data.split_systems(len(trajectories), fractions=cfg.splits, seed=cfg.seed)
+        splits_from = f"--splits {' '.join(f'{f:g}' for f in cfg.splits)}"
     if reuse and (reuse / "encoding.json").is_file():
         encoding = _read(llmtime.EncodingConfig.load, reuse / "encoding.json")
     else:
         encoding = llmtime.EncodingConfig(
             alpha=llmtime.fit_alpha(trajectories[splits["train"]], percentile=cfg.percentile),
             decimals=cfg.decimals, percentile=cfg.percentile)
+    run_data = RunData(trajectories, time, splits, encoding, path, digest, warnings, info, splits_from)
     if out:
         data.save_splits(out / "splits.json", splits)
         encoding.save(out / "encoding.json")
-    return RunData(trajectories, time, splits, encoding, path, digest, warnings, info)
+        files.write_json(out / "data.json", data_record(run_data))
+    return run_data
+
+
+def data_record(run_data: RunData) -> dict[str, Any]:
+    """data.json: the data file's absolute path, its SHA-256 and its number of systems."""
+    return {"path": str(Path(run_data.data_path).resolve()), "sha256": run_data.sha256,
+            "systems": len(run_data.trajectories)}
+
+
+def check_same_data(folder: Path, path: str | os.PathLike, digest: str) -> None:
+    """Refuse data file ``path`` (SHA-256 ``digest``) for a run folder whose data.json records another
+    file's checksum: its splits and encoding, and a checkpoint, belong to that data (DataError naming both)."""
+    record = folder / "data.json"
+    if not record.is_file():
+        return
+    try:
+        recorded = json.loads(record.read_text())
+        before, where = recorded["sha256"], recorded["path"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise errors.DataError(f"{record}: damaged or not a data record ({errors.one_line(e)})") from None
+    if before != digest:
+        raise errors.DataError(f"data file {path} (sha256 {digest}) is not the data of the run in {folder}: "
+                               f"{where} (sha256 {before}, recorded in {record}); a run continues on the data it "
+                               f"began with: restore that file, or start afresh in another --out")
 
 
 def _read(load: Any, path: Path, **kwargs: Any) -> Any:
@@ -121,13 +166,15 @@ def save_adapter_files(folder: Path, run_data: RunData) -> None:
     and data.json (the data file's absolute path, its SHA-256 and its number of systems)."""
     run_data.encoding.save(folder / "encoding.json")
     data.save_splits(folder / "splits.json", run_data.splits)
-    files.write_json(folder / "data.json", {"path": str(Path(run_data.data_path).resolve()),
-                                            "sha256": run_data.sha256, "systems": len(run_data.trajectories)})
+    files.write_json(folder / "data.json", data_record(run_data))
 
 
 def adapter_info(adapter: str | os.PathLike) -> AdapterInfo:
     """Read an adapter folder's provenance (see ``prepare_data``), refusing a folder that lacks any of it."""
     folder = Path(adapter)
+    interrupted = lora.interrupted_save(folder)   # (a save cut short says what it left, and where)
+    if interrupted:
+        raise errors.AdapterFolderError(f"--adapter {folder}: {interrupted}")
     if not (folder / "adapter_config.json").is_file():
         raise errors.AdapterFolderError(f"--adapter {folder}: not an adapter folder (no adapter_config.json)")
     missing = [f for f in ADAPTER_FILES if not (folder / f).is_file()]
