@@ -7,12 +7,15 @@ With --adapter, the encoding (alpha, decimals), the splits and the data file com
 folder itself (its data file checked by SHA-256; --allow-other-data scores another, with a warning
 in the results), so a trained model is scored on exactly the numbers it was trained to continue;
 its own training split is refused. The planned FLOPs are reserved in the ledger before any model
-work and each batch is charged as it is done. Writes --out/eval_metrics.json.
+work and each batch is charged as it is done. Writes --out/eval_metrics.json (whole: a temporary
+name, then a rename); a cross-entropy that is not a finite number writes nothing and ends in one line,
+exit status 1.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import qwen_min
-from experiments.lib import files
+from experiments.lib import errors, files
 from experiments.lib.budget import planning
 from experiments.lib.budget.booking import Booking, reserve
 from experiments.lib.run import cli, devices, folder, rundata
@@ -76,6 +79,12 @@ def main(argv: list[str] | None = None) -> dict:
 
         loss, tokens = evaluation.windows_loss(model, windows.input_ids, windows.labels, cfg.batch_size, device,
                                              what=what, after_batch=charge_batch)
+    if not math.isfinite(loss):   # (no result from it: a null loss with exit status 0 would pass for one)
+        scored = cfg.adapter or "the untrained model"
+        raise errors.NotFiniteError(f"{what}: the cross-entropy of {scored} in {devices.dtype_of(model)} is {loss}, "
+                                    f"not a finite number (the logits overflow or are NaN); no "
+                                    f"{out / 'eval_metrics.json'} is written, and the {booking.charged:.4e} FLOPs "
+                                    f"spent are charged")
     result = {"split": cfg.split, "adapter": cfg.adapter, "model": cfg.model, "dtype": devices.dtype_of(model),
               "loss": loss,
               "scored_tokens": tokens, "windows": n, "systems": len(texts), "flops": booking.charged,

@@ -20,8 +20,11 @@ Files in --out: forecast_metrics.json (per model: coverage, filled-in MAE/MSE ov
 first 10 steps and per horizon step, common-support MAE, relative score, CRPS and band coverage
 with --samples, all with standard errors over systems; paired differences), forecasts.h5 (per
 model: forecasts, samples, in original units; the generated texts as string datasets; the encoding
-to decode the texts again), examples.png and error_vs_horizon.png. Generation FLOPs are reserved in the ledger before
-any model work and charged per generate call.
+to decode the texts again), examples.png and error_vs_horizon.png. Each is written whole (a temporary
+name, then a rename): forecasts.h5 first, the plots, and forecast_metrics.json last, the mark that
+the forecast is done (study.py counts a forecast as done by it), so a run killed or failing on the
+way (a full disk) leaves no mark beside missing or half-written forecasts. Generation FLOPs are
+reserved in the ledger before any model work and charged per generate call.
 """
 
 from __future__ import annotations
@@ -138,13 +141,16 @@ def main(argv: list[str] | None = None) -> dict:
               "dtype": devices.dtype_of(model),
               "data": {"path": run_data.data_path, "sha256": run_data.sha256}, "warnings": run_data.warnings,
               "encoding": asdict(enc), "fill_rule": metrics.FILL_RULE, "definitions": metrics.DEFINITIONS, **scores}
-    files.write_json(out / "forecast_metrics.json", report)
+    # the forecasts first, the metrics last: forecast_metrics.json marks a forecast that is done
     save_forecasts(out / "forecasts.h5", enc, systems, truth, series[:, :C], run_data.time, forecasts, bands, results)
     try:
-        plots.plot_examples(out / "examples.png", series, C, forecasts, bands, system_ids=systems)
-        plots.plot_error_vs_horizon(out / "error_vs_horizon.png", scores["summary"])
+        with files.writing(out / "examples.png") as tmp:
+            plots.plot_examples(tmp, series, C, forecasts, bands, system_ids=systems)
+        with files.writing(out / "error_vs_horizon.png") as tmp:
+            plots.plot_error_vs_horizon(tmp, scores["summary"])
     except ImportError as e:
         print(f"no plots: {e}")
+    files.write_json(out / "forecast_metrics.json", report)
     print(headline(scores["summary"], H))
     return report
 
@@ -166,8 +172,8 @@ def save_forecasts(path: Path, encoding: llmtime.EncodingConfig, systems: np.nda
     models also their samples and every generated text; medians their 10-90% band), in original
     units. The texts are string datasets ``<model>/greedy_texts`` (N, 1) and ``<model>/samples_texts``
     (N, S), UTF-8 (read with ``f[...].asstr()[()]``). The encoding is stored too (attribute
-    ``encoding_json``), so the texts decode again."""
-    with h5py.File(path, "w") as f:
+    ``encoding_json``), so the texts decode again. Written whole: a temporary file, then renamed."""
+    with files.writing(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["encoding_json"] = json.dumps(asdict(encoding))
         f["system_ids"], f["truth"], f["prompt"], f["time"] = systems, truth, prompt, time
         for name, pred in forecasts.items():

@@ -6,7 +6,8 @@ Reads the ledger (every experiment's FLOPs, totals and percent of the budget), e
 under --runs (summary.json, metrics.jsonl -> loss curves), every evaluation (eval_metrics.json)
 and every forecast run (forecast_metrics.json and its plots), and writes report.md, flops.csv,
 flops.md, loss_curves.png, the forecast runs' plots (<run>_<plot>.png) and report_args.json (the
-command line; it marks the folder as report.py's) into --out, printing each file it wrote.
+command line; it marks the folder as report.py's) into --out, printing each file it wrote. Each is
+written whole (a temporary name, then a rename).
 
 Running it again regenerates the report in place. It holds --out/.lock while it writes, and is refused
 while another script holds it (a study writing there); an --out holding report.md, loss_curves.png, ...
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> Path:
     train_runs = [d for d in train_runs if out not in d.parents]
     evals = sorted(runs.rglob("eval_metrics.json"))
     forecasts = [f for f in sorted(runs.rglob("forecast_metrics.json")) if out not in f.parents]
-    copies = {f: [(png, out / f"{f.parent.name}_{png.name}") for png in sorted(f.parent.glob("*.png"))]
+    copies = {f: [(png, out / f"{f.parent.name}_{png.name}") for png in sorted(f.parent.glob("*.png"))
+                  if not png.name.startswith(".")]   # (not a plot a killed write left under a temporary name)
               for f in forecasts}
     with holding_run(out):   # (refused while another script holds --out; held while writing)
         check_out(out, [out / name for name in OWN_FILES] + [t for pairs in copies.values() for _, t in pairs],
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> Path:
                          "improved (negative: better than the untrained model):\n",
                          reporting.lever_table(train_runs)]
             try:
-                plots.plot_loss_curves(out / "loss_curves.png", train_runs)
+                with files.writing(out / "loss_curves.png") as tmp:
+                    plots.plot_loss_curves(tmp, train_runs)
                 wrote.append(out / "loss_curves.png")
                 sections.append("\n![loss curves](loss_curves.png)")
             except ImportError as e:
@@ -102,8 +104,7 @@ def main(argv: list[str] | None = None) -> Path:
             m = json.loads(f.read_text())
             sections += [f"\n## Forecasts: {f.parent}\n", reporting.forecast_table(m)]
             for png, target in copies[f]:
-                shutil.copy(png, target)
-                wrote.append(target)
+                wrote.append(files.write_bytes(target, png.read_bytes()))
                 sections.append(f"\n![{png.stem}]({target.name})")
         wrote.append(files.write_text(out / "report.md", "\n".join(sections) + "\n"))
     for path in wrote:

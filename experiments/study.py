@@ -178,6 +178,9 @@ class Item:
                 "generation": self.generation}
 
     def done(self, out: Path) -> bool:
+        """Whether the run finished: its script's last file is there (train.py's summary.json, written
+        after the adapter and the last checkpoint; forecast.py's forecast_metrics.json, written after
+        forecasts.h5 and the plots), each written whole, so a run killed before it is run again."""
         return (out / self.name / ("summary.json" if self.script == "train" else "forecast_metrics.json")).is_file()
 
 

@@ -199,16 +199,18 @@ def write_study_report(out: Path, *, ledger: flops.Ledger, plan: dict, choices: 
     try:
         shown = {k: v for k, v in test["forecasts"].items()
                  if k in ("untrained", "trained", "trained_median", "persistence", "ode_fit")}
-        plots.plot_examples(out / "test_examples.png", series, arrays["prompt"].shape[1], shown, test["bands"],
-                            system_ids=arrays["system_ids"])
-        plots.plot_error_vs_horizon(out / "test_error_vs_horizon.png", test["scores"]["summary"])
+        with files.writing(out / "test_examples.png") as tmp:
+            plots.plot_examples(tmp, series, arrays["prompt"].shape[1], shown, test["bands"],
+                                system_ids=arrays["system_ids"])
+        with files.writing(out / "test_error_vs_horizon.png") as tmp:
+            plots.plot_error_vs_horizon(tmp, test["scores"]["summary"])
         train_runs = sorted(p.parent for p in out.glob("**/summary.json"))
-        plots.plot_loss_curves(out / "loss_curves.png", train_runs)
+        with files.writing(out / "loss_curves.png") as tmp:
+            plots.plot_loss_curves(tmp, train_runs)
         sections += ["\n![example forecasts](test_examples.png)\n", "![error vs horizon](test_error_vs_horizon.png)\n",
                      "![loss curves](loss_curves.png)\n"]
     except ImportError as e:
         sections.append(f"\n(no plots: {e})\n")
-    path = out / "report.md"
-    path.write_text("\n".join(sections) + "\n")
+    path = files.write_text(out / "report.md", "\n".join(sections) + "\n")
     print(f"[study] wrote {path}\n" + forecast_table(test["scores"]), flush=True)
     return path
