@@ -145,7 +145,14 @@ def ledger_main(argv: list[str]) -> int:
                 say(f"  line {d.line}: {d.reason}\n    {d.raw[:200]!r}{' ...' if len(d.raw) > 200 else ''}")
             answer = "y" if args.yes else (input("move them to the side file? [y/N] ") if sys.stdin.isatty() else "")
             if answer.strip().lower() in ("y", "yes"):
-                moved = ledger.repair()
+                try:
+                    moved = ledger.repair()
+                except OSError as e:   # (the disk full, say: the ledger itself is replaced only by the last step)
+                    side, tmp = f"{ledger.path}.damaged", f"{ledger.path}.repair-tmp"
+                    raise LedgerError(f"--repair: writing {e.filename or side + ' or ' + tmp}: {e.strerror or e}; "
+                                      f"{ledger.path} is unchanged ({tmp} may hold part of a copy: remove it; "
+                                      f"{side} may hold the damaged lines twice after a second repair): free "
+                                      f"space, then repair again") from e
                 say(f"moved line(s) {', '.join(str(d.line) for d in moved)} to {ledger.path}.damaged")
             else:
                 say("not repaired (pass --yes to repair without asking)")

@@ -30,6 +30,11 @@ class Booking:
     whole). Leaving the block in any way (the end, an exception, a signal) charges what is pending
     and closes the reservation, releasing what was not spent. Work interrupted in flight was not
     completed and is not charged (after --resume it runs, and is charged, again).
+
+    A charge the ledger cannot write (flops.LedgerWriteError: the disk full, an I/O error) stops the
+    run: ``errors.UnrecordedChargeError`` names the FLOPs of finished work the ledger lacks (``unrecorded``).
+    Nothing is retried on the way out, so nothing is counted twice; the reservation is still closed if
+    the ledger takes that line, and if it does not, the next reservation settles it.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -39,6 +44,7 @@ class Booking:
             raise ValueError(f"charge every {every} steps: must be at least 1")
         self.reservation, self.every, self.step_tokens = reservation, every, step_tokens
         self.charged = 0.0                   # by this process
+        self.unrecorded = 0.0                # finished work whose charge the ledger could not write
         self.pending_steps, self.pending_flops, self.to_step = 0, 0.0, 0
         self.since = time.time()
         self._depth, self._signal, self._previous = 0, None, {}
@@ -48,17 +54,36 @@ class Booking:
             self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
         return self
 
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         try:
             with self.held():
                 try:
-                    self.flush()
+                    if not self.unrecorded:   # (after a charge that could not be written, nothing is retried)
+                        self.flush()
                 finally:   # (a refused charge still closes the reservation)
                     if self.reservation and self.reservation.owner:  # (a study's reservation: the study closes it)
-                        self.reservation.close()
+                        self._close(exc)
         finally:
             for s, handler in self._previous.items():
                 signal.signal(s, handler)
+
+    def _close(self, in_flight: BaseException | None) -> None:
+        """Close the reservation. If its line cannot be written either, the error that stopped the run
+        (``in_flight``) stays the one reported, with a note that the reservation is left open."""
+        try:
+            self.reservation.close()
+        except flops.LedgerWriteError as e:
+            note = f"closing the reservation failed too ({errors.one_line(e)}): the next reservation settles it"
+            if in_flight is not None:
+                errors.add_note(in_flight, note)
+            elif self.unrecorded:
+                raise errors.UnrecordedChargeError(f"{self._lost()}; {note}") from e
+            else:
+                raise
+
+    def _lost(self) -> str:
+        return (f"{self.unrecorded:.4e} FLOPs of finished work are not recorded in the ledger "
+                f"{self.reservation.ledger.path} (nothing is retried, so nothing is counted twice)")
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if self._depth:
@@ -85,8 +110,12 @@ class Booking:
             return
         with self.held():
             now = time.time()
-            self.reservation.charge(amount, kind=kind, tokens=tokens, steps=steps, seconds=now - self.since,
-                                    config=config)
+            try:
+                self.reservation.charge(amount, kind=kind, tokens=tokens, steps=steps, seconds=now - self.since,
+                                        config=config)
+            except flops.LedgerWriteError as e:
+                self.unrecorded += amount
+                raise errors.UnrecordedChargeError(f"{errors.one_line(e)}: the run stops; {self._lost()}") from e
             self.charged += amount
             self.since = now
 
