@@ -335,8 +335,11 @@ def reserve_plan(cfg: TrainConfig, plan: planning.TrainPlan, at: int, world: int
 
 
 def save_adapter(model: qwen_min.Qwen2, out: Path, run_data: rundata.RunData, cfg: TrainConfig) -> None:
-    lora.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model)
-    rundata.save_adapter_files(out / "adapter", run_data)
+    """The adapter and what decodes its forecasts again (rundata.save_adapter_files), in one swap: the
+    folder holds the previous adapter or the new one, whole."""
+    with files.named(out / "adapter"):
+        lora.save_adapter(model, out / "adapter", base_model_name_or_path=cfg.model,
+                          write_extra=lambda folder: rundata.save_adapter_files(folder, run_data))
 
 
 def interrupted_note(e: Interrupted, out: Path, argv: list[str]) -> str:
