@@ -119,6 +119,8 @@ def append(path: str | os.PathLike, text: str, *, sync: bool = True) -> None:
                 raise
         finally:
             os.close(fd)
+        if sync and not start:   # (a new file: its name in the folder must survive a power cut too)
+            fsync_path(Path(path).parent)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
