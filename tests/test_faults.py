@@ -332,6 +332,29 @@ def test_a_charge_the_ledger_cannot_write_ends_the_run_naming_the_flops(close_fa
     assert ("closing the reservation failed too" in line) == close_fails
 
 
+def test_pending_steps_the_ledger_cannot_take_on_the_way_out_are_named_with_what_stopped_the_run(tmp_path,
+                                                                                                    monkeypatch):
+    """Steps charged every 3rd (--charge-every 3): two are pending when a metrics row cannot be written;
+    on the way out their charge cannot be written either, nor the close. One error says all three."""
+    from experiments.lib.budget.booking import Booking
+
+    path = tmp_path / "ledger.jsonl"
+    reservation = flops.Ledger(path, budget=1e15).reserve(100.0, name="run", kind="train")
+    before = path.read_bytes()
+    monkeypatch.setattr(os, "write", DiskFull(lambda p: p == path, call=REAL_WRITE))
+    with pytest.raises(errors.UnrecordedChargeError) as e, Booking(reservation, every=3) as booking:
+        booking.step(10.0, 1)
+        booking.step(15.0, 2)
+        raise errors.WriteError(tmp_path / "metrics.jsonl", OSError(errno.ENOSPC, NO_SPACE))
+    monkeypatch.undo()
+    line = errors.one_line(e.value)
+    assert "could not write the charge line of 2.500000e+01 FLOPs" in line and "NOT recorded" in line
+    assert "2.5000e+01 FLOPs of finished work are not recorded" in line
+    assert f"the run had stopped on: writing {tmp_path / 'metrics.jsonl'}: {NO_SPACE}" in line
+    assert "closing the reservation failed too" in line
+    assert booking.unrecorded == 25.0 and path.read_bytes() == before
+
+
 def test_ledger_repair_on_a_full_disk_is_one_line_and_changes_nothing(tmp_path, monkeypatch, capsys):
     path = tmp_path / "ledger.jsonl"
     ledger = flops.Ledger(path, budget=1e15)

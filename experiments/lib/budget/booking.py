@@ -57,12 +57,18 @@ class Booking:
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: object) -> None:
         try:
             with self.held():
+                in_flight = exc   # (the error that will be reported: the one that stopped the run, or the flush's)
                 try:
                     if not self.unrecorded:   # (after a charge that could not be written, nothing is retried)
                         self.flush()
+                except errors.UnrecordedChargeError as e:
+                    if exc is not None:
+                        errors.add_note(e, f"the run had stopped on: {errors.one_line(exc)}")
+                    in_flight = e
+                    raise
                 finally:   # (a refused charge still closes the reservation)
                     if self.reservation and self.reservation.owner:  # (a study's reservation: the study closes it)
-                        self._close(exc)
+                        self._close(in_flight)
         finally:
             for s, handler in self._previous.items():
                 signal.signal(s, handler)
