@@ -28,8 +28,9 @@ from experiments.lib.budget import planning
 from experiments.lib.budget.booking import Booking, reserve
 from experiments.lib.run import cli, devices, folder, rundata
 from experiments.lib.run.config import EvalConfig
+from experiments.lib.run.flagtypes import SERIES
 from experiments.lib.run.models import load_adapter, load_model
-from experiments.lib.run.windows import require_scored
+from experiments.lib.run.windows import require_scored, series_windows
 from experiments.lib.science import data
 from experiments.lib.training import evaluation
 
@@ -53,8 +54,12 @@ def main(argv: list[str] | None = None) -> dict:
                                     allow_other_data=cfg.allow_other_data)
     texts = run_data.texts(cfg.split, cfg.max_systems)
     tokenizer = qwen_min.load_tokenizer(cfg.model, revision=cfg.revision)
-    L = cfg.context_length
-    windows = data.training_windows(texts, tokenizer, context_length=L, stride=L - 1)
+    if cfg.context_length == SERIES:   # one window per whole series
+        [windows] = series_windows([texts], tokenizer)
+    else:
+        windows = data.training_windows(texts, tokenizer, context_length=cfg.context_length,
+                                        stride=cfg.context_length - 1)
+    L = windows.input_ids.shape[1]
     what = f"the {cfg.split} split ({len(texts)} systems)"
     require_scored(windows, what)
 

@@ -237,7 +237,7 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
     check_finite(val_loss, "validation", state.step)
     summary = {"name": cfg.run_name, "data": run_data.data_path, "dtype": devices.dtype_of(model), "rank": cfg.rank,
                "lr": cfg.lr,
-               "context_length": cfg.context_length, "steps": state.step, "best_step": state.best_step,
+               "context_length": train.input_ids.shape[1], "steps": state.step, "best_step": state.best_step,
                "select_by": cfg.select_by, "best_val": state.best_scores, "val_loss": val_loss,
                "val_tokens": val_tokens,
                "stopped_early": stopped_early, "trainable_parameters": lora.trainable_parameters(model),
@@ -326,7 +326,7 @@ class RunHooks(Hooks):
 def reserve_plan(cfg: TrainConfig, plan: planning.TrainPlan, at: int, world: int) -> flops.Reservation:
     """Hold the FLOPs of what is left of the run (all of it, or from the resumed step ``at``), or refuse it."""
     reservation = reserve(cfg, plan.total, kind="train", config={
-        "rank": cfg.rank, "lr": cfg.lr, "context_length": cfg.context_length, "batch_size": cfg.batch_size,
+        "rank": cfg.rank, "lr": cfg.lr, "context_length": plan.costs.context_length, "batch_size": cfg.batch_size,
         "from_step": at, "max_steps": cfg.max_steps, "world_size": world})
     print(f"plan: {plan.steps} steps x {plan.step:.3e} FLOPs (on average) + {plan.evals} evaluations x "
           f"{plan.eval:.3e} + the final one = {plan.total:.3e} FLOPs ({plan.total / cfg.budget:.2%} of the budget), "

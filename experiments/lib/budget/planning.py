@@ -56,7 +56,7 @@ def train_plan(cfg: TrainConfig, train: data.Windows, val: data.Windows, world: 
     shape = meta_model(qwen_min.load_config(cfg.model, revision=cfg.revision))
     lora.apply_lora(shape, rank=cfg.rank, alpha=cfg.lora_alpha, targets=cfg.targets,
                     train_lm_head_bias=cfg.train_lm_head_bias)
-    costs = ScoredCosts(shape, cfg.batch_size, cfg.context_length)
+    costs = ScoredCosts(shape, cfg.batch_size, train.input_ids.shape[1])   # (--context-length series: the data's)
     steps = sum(step_costs(costs, train, cfg.max_steps, cfg.seed)[from_step:])
     subset = val.head(cfg.eval_windows)
     evaluation = costs.evaluation(len(subset.input_ids), int((subset.labels != -100).sum())) if cfg.eval_every else 0.0

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import flops
 from experiments.lib import errors
 from experiments.lib.run.flagtypes import (
-    at_least_two,
+    SERIES,
     finite_positive_float,
     fraction,
     non_negative_float,
@@ -27,6 +27,7 @@ from experiments.lib.run.flagtypes import (
     percentile,
     positive_int,
     probability,
+    window_length,
 )
 from experiments.lib.training.schedule import SCHEDULES  # the learning rate after the warm-up
 
@@ -87,8 +88,11 @@ class RunConfig:
                       "and on a CPU with bf16 matmul kernels (AVX-512 BF16 or AMX), fp32 elsewhere (an AVX2-only "
                       "CPU runs bf16 matmuls hundreds of times slower than fp32)", choices=DTYPE_NAMES,
                       group=MODEL_AND_DATA)
-    context_length: int = flag(256, "tokens per training/evaluation window (at least one time step of text)",
-                               type=at_least_two, group=MODEL_AND_DATA)
+    context_length: int | str = flag(256, "tokens per training/evaluation window (at least one time step of text), "
+                                     "or 'series': each window one series from its start, as much of it as a "
+                                     "forecast reads and writes (train.py: --context-steps + --horizon steps; "
+                                     "evaluate.py: all of it), as long as the longest of them",
+                                     type=window_length, group=MODEL_AND_DATA)
     batch_size: int = flag(4, "sequences per step (global, over all ranks)", type=positive_int, group=MODEL_AND_DATA)
     decimals: int = flag(2, "LLMTIME decimals", type=non_negative_int, group=MODEL_AND_DATA)
     percentile: float = flag(90.0, "the training-value percentile (in (0, 100]) that LLMTIME scaling maps to 10",
@@ -224,6 +228,9 @@ class TrainConfig(RunConfig):
         if self.select_by != "loss" and not self.val_forecast_systems:
             raise errors.UsageError(f"--select-by {self.select_by} needs --val-forecast-systems > 0 "
                                     f"(or --select-by loss)")
+        if self.stride is not None and self.context_length == SERIES:
+            raise errors.UsageError(f"--stride {self.stride}: a --context-length {SERIES} window holds a whole "
+                                    f"series, so there is nothing to stride over (drop --stride)")
         if self.stride is not None and not 1 <= self.stride <= self.context_length:
             raise errors.UsageError(f"--stride {self.stride}: must be between 1 and --context-length "
                                     f"{self.context_length}, so no token is skipped")

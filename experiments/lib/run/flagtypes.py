@@ -30,6 +30,20 @@ positive_int = _int_at_least(1, "at least 1")
 non_negative_int = _int_at_least(0, "0 or more")
 at_least_two = _int_at_least(2, "at least 2 (a window of tokens: one to read, one to predict)")
 
+SERIES = "series"   # a window length worked out from the data: one window holds a whole forecast's text
+
+
+def window_length(text: str) -> int | str:
+    """--context-length: tokens per window (at least 2), or ``series`` (the data decides: see
+    run/windows.py)."""
+    if text == SERIES:
+        return SERIES
+    try:
+        return at_least_two(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text}: must be a whole number of tokens, at least 2, or "
+                                         f"'{SERIES}'") from None
+
 
 def finite_float(text: str) -> float:
     """A finite number."""

@@ -55,9 +55,10 @@ class RunData:
                                    f"use a data file with more systems, or other --splits")
         return idx if max_systems is None else idx[:max_systems]
 
-    def texts(self, split: str, max_systems: int | None = None) -> list[str]:
-        return [llmtime.encode(self.trajectories[i], alpha=self.encoding.alpha, decimals=self.encoding.decimals)
-                for i in self.systems(split, max_systems)]
+    def texts(self, split: str, max_systems: int | None = None, steps: int | None = None) -> list[str]:
+        """The LLMTIME text of each system of ``split`` (its first ``steps`` time steps; None: all)."""
+        return [llmtime.encode(self.trajectories[i, :steps], alpha=self.encoding.alpha,
+                               decimals=self.encoding.decimals) for i in self.systems(split, max_systems)]
 
 
 def prepare_data(cfg: RunConfig, out: Path | None = None, *, reuse: Path | None = None, adapter: str | None = None,
