@@ -228,3 +228,23 @@ def test_the_readme_leads_with_results():
     first_image = next(i for i, line in enumerate(lines, 1) if line.startswith("!["))
     assert first_table <= 90 and first_image <= 90, (first_table, first_image)
     assert len(lines) <= 230, f"README.md has {len(lines)} lines"
+
+
+def python_blocks(page: Path) -> list[tuple[int, str]]:
+    """The ```python blocks of a page: (line, code)."""
+    return [(page.read_text(encoding="utf-8")[:m.start()].count("\n") + 1, m["code"])
+            for m in re.finditer(r"^```python\n(?P<code>.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)]
+
+
+SNIPPETS = [(page, line, code) for page in PAGES for line, code in python_blocks(page) if "/path/to/" not in code]
+
+
+@pytest.mark.parametrize("page, line, code", SNIPPETS, ids=[f"{p.name}:{n}" for p, n, _ in SNIPPETS])
+def test_a_documented_python_snippet_runs_and_prints_what_its_comment_says(page: Path, line: int, code: str):
+    """A snippet that needs no model (a path placeholder marks those that do) runs as written; where its
+    last lines are comments, they are what it prints."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, f"{page.name}:{line}", "exec"), {})
+    said = [c.removeprefix("# ") for c in code.rstrip().splitlines() if c.startswith("# ")]
+    assert out.getvalue().splitlines() == said
