@@ -10,14 +10,16 @@ checkpoint loading are measured in fresh child processes, so one measurement's a
 hide another's. Needs the dev extra (transformers, peft).
 
 Figures: LoRA training step (rank 4 on q, v; batch 4 x 512; loss over the full vocabulary) tokens/s
-and peak memory; forward tokens/s; forecasting (32 series, 50-step prompts, 50 steps greedy, KV
-cached) time steps per second; batched greedy generation (64 prompts x 128 new tokens); checkpoint
-load time and peak memory; model FLOP utilisation of the training step against the matmul peak
-measured here. Then where the time goes (torch.profiler, ours and theirs): a no-grad forward and
-one decode step split into matmul, attention, norms/rotary, elementwise, output layer/loss,
-allocation/copy and other, in ms and as fractions. The output (and --json) starts with where it
-ran: CPU model and its bf16-relevant ISA flags, torch and oneDNN versions, the bf16 matmul kernel
-oneDNN picks, threads, ONEDNN_MAX_CPU_ISA if set, the GPU on CUDA.
+and peak memory; the same step at train.py's two window shapes, 4 x 256 and one whole series of
+1,100 tokens (--only shapes), and how the long one's speed per token compares; forward tokens/s;
+forecasting (32 series, 50-step prompts, 50 steps greedy, KV cached) time steps per second; batched
+greedy generation (64 prompts x 128 new tokens); checkpoint load time and peak memory; model FLOP
+utilisation of the training step against the matmul peak measured here. Then where the time goes
+(torch.profiler, ours and theirs): a no-grad forward and one decode step split into matmul,
+attention, norms/rotary, elementwise, output layer/loss, allocation/copy and other, in ms and as
+fractions. The output (and --json) starts with where it ran: CPU model and its bf16-relevant ISA
+flags, torch and oneDNN versions, the bf16 matmul kernel oneDNN picks, threads, ONEDNN_MAX_CPU_ISA
+if set, the GPU on CUDA.
 
 The pieces are in experiments/lib/bench: env.py (where it ran, memory, the matmul peak), cases.py
 (the models and timed cases), phases.py (the profiler's phases); the device check,
@@ -59,8 +61,11 @@ from experiments.lib.bench.cases import (
 from experiments.lib.bench.env import environment, matmul_peak, print_environment
 from experiments.lib.bench.phases import print_phases, profile_phases
 
-PARTS = ("train", "memory", "forward", "forecast", "generate", "load", "phases")
+PARTS = ("train", "shapes", "memory", "forward", "forecast", "generate", "load", "phases")
 B, T = 4, 512          # the training step's and the forward's batch
+# train.py's two windows, about the same tokens a step: the default 4 x 256, and one window that holds a
+# whole series (prompt + horizon: --context-length series, 1,096 tokens on the coursework data)
+SHAPES = ((4, 256), (1, 1100))
 N_GEN, NEW = 64, 128   # batched greedy generation: 64 prompts of up to 64 tokens, 128 new tokens each
 
 
@@ -143,6 +148,28 @@ def bench_train_and_forward(b: Bench, only: list[str]) -> None:
               f"{row['flops_per_step_actual']:.3e} FLOPs/step; matmul peak {peak / 1e9:.0f} GFLOP/s)", flush=True)
 
 
+def bench_shapes(b: Bench, only: list[str]) -> None:
+    """The training step at train.py's two window shapes (SHAPES): tokens/s of each, ours and theirs, and
+    the long window's speed per token as a fraction of the short one's. Attention's FLOPs grow with the
+    window, the rest's do not: the counter's FLOPs per token at each shape say how much of a slowdown
+    the arithmetic itself explains."""
+    ours, theirs = b.models(lora_rank=4)
+    peak, gen, rows = matmul_peak(b.dtype, b.device), torch.Generator().manual_seed(1), {}
+    for batch, length in SHAPES:
+        ids = torch.randint(0, pad_id(), (batch, length), generator=gen).to(b.device)
+        row = rows[f"{batch}x{length}"] = time_train_step(ours, theirs, ids, b.reps, b.device, peak)
+        b.record(f"train_{batch}x{length}_tokens_per_s", row["tokens_per_s_ours"], row["tokens_per_s_theirs"], "tok/s")
+        row["flops_per_token_actual"] = row["flops_per_step_actual"] / (batch * length)
+    (short, s), (long, s_long) = ((f"{B_}x{T_}", rows[f"{B_}x{T_}"]) for B_, T_ in SHAPES)
+    res = b.res["shapes"] = {"rows": rows}
+    for who in ("ours", "theirs"):
+        res[f"long_over_short_{who}"] = s_long[f"tokens_per_s_{who}"] / s[f"tokens_per_s_{who}"]
+    res["flops_per_token_long_over_short"] = s_long["flops_per_token_actual"] / s["flops_per_token_actual"]
+    print(f"{'':28s} {long} tokens/s over {short}'s: ours {res['long_over_short_ours']:.2f}, transformers "
+          f"{res['long_over_short_theirs']:.2f}; the counter's FLOPs per token "
+          f"{res['flops_per_token_long_over_short']:.2f}x", flush=True)
+
+
 def bench_memory(b: Bench, only: list[str]) -> None:
     """The training step's peak memory, each side in a fresh child process."""
     o, t = (in_child(f"{who}:train", b.ckpt, b.dtype_name, b.device) for who in ("ours", "theirs"))
@@ -183,7 +210,8 @@ def bench_phases(b: Bench, only: list[str]) -> None:
 
 
 # Each part, run when --only names any of its keys (parts that share loaded models run together).
-RUNS = ((("load",), bench_load), (("train", "forward"), bench_train_and_forward), (("memory",), bench_memory),
+RUNS = ((("load",), bench_load), (("train", "forward"), bench_train_and_forward), (("shapes",), bench_shapes),
+        (("memory",), bench_memory),
         (("forecast", "generate"), bench_generation), (("phases",), bench_phases))
 
 

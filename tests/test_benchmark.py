@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import flops
+import lora
 import qwen_min
 from experiments.lib.bench import cases as bench_cases
 from experiments.lib.bench import env as bench_env
@@ -174,3 +176,30 @@ def test_write_checkpoint_is_the_tied_random_qwen(tmp_path):
     assert model.lm_head.weight is model.embed_tokens.weight
     w = model.layers[0].mlp.up_proj.weight
     assert abs(w.std().item() - 0.02) < 0.002 and torch.equal(model.norm.weight, torch.ones(32))
+
+
+def test_the_shapes_part_times_both_windows_and_compares_them(tiny_ckpt, monkeypatch):
+    """--only shapes: the training step at each window shape, ours and transformers', each tokens/s the
+    window's tokens over its measured seconds, the long-over-short ratios those figures' own, and the
+    counter's FLOPs per token growing with the window (attention's share)."""
+    from experiments import benchmark
+
+    monkeypatch.setattr(benchmark, "SHAPES", ((4, 16), (1, 64)))
+    monkeypatch.setattr(benchmark, "matmul_peak", lambda dtype, device: 1e9)   # (no 2048² timing here)
+    b = benchmark.Bench(tiny_ckpt, "fp32", CPU, 1, {"ours": {}, "theirs": {}, "ratios": {}})
+    benchmark.bench_shapes(b, ["shapes"])
+    res, rows = b.res["shapes"], b.res["shapes"]["rows"]
+    assert set(rows) == {"4x16", "1x64"}
+    for key, tokens in (("4x16", 64), ("1x64", 64)):
+        for who in ("ours", "theirs"):
+            assert rows[key][f"tokens_per_s_{who}"] == pytest.approx(tokens / rows[key][f"seconds_{who}"])
+        assert b.res["ours"][f"train_{key}_tokens_per_s"] == rows[key]["tokens_per_s_ours"]
+    for who in ("ours", "theirs"):
+        assert res[f"long_over_short_{who}"] == pytest.approx(rows["1x64"][f"tokens_per_s_{who}"]
+                                                              / rows["4x16"][f"tokens_per_s_{who}"])
+    model = qwen_min.from_pretrained(tiny_ckpt, dtype=torch.float32)
+    lora.apply_lora(model, rank=4)
+    per_token = [flops.count(model, batch=B, seq_len=T, mode="train").train_actual / (B * T)
+                 for B, T in ((4, 16), (1, 64))]
+    assert res["flops_per_token_long_over_short"] == pytest.approx(per_token[1] / per_token[0])
+    assert per_token[1] > per_token[0]    # the same tokens, longer attention spans
