@@ -241,7 +241,7 @@ def run(cfg: TrainConfig, dp: parallel.Distributed, out: Path, prepared: Prepare
                "select_by": cfg.select_by, "best_val": state.best_scores, "val_loss": val_loss,
                "val_tokens": val_tokens,
                "stopped_early": stopped_early, "trainable_parameters": lora.trainable_parameters(model),
-               "step_flops_planned": prepared.plan.step, "flops": state.flops,
+               "step_flops_planned": whole_run_step(prepared.plan, train, cfg), "flops": state.flops,
                "wall_s": time.time() - t_start}   # this invocation: load, loop, evaluations, final validation
     if dp.main:
         save_adapter(model, out, run_data, cfg)
@@ -321,6 +321,12 @@ class RunHooks(Hooks):
                              or state.step == self.cfg.max_steps):
             with self.accounts.settled():   # every FLOP charged before a checkpoint holds it
                 checkpoint.save(checkpoint.folder(self.out), self.model, self.opt, state, self.best, self.untrained)
+
+
+def whole_run_step(plan: planning.TrainPlan, train: data.Windows, cfg: TrainConfig) -> float:
+    """The planned FLOPs of a step, on average over the whole run (``plan`` prices only what was left
+    when this invocation began: a resumed run's average of its remaining steps)."""
+    return sum(planning.step_costs(plan.costs, train, cfg.max_steps, cfg.seed)) / cfg.max_steps
 
 
 def reserve_plan(cfg: TrainConfig, plan: planning.TrainPlan, at: int, world: int) -> flops.Reservation:

@@ -38,7 +38,7 @@ from tests.conftest import HANG_GUARD_S, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY_PY = str(ROOT / "experiments" / "study.py")
-KILLS = 8           # SIGKILLs of one study, each at its own moment
+KILLS = 5           # SIGKILLs of one study, each at its own moment
 SEED = 20261203     # the moments' draw
 MASKED = {"tokens_per_s", "wall_s", "seconds"}   # wall-clock figures, different from run to run
 
@@ -184,7 +184,7 @@ def test_a_study_killed_at_random_moments_ends_as_an_uninterrupted_one(tmp_path,
         if attempt(lambda t=threshold: _progress(crashed) >= t, f"progress {threshold}"):
             killed.append(threshold)
     assert not attempt(lambda: False, "the end")
-    assert len(killed) >= KILLS - 3, (killed, moments)   # (nearly every moment came before the end)
+    assert len(killed) >= KILLS - 2, (killed, moments)   # (nearly every moment came before the end)
 
     # ---- a run, once finished, is kept: never written again, its work never done again
     charged = Counter(e.name for e in _charges(crashed / "ledger.jsonl"))
