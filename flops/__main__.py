@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import signal
 import sys
 
 import torch
@@ -190,6 +192,9 @@ def run(argv: list[str] | None = None) -> int:
             raise
         print(f"python -m flops: error: {' '.join(str(e).split())}", file=sys.stderr, flush=True)
         return 2 if isinstance(e, UsageError) else 1
+    except BrokenPipeError:   # (`| head` closed stdout: stop quietly, as a C tool killed by SIGPIPE would)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no second error at exit's flush)
+        return 128 + signal.SIGPIPE
     return result if isinstance(result, int) else 0
 
 

@@ -482,3 +482,22 @@ def test_an_output_folder_is_never_replaced_unasked(script, prepare, extra, want
     finally:
         if isinstance(fd, int):
             os.close(fd)
+
+
+@pytest.mark.parametrize("who", ["flops", "script"])
+def test_output_into_a_closed_pipe_stops_quietly(who, tiny_ckpt):
+    # `... | head -1`: the reader is gone before the command writes; it ends as a C tool killed by
+    # SIGPIPE would (status 141, nothing on stderr), not with a BrokenPipeError traceback
+    import signal
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = ([sys.executable, "-m", "flops", "--model", str(tiny_ckpt), "--context-length", "8", "--json", "--terms"]
+           if who == "flops" else
+           [sys.executable, "-c", "from experiments.lib.run import cli\n"
+            "raise SystemExit(cli.run_as_script(lambda argv: print('0.25,1.50;' * 100_000), [], name='x.py'))"])
+    p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait() == 128 + signal.SIGPIPE and err == "", err

@@ -128,6 +128,9 @@ def run_as_script(main: Callable[[list[str]], object], argv: Sequence[str] | Non
         end_progress_bars()
         print(f"{name}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return getattr(e, "exit_code", 1)
+    except BrokenPipeError:   # (`| head` closed stdout: stop quietly, as a C tool killed by SIGPIPE would)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no second error at exit's flush)
+        return 128 + signal.SIGPIPE
     except OSError as e:
         if "--debug" in argv or e.errno not in MACHINE_ERRNOS:
             raise
