@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> Path:
                  "FLOPs"], rows),
                          "\n### Each run against the untrained model (its kept evaluation's validation forecasts)\n",
                          "Paired differences of filled-in MAE per horizon block, ± SE, in brackets the systems "
-                         "improved (negative: better than the untrained model):\n",
+                         "improved and the median per-system difference (negative: better than the untrained "
+                         "model):\n",
                          reporting.lever_table(train_runs)]
             try:
                 with files.writing(out / "loss_curves.png") as tmp:

@@ -46,7 +46,7 @@ from tqdm import tqdm
 import flops
 import lora
 import qwen_min
-from experiments.lib import errors, files
+from experiments.lib import errors, files, reporting
 from experiments.lib.budget import planning
 from experiments.lib.budget.accounts import RunAccounts
 from experiments.lib.budget.booking import Booking, reserve
@@ -312,6 +312,8 @@ class RunHooks(Hooks):
                 figures["vs_untrained"] = evaluation.vs_untrained(values, self.untrained, self.forecasts)
             with accounts.held():
                 self.log(state, "val_forecast", None, lr, **{k: v for k, v in figures.items() if k != "val_loss"})
+            if self.dp.main:
+                self.bar.write(reporting.evaluation_line(state.step, figures))
         if state.record_val(evaluation.selection_score(figures, self.cfg.select_by), figures):
             self.best = trainable_copy(model)
         return state.out_of_patience(self.cfg.patience)

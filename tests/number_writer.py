@@ -203,13 +203,15 @@ def hand_scores(pred: np.ndarray, truth: np.ndarray, last: np.ndarray) -> dict:
 
 
 def hand_paired(a: np.ndarray, b: np.ndarray, truth: np.ndarray, last: np.ndarray) -> dict:
-    """a - b system by system (filled-in MAE): mean, SE, systems a beats, and the h1_10 block's mean."""
+    """a - b system by system (filled-in MAE): mean, SE, systems a beats, median, and the h1_10 block's
+    mean, systems a beats there and median."""
     ea, eb = hand_scores(a, truth, last), hand_scores(b, truth, last)
     d = ea["per_system"] - eb["per_system"]
     mean, se = hand_mean_se(d)
     block = (ea["errors"][:, :10] - eb["errors"][:, :10]).mean(axis=(1, 2))
-    return {"mae_diff": mean, "se": se, "better": int((d < 0).sum()), "per_system": d,
-            "h1_10": float(block.mean()), "h1_10_better": int((block < 0).sum())}
+    return {"mae_diff": mean, "se": se, "better": int((d < 0).sum()), "median": float(np.median(d)), "per_system": d,
+            "h1_10": float(block.mean()), "h1_10_better": int((block < 0).sum()),
+            "h1_10_median": float(np.median(block))}
 
 
 def hand_forecasts(series: np.ndarray, alpha: float, context: int, horizon: int, who: str,

@@ -102,6 +102,8 @@ def test_forecast_script_end_to_end(tmp_path, tiny_ckpt, lv_data_file, monkeypat
     assert d["better"] == mine["better"] and 0 < mine["better"] < N   # (some systems better, some worse)
     assert d["blocks"]["h1_10"]["mae_diff"] == pytest.approx(mine["h1_10"], rel=1e-12)
     assert d["blocks"]["h1_10"]["better"] == mine["h1_10_better"]
+    assert d["median"] == pytest.approx(mine["median"], rel=1e-12)
+    assert d["blocks"]["h1_10"]["median"] == pytest.approx(mine["h1_10_median"], rel=1e-12)
     assert d["mae_diff"] == pytest.approx(rep["summary"]["trained"]["mae"] - rep["summary"]["untrained"]["mae"])
     assert "trained - persistence" in rep["paired"] and "persistence - untrained" in rep["paired"]
 

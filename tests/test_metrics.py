@@ -159,14 +159,15 @@ def test_paired_blocks_and_block_mae_equal_hand_computed_values():
     b[:, :10] = 2.0
     b[2, 25:] = 3.0
     d = metrics.paired_difference(a, b, truth, last)
-    assert d["blocks"]["h1_10"] == {"mae_diff": -1.0, "se": 0.0, "better": 3}
-    assert d["blocks"]["h11_25"] == {"mae_diff": 1.0, "se": 0.0, "better": 0}
+    assert d["blocks"]["h1_10"] == {"mae_diff": -1.0, "se": 0.0, "better": 3, "median": -1.0}
+    assert d["blocks"]["h11_25"] == {"mae_diff": 1.0, "se": 0.0, "better": 0, "median": 1.0}
     per_system = np.array([1.0, 1.0, -2.0])                        # steps 26-30: 1 - 0, 1 - 0, 1 - 3
     late = d["blocks"]["h26_50"]
     assert late["mae_diff"] == pytest.approx(per_system.mean()) and late["better"] == 1
+    assert late["median"] == 1.0                                   # the mean is 0: system 2 alone decides it
     assert late["se"] == pytest.approx(per_system.std(ddof=1) / math.sqrt(3))
     # overall: systems 0 and 1 are (10 * -1 + 20 * 1) / 30 = 1/3 worse, system 2 (-10 + 15 - 10) / 30 better
-    assert d["better"] == 1
+    assert d["better"] == 1 and d["median"] == pytest.approx(1 / 3)
     s = metrics.forecast_scores(b, truth, last)
     assert s["blocks"]["h1_10"]["mae"] == 2.0 and s["blocks"]["h11_25"]["mae"] == 0.0
     late = s["blocks"]["h26_50"]

@@ -26,14 +26,39 @@ def test_forecast_table_shows_blocks_and_paired_blocks_by_hand() -> None:
     assert len(rows) == 2                                    # the headline table, then the block table
     # prey h1-10 over both systems: (0.1 + 0.5) / 2 = 0.3; h11-25: (0.5 + 0.9) / 2 = 0.7; h26-50 untouched
     assert rows[1][1:] == ["0.3", "0.7", "0.5", "0.5", "0.7", "0.5"]   # prey, then predator, per block
-    # h1-10 per system: system 0 -0.2 (prey -0.4, predator 0), system 1 0 -> mean -0.1, SE 0.1, 1 of 2 better
+    # h1-10 per system: system 0 -0.2 (prey -0.4, predator 0), system 1 0 -> mean -0.1, SE 0.1, 1 of 2 better,
+    # median of two: their mean
     paired = [ln for ln in text.splitlines() if ln.startswith("| trained - untrained |")][0]
     cells = paired.strip("| ").split(" | ")
-    assert cells[1] == "-0.100 ± 0.100 (1/2)"
-    assert cells[2] == "+0.200 ± 0.200 (0/2)"            # h11-25: system 1 +0.4, system 0 0
-    assert cells[3] == "+0.000 ± 0.000 (0/2)"
+    assert cells[1] == "-0.100 ± 0.100 (1/2, median -0.100)"
+    assert cells[2] == "+0.200 ± 0.200 (0/2, median +0.200)"            # h11-25: system 1 +0.4, system 0 0
+    assert cells[3] == "+0.000 ± 0.000 (0/2, median +0.000)"
     # h1-50: system 0 -0.4 x 10 / 100 = -0.04, system 1 +0.4 x 30 / 100 = +0.12: mean +0.04, SE 0.08
-    assert cells[4] == "+0.040 ± 0.080 (1/2)"
+    assert cells[4] == "+0.040 ± 0.080 (1/2, median +0.040)"
+
+
+def test_evaluation_line_shows_mean_se_count_and_median_by_hand() -> None:
+    # 3 systems, 50 steps, truth 0: the untrained model errs by 1 everywhere; the trained one by 0 on
+    # systems 0 and 1 in h1-10 and by 4 on system 2 there (its phase drifted), 1 elsewhere
+    truth, last = np.zeros((3, 50, 2)), np.full((3, 2), 2.0)
+    untrained, trained = np.ones((3, 50, 2)), np.ones((3, 50, 2))
+    trained[:2, :10] = 0.0
+    trained[2, :10] = 4.0
+    d = metrics.paired_difference(trained, untrained, truth, last)
+    # h1-10 per system: -1, -1, +3 -> mean +1/3, SE sd([-1, -1, 3]) / sqrt(3) = (4 / sqrt(3)) / sqrt(3) = 4/3,
+    # 2 of 3 better, median -1: the mean says worse, the median and the count say most systems improved
+    assert d["blocks"]["h1_10"]["median"] == -1.0 and d["blocks"]["h1_10"]["better"] == 2
+    # overall per system: -10/50, -10/50, +30/50 -> mean 1/15, median -0.2
+    assert d["median"] == -0.2
+    figures = {"mae": 0.8, "relative_score": 0.4, "vs_untrained": {
+        "mae_diff": d["mae_diff"], "se": d["mae_diff_se"], "better": d["better"], "median": d["median"],
+        "systems": 3, "blocks": d["blocks"]}}
+    assert reporting.evaluation_line(300, figures) == (
+        "step 300: val MAE 0.8, relative score 0.4; vs untrained "
+        "h1–10 +0.333 ± 1.333 (2/3, median -1.000), h11–25 +0.000 ± 0.000 (0/3, median +0.000), "
+        "h26–50 +0.000 ± 0.000 (0/3, median +0.000), all +0.067 ± 0.267 (2/3, median -0.200)")
+    assert reporting.evaluation_line(0, {"mae": 0.8, "relative_score": 0.4, "vs_untrained": figures["vs_untrained"]}) \
+        == "step 0 (untrained): val MAE 0.8, relative score 0.4"
 
 
 def test_lever_table_reads_the_kept_evaluation(tmp_path: Path) -> None:
@@ -48,11 +73,13 @@ def test_lever_table_reads_the_kept_evaluation(tmp_path: Path) -> None:
                                "blocks": {k: {**v, "mae_diff": 9.0} for k, v in blocks.items()}}},
              {"step": 300, "kind": "train", "loss": 0.5},
              {"step": 600, "kind": "val_forecast", "mae": 0.2,
-              "vs_untrained": {"mae_diff": -0.188, "se": 0.134, "better": 21, "systems": 32, "blocks": blocks}}]
+              "vs_untrained": {"mae_diff": -0.188, "se": 0.134, "better": 21, "median": -0.2, "systems": 32,
+                               "blocks": blocks}}]
     (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
     (run / "summary.json").write_text(json.dumps({"steps": 600, "best_step": 600, "flops": 2.5e15, "wall_s": 3000}))
     (run / "train_args.json").write_text(json.dumps({"lr": 1e-3, "schedule": "cosine", "rank": 4,
                                                       "context_length": 256, "train_lm_head_bias": False}))
     row = reporting.lever_table([run]).splitlines()[2].strip("| ").split(" | ")
     assert row == ["lr1e-3", "0.001", "cosine", "4", "256", "no", "600", "600", "0.2", "-0.250 ± 0.093 (25/32)",
-                   "-0.127 ± 0.115 (19/32)", "+0.050 ± 0.200 (12/32)", "-0.188 ± 0.134 (21/32)", "2.50e+15", "50.0"]
+                   "-0.127 ± 0.115 (19/32)", "+0.050 ± 0.200 (12/32)", "-0.188 ± 0.134 (21/32, median -0.200)",
+                   "2.50e+15", "50.0"]   # (a record made before medians were kept shows none)

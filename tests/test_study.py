@@ -147,6 +147,7 @@ def test_every_choice_follows_the_validation_forecasts_and_the_ledger_holds_what
                 assert r["vs_untrained"]["mae_diff"] == pytest.approx(paired["mae_diff"], rel=1e-12), item["name"]
                 assert r["vs_untrained"]["se"] == pytest.approx(paired["se"], rel=1e-12), item["name"]
                 assert r["vs_untrained"]["better"] == paired["better"], item["name"]
+                assert r["vs_untrained"]["median"] == pytest.approx(paired["median"], rel=1e-12), item["name"]
 
     # the test systems: test_metrics.json scores the untrained model (zeroshot_test) beside the final
     # adapter (final_test, trained: its best evaluation was step 3), figures by hand

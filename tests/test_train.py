@@ -5,6 +5,7 @@ cannot pay for or what has nothing to score."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -335,7 +336,7 @@ def test_compiled_training_matches_eager(tmp_path, tiny_ckpt, lv_data_file):
                                                    ("loss", None)],
                          ids=["mae-step-6-best", "mae-untrained-best", "relative-step-6-best", "by-loss"])
 def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, tiny_ckpt, lv_data_file, monkeypatch,
-                                                                    number_writer, select_by, scores):
+                                                                    number_writer, select_by, scores, capsys):
     # evaluations at steps 0, 3, 6, 9, 12 forecast 4 validation systems with a model that writes numbers
     # (tests/number_writer.py: the untrained model's text while every LoRA B is zero, the trained one's
     # after); the scores --select-by compares are scripted, everything else is the real run; the other
@@ -391,13 +392,26 @@ def test_the_adapter_kept_is_the_one_with_the_best_validation_score(tmp_path, ti
         d = r["vs_untrained"]
         assert d["systems"] == N and set(d["blocks"]) == {"h1_10", "h11_25"}
         if r["step"] == 0:
-            assert d["mae_diff"] == 0.0 and d["se"] == 0.0 and d["better"] == 0
+            assert d["mae_diff"] == 0.0 and d["se"] == 0.0 and d["better"] == 0 and d["median"] == 0.0
         else:
             assert d["mae_diff"] == pytest.approx(paired["mae_diff"], rel=1e-12) and d["mae_diff"] != 0.0
             assert d["se"] == pytest.approx(paired["se"], rel=1e-12)
             assert d["better"] == paired["better"]
             assert d["blocks"]["h1_10"]["mae_diff"] == pytest.approx(paired["h1_10"], rel=1e-12)
             assert d["blocks"]["h1_10"]["better"] == paired["h1_10_better"]
+            assert d["median"] == pytest.approx(paired["median"], rel=1e-12)
+            assert d["blocks"]["h1_10"]["median"] == pytest.approx(paired["h1_10_median"], rel=1e-12)
+    # metrics.csv flattens the overall figures; each evaluation's line is printed as it ends
+    with (run / "metrics.csv").open(newline="") as f:
+        csv_rows = [r for r in csv.DictReader(f) if r["kind"] == "val_forecast" and r["step"] != "0"]
+    assert len(csv_rows) == 4
+    for r in csv_rows:
+        assert int(r["vs_untrained_better"]) == paired["better"]
+        assert float(r["vs_untrained_median"]) == pytest.approx(paired["median"], rel=1e-12)
+    printed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("step ")]
+    assert [ln.split(":")[0] for ln in printed] == ["step 0 (untrained)", "step 3", "step 6", "step 9", "step 12"]
+    assert f"all {paired['mae_diff']:+.3f} ± {paired['se']:.3f} ({paired['better']}/{N}, " \
+           f"median {paired['median']:+.3f})" in printed[1]
     # the forecasts each evaluation scored: numbers where the texts decode, NaN only where they do not
     for values, figures in zip([untrained] + [trained] * 4, seen, strict=True):
         ok = np.isfinite(values).all(-1)

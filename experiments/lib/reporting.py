@@ -54,13 +54,13 @@ def forecast_table(scores: dict[str, Any]) -> str:
                 for name, r in scores["summary"].items()]
         table += "\n\nPer horizon block and variable (original units):\n\n" + md_table(head, rows)
     paired = [[pair] + [block_diff(d, b) for b in blocks]
-              + [diff(d["mae_diff"], d["mae_diff_se"], d["better"], d["systems"]),
+              + [diff(d["mae_diff"], d["mae_diff_se"], d["better"], d["systems"], d.get("median")),
                  pm(d["common_mae_diff"], d["common_mae_diff_se"])]
               for pair, d in scores.get("paired", {}).items() if pair.startswith("trained")]
     if not paired:
         return table
     return table + ("\n\nPaired differences of filled-in MAE, system by system (negative: the first is better; "
-                    "in brackets the systems it is better on):\n\n") + md_table(
+                    "in brackets the systems it is better on and the median per-system difference):\n\n") + md_table(
         ["a - b"] + [f"MAE {label(b)}" for b in blocks] + ["MAE h1–H", "common-support MAE"], paired)
 
 
@@ -69,9 +69,13 @@ def label(block: str) -> str:
     return block.replace("_", "–")
 
 
-def diff(value: float | None, se: float | None, better: int, systems: int) -> str:
-    """A paired difference ± SE with the systems it improves: "-0.250 ± 0.093 (25/32)"."""
-    return "–" if value is None else f"{value:+.3f} ± {se or 0:.3f} ({better}/{systems})"
+def diff(value: float | None, se: float | None, better: int, systems: int, median: float | None = None) -> str:
+    """A paired difference ± SE with the systems it improves and, where recorded, the median
+    per-system difference: "-0.250 ± 0.093 (25/32, median -0.210)"."""
+    if value is None:
+        return "–"
+    middle = "" if median is None else f", median {median:+.3f}"
+    return f"{value:+.3f} ± {se or 0:.3f} ({better}/{systems}{middle})"
 
 
 BLOCKS = tuple(f"h{a}_{b}" for a, b in metrics.HORIZON_BLOCKS)
@@ -80,7 +84,7 @@ BLOCKS = tuple(f"h{a}_{b}" for a, b in metrics.HORIZON_BLOCKS)
 def block_diff(paired: dict, block: str) -> str:
     """One block of a ``vs_untrained`` figure (as ``metrics.paired_difference`` gives it); "–" past the horizon."""
     b = paired["blocks"].get(block)
-    return diff(b["mae_diff"], b["se"], b["better"], paired["systems"]) if b else "–"
+    return diff(b["mae_diff"], b["se"], b["better"], paired["systems"], b.get("median")) if b else "–"
 
 
 def vs_untrained_cells(paired: dict | None) -> list[str]:
@@ -88,7 +92,20 @@ def vs_untrained_cells(paired: dict | None) -> list[str]:
     if not paired:
         return ["–"] * 4
     return [block_diff(paired, k) for k in BLOCKS] + [diff(paired["mae_diff"], paired["se"], paired["better"],
-                                                           paired["systems"])]
+                                                           paired["systems"], paired.get("median"))]
+
+
+def evaluation_line(step: int, figures: dict) -> str:
+    """One evaluation's validation forecasts as train.py prints them: filled-in MAE, relative score
+    and, after step 0, the paired difference to the untrained model per block and overall."""
+    line = f"step {step}{' (untrained)' if step == 0 else ''}: val MAE {fmt(figures.get('mae'), 3)}, " \
+           f"relative score {fmt(figures.get('relative_score'), 3)}"
+    paired = figures.get("vs_untrained")
+    if paired and step > 0:
+        cells = vs_untrained_cells(paired)
+        line += "; vs untrained " + ", ".join(f"{name} {c}" for name, c in
+                                              zip([*map(label, BLOCKS), "all"], cells, strict=True) if c != "–")
+    return line
 
 
 def lever_table(run_dirs: list[Path]) -> str:

@@ -36,7 +36,8 @@ class MetricsLog:
     """
 
     CSV_FIELDS = ("step", "kind", "loss", "mae", "mae_h1_10", "mae_h11_25", "mae_h26_50", "vs_untrained_mae_diff",
-                  "vs_untrained_se", "relative_score", "coverage", "lr", "tokens", "flops", "tokens_per_s")
+                  "vs_untrained_se", "vs_untrained_better", "vs_untrained_median", "relative_score", "coverage", "lr",
+                  "tokens", "flops", "tokens_per_s")
 
     def __init__(self, out: Path, *, resume_step: int | None = None, write: bool = True,
                  wandb_run: Any = None) -> None:
@@ -72,14 +73,14 @@ class MetricsLog:
 
 def csv_text(rows: list[dict], *, header: bool) -> str:
     """metrics.csv's lines for ``rows`` (its header first, if ``header``): the paired difference to the
-    untrained model flattened into two columns."""
+    untrained model flattened into four columns (mean, SE, systems better, median)."""
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=MetricsLog.CSV_FIELDS, extrasaction="ignore")
     if header:
         w.writeheader()
     for row in rows:
         paired = row.get("vs_untrained") or {}
-        w.writerow(row | {"vs_untrained_mae_diff": paired.get("mae_diff"), "vs_untrained_se": paired.get("se")})
+        w.writerow(row | {f"vs_untrained_{k}": paired.get(k) for k in ("mae_diff", "se", "better", "median")})
     return buf.getvalue()
 
 

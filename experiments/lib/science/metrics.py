@@ -187,6 +187,12 @@ def forecast_scores(pred: np.ndarray, truth: np.ndarray, last_prompt: np.ndarray
     return out
 
 
+def _better_median(diff: np.ndarray) -> tuple[int, float | None]:
+    """(systems whose mean difference is below zero, the median of the per-system means) of diff (N, ...)."""
+    per_system = diff.reshape(diff.shape[0], -1).mean(1)
+    return int((per_system < 0).sum()), _float(float(np.median(per_system)))
+
+
 def _summary_masked(masked: np.ndarray) -> tuple[float | None, float | None]:
     """Like ``_summary`` but NaN values are left out of each system's mean (a system with none drops out)."""
     per_system = mean_se(masked.reshape(masked.shape[0], -1), axis=1)[0]
@@ -202,8 +208,10 @@ def paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray,
     over the steps valid in both (and in ``common`` if given), ``log_relative_diff`` the mean difference
     of log(MAE / persistence's MAE) (exp of it is the ratio of the two relative scores), and per
     horizon step ``per_horizon[variable]["mae_diff"/"se"]`` of the filled-in absolute errors; ``better``
-    the systems whose filled-in MAE a beats, and ``blocks[h1_10 | h11_25 | h26_50]`` the same three
-    figures (``mae_diff``, ``se``, ``better``) over each horizon block.
+    the systems whose filled-in MAE a beats and ``median`` the median over systems of the per-system
+    difference (a few systems whose phase drifts can decide the mean; the median and the count say
+    whether they do), and ``blocks[h1_10 | h11_25 | h26_50]`` the same four figures (``mae_diff``,
+    ``se``, ``better``, ``median``) over each horizon block.
     """
     pred_a, truth, last_prompt = _check(pred_a, truth, last_prompt)
     pred_b, _, _ = _check(pred_b, truth, last_prompt)
@@ -213,12 +221,13 @@ def paired_difference(pred_a: np.ndarray, pred_b: np.ndarray, truth: np.ndarray,
     diff = ea - eb
     out: dict[str, Any] = {"systems": N}
     out["mae_diff"], out["mae_diff_se"] = _summary(diff)
-    out["better"] = int((diff.reshape(N, -1).mean(1) < 0).sum())   # systems where a's MAE is lower
+    out["better"], out["median"] = _better_median(diff)
     out["blocks"] = {}
     for block, steps in horizon_blocks(H).items():
         d = diff[:, steps]
         m, se = _summary(d)
-        out["blocks"][block] = {"mae_diff": m, "se": se, "better": int((d.reshape(N, -1).mean(1) < 0).sum())}
+        better, median = _better_median(d)
+        out["blocks"][block] = {"mae_diff": m, "se": se, "better": better, "median": median}
     if H > short_horizon:
         k = short_horizon
         out[f"mae_diff_h1_{k}"], out[f"mae_diff_h1_{k}_se"] = _summary(diff[:, :k])

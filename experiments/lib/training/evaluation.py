@@ -130,10 +130,11 @@ def evaluate(model: Qwen2, windows: data.Windows, forecasts: ForecastSet | None,
 
 def vs_untrained(values: np.ndarray, untrained: np.ndarray, fs: ForecastSet) -> dict:
     """These forecasts minus the untrained model's, system by system (negative: better): filled-in
-    MAE overall and per horizon block, each with its SE over systems and the systems that improved."""
+    MAE overall and per horizon block, each with its SE over systems, the systems that improved and
+    the median per-system difference."""
     d = metrics.paired_difference(values, untrained, fs.truth, fs.last)
-    return {"mae_diff": d["mae_diff"], "se": d["mae_diff_se"], "better": d["better"], "systems": d["systems"],
-            "blocks": d["blocks"]}
+    return {"mae_diff": d["mae_diff"], "se": d["mae_diff_se"], "better": d["better"], "median": d["median"],
+            "systems": d["systems"], "blocks": d["blocks"]}
 
 
 # The score each --select-by keeps the lowest of.
