@@ -51,8 +51,10 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> Tensor:
-        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float() / self.head_dim
-        return 1.0 / (self.theta**exponent)
+        # Computed on the CPU, then moved (default: the device being built on): the same bits on every
+        # device, and no arithmetic on the meta device, whose Python kernels import torch._dynamo (2 s).
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device="cpu").float() / self.head_dim
+        return (1.0 / (self.theta**exponent)).to(device or torch.get_default_device())
 
     def reset_parameters(self) -> None:
         """Recompute the buffer (after the model was built on the meta device)."""
@@ -177,13 +179,23 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class Embedding(nn.Embedding):
+    """nn.Embedding that leaves a meta-device weight uninitialised: meta tensors hold no values, and
+    there torch's normal_ has no kernel of its own; its Python one imports torch._dynamo, about 2 s
+    of every process that builds a model's structure (the loader and the FLOP counter do)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Qwen2(nn.Module):
     """The causal language model: embeddings, blocks, final norm, lm_head (tied or not)."""
 
     def __init__(self, config: QwenConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)

@@ -125,3 +125,23 @@ def test_config_missing_field_names_file_and_field(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(d))
     with pytest.raises(ConfigError, match=r"config\.json: missing required field\(s\) intermediate_size"):
         QwenConfig.from_json(tmp_path / "config.json")
+
+
+def test_building_the_structure_on_meta_does_no_arithmetic():
+    # meta-device arithmetic runs torch's Python kernels, which import torch._dynamo (about 2 s of every
+    # process that loads a model or prices a run); a fresh process builds the 0.5B structure without it
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom qwen_min import Qwen2, QwenConfig\nfrom qwen_min.config import QWEN25_05B\n"
+            "with torch.device('meta'):\n    m = Qwen2(QwenConfig(**QWEN25_05B))\n"
+            "assert m.embed_tokens.weight.is_meta and m.rotary.inv_freq.is_meta\n"
+            "print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+    # on a real device the embedding is initialised as nn.Embedding is, from the same random stream
+    torch.manual_seed(0)
+    theirs = torch.nn.Embedding(7, 3).weight
+    torch.manual_seed(0)
+    ours = qwen_min.model.Embedding(7, 3).weight
+    assert ours.std() > 0.1 and torch.equal(ours, theirs)
