@@ -62,7 +62,7 @@ from experiments.lib import errors, files, reporting
 from experiments.lib.budget import planning
 from experiments.lib.run import checkpoint, cli, config, folder, metrics_log, rundata
 from experiments.lib.run.config import ForecastConfig, RunConfig, TrainConfig, flag, same_as
-from experiments.lib.run.flagtypes import non_negative_int, positive_int
+from experiments.lib.run.flagtypes import SERIES, finite_positive_float, non_negative_int, positive_int, window_length
 from experiments.lib.run.windows import forecast_set_of, prepare_windows
 from experiments.lib.science import data
 
@@ -108,8 +108,8 @@ PRESETS = {
 }
 
 
-def _override(name: str, kind: Callable[[str], int]) -> Any:
-    return flag(None, f"override the preset's {name} (none: the preset's)", type=kind)
+def _override(name: str, kind: Callable[[str], Any], nargs: str | None = None) -> Any:
+    return flag(None, f"override the preset's {name} (none: the preset's)", type=kind, nargs=nargs)
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,27 @@ class StudyConfig:
     samples: int | None = _override("samples", non_negative_int)
     batch_size: int | None = _override("batch_size", positive_int)
     eval_every: int | None = _override("eval_every", positive_int)
+    lrs: tuple[float, ...] | None = _override("learning rates of the grid", finite_positive_float, nargs="+")
+    ranks: tuple[int, ...] | None = _override("LoRA ranks of the grid", positive_int, nargs="+")
+    contexts: tuple[int | str, ...] | None = _override(
+        f"context stage: window lengths in tokens or '{SERIES}' (one window holds prompt + horizon); the flag "
+        "alone: no context stage", window_length, nargs="*")
 
     def __post_init__(self) -> None:
         config.check_fields(self)
+        for name in ("lrs", "ranks", "contexts"):   # (a value twice would be two runs of one name)
+            values = getattr(self, name)
+            if values is not None and len(set(values)) < len(values):
+                raise errors.UsageError(f"argument --{name}: {' '.join(map(str, values))}: each value at most once")
+
+    def preset_values(self) -> Preset:
+        """The preset, with the values this command line overrides."""
+        overrides = {k: getattr(self, k) for k in ("grid_steps", "final_steps", "val_systems", "test_systems",
+                                                    "samples", "batch_size", "eval_every", "lrs", "ranks")
+                     if getattr(self, k) is not None}
+        if self.contexts is not None:   # (a preset writes the whole-series window as 0)
+            overrides["contexts"] = tuple(0 if c == SERIES else c for c in self.contexts)
+        return replace(PRESETS[self.preset], **overrides)
 
 
 def parse_args(argv: list[str] | None = None) -> StudyConfig:
@@ -187,10 +205,7 @@ class Item:
 class Study:
     def __init__(self, args: StudyConfig) -> None:
         self.args, self.out = args, Path(args.out)
-        overrides = {k: getattr(args, k) for k in ("grid_steps", "final_steps", "val_systems", "test_systems",
-                                                    "samples", "batch_size", "eval_every")
-                     if getattr(args, k) is not None}
-        self.preset = replace(PRESETS[args.preset], **overrides)
+        self.preset = args.preset_values()
         self.ledger_path = args.ledger or str(self.out / "ledger.jsonl")
         self.shape = planning.meta_model(qwen_min.load_config(args.model, revision=args.revision))
         self.tokenizer = qwen_min.load_tokenizer(args.model, revision=args.revision)

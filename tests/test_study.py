@@ -223,6 +223,36 @@ def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_c
     assert 3 <= steps["final"] < 10 and full["planned_flops"] <= trimmed["planned_flops"] <= budget
 
 
+def test_the_grid_and_the_context_stage_can_be_chosen_on_the_command_line(tmp_path, tiny_ckpt, lv_data_file):
+    base = _argv(tiny_ckpt, lv_data_file, tmp_path / "s") + ["--dry-run"]
+    plan = json.loads(study.main(base + ["--lrs", "0.01", "0.002", "--ranks", "3", "--contexts", "40", "series"])
+                      .read_text())
+    items = {i["name"]: i for i in plan["items"]}
+    assert [n for n in items if n.startswith("grid/")] == ["grid/lr0.01_r3", "grid/lr0.002_r3"]
+    assert items["grid/lr0.002_r3"]["config"]["lr"] == 0.002 and items["grid/lr0.002_r3"]["config"]["rank"] == 3
+    # the context stage at the most expensive choice (the largest lr, the one rank); 'series': the window
+    # of a whole forecast's text, the tiny preset's own 0
+    tiny = json.loads(study.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "t") + ["--dry-run"]).read_text())
+    series = [i for i in tiny["items"] if i["stage"] == "context"][-1]["setting"]["context_length"]
+    contexts = [i for i in plan["items"] if i["stage"] == "context"]
+    assert [i["setting"]["context_length"] for i in contexts] == [40, series] and series > 64
+    assert all(i["config"]["rank"] == 3 and i["config"]["lr"] == 0.01 for i in contexts)
+    # the flag alone: no context stage, the final run at the grid's window
+    plan = json.loads(study.main(_argv(tiny_ckpt, lv_data_file, tmp_path / "n") + ["--dry-run", "--contexts"])
+                      .read_text())
+    assert not [i for i in plan["items"] if i["stage"] == "context"]
+    assert next(i for i in plan["items"] if i["name"] == "final")["config"]["context_length"] == 64
+    before = sorted((f.name, f.stat().st_mtime_ns) for f in (tmp_path / "s").iterdir())
+    for bad, needle in ((["--ranks", "0"], "--ranks: 0: must be at least 1"),
+                        (["--lrs", "0"], "--lrs: 0: must be a finite number above 0"),
+                        (["--ranks", "2", "2"], "--ranks: 2 2: each value at most once"),
+                        (["--contexts", "1"], "--contexts: 1: must be"),
+                        (["--lrs"], "--lrs: expected at least one argument")):
+        with pytest.raises(errors.UsageError, match=re.escape(needle)):
+            study.main(base + bad)
+    assert sorted((f.name, f.stat().st_mtime_ns) for f in (tmp_path / "s").iterdir()) == before   # (untouched)
+
+
 def test_a_preset_whose_final_run_takes_what_the_budget_leaves_is_planned(tiny_ckpt, lv_data_file, tmp_path):
     # (--preset full's way: final_steps 0. Before configs, its first plan asked train.py for --max-steps 0
     # and the study stopped there, refused)
