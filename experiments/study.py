@@ -125,6 +125,7 @@ class StudyConfig:
     device: str = same_as(RunConfig, "device")
     dtype: str = same_as(RunConfig, "dtype")
     seed: int = same_as(RunConfig, "seed")
+    splits: tuple[float, float, float] = same_as(RunConfig, "splits")
     budget: float = same_as(RunConfig, "budget")
     ledger: str | None = same_as(RunConfig, "ledger", default=None, help="FLOP ledger (default: <out>/ledger.jsonl)")
     trim: bool = flag(True, "trim every training run's steps to fit the budget, or refuse")
@@ -144,6 +145,7 @@ class StudyConfig:
 
     def __post_init__(self) -> None:
         config.check_fields(self)
+        config.check_splits(self.splits)
         for name in ("lrs", "ranks", "contexts"):   # (a value twice would be two runs of one name)
             values = getattr(self, name)
             if values is not None and len(set(values)) < len(values):
@@ -213,7 +215,8 @@ class Study:
         self._windows: dict[int, tuple[rundata.RunData, data.Windows, data.Windows]] = {}
         # what every run of the study shares
         self.common = {"model": args.model, "revision": args.revision, "data": args.data, "device": args.device,
-                       "dtype": args.dtype, "seed": args.seed, "budget": args.budget, "ledger": self.ledger_path}
+                       "dtype": args.dtype, "seed": args.seed, "splits": args.splits, "budget": args.budget,
+                       "ledger": self.ledger_path}
 
     @functools.cached_property
     def forecast_window(self) -> int:

@@ -225,9 +225,10 @@ def test_a_plan_the_budget_cannot_pay_for_is_trimmed_or_refused(tmp_path, tiny_c
 
 def test_the_grid_and_the_context_stage_can_be_chosen_on_the_command_line(tmp_path, tiny_ckpt, lv_data_file):
     base = _argv(tiny_ckpt, lv_data_file, tmp_path / "s") + ["--dry-run"]
-    plan = json.loads(study.main(base + ["--lrs", "0.01", "0.002", "--ranks", "3", "--contexts", "40", "series"])
-                      .read_text())
+    plan = json.loads(study.main(base + ["--lrs", "0.01", "0.002", "--ranks", "3", "--contexts", "40", "series",
+                                         "--splits", "0.6", "0.2", "0.2"]).read_text())
     items = {i["name"]: i for i in plan["items"]}
+    assert all(i["config"]["splits"] == [0.6, 0.2, 0.2] for i in plan["items"])   # every run's, as given
     assert [n for n in items if n.startswith("grid/")] == ["grid/lr0.01_r3", "grid/lr0.002_r3"]
     assert items["grid/lr0.002_r3"]["config"]["lr"] == 0.002 and items["grid/lr0.002_r3"]["config"]["rank"] == 3
     # the context stage at the most expensive choice (the largest lr, the one rank); 'series': the window
@@ -247,7 +248,8 @@ def test_the_grid_and_the_context_stage_can_be_chosen_on_the_command_line(tmp_pa
                         (["--lrs", "0"], "--lrs: 0: must be a finite number above 0"),
                         (["--ranks", "2", "2"], "--ranks: 2 2: each value at most once"),
                         (["--contexts", "1"], "--contexts: 1: must be"),
-                        (["--lrs"], "--lrs: expected at least one argument")):
+                        (["--lrs"], "--lrs: expected at least one argument"),
+                        (["--splits", "0.5", "0.2", "0.2"], "--splits: 0.5 0.2 0.2: must be three")):
         with pytest.raises(errors.UsageError, match=re.escape(needle)):
             study.main(base + bad)
     assert sorted((f.name, f.stat().st_mtime_ns) for f in (tmp_path / "s").iterdir()) == before   # (untouched)

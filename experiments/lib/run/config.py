@@ -109,9 +109,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if len(self.splits) != 3 or abs(sum(self.splits) - 1) > 1e-6:   # (each one >= 0: check_fields)
-            raise errors.UsageError(f"argument --splits: {' '.join(f'{f:g}' for f in self.splits)}: must be three "
-                                    f"non-negative fractions summing to 1")
+        check_splits(self.splits)
 
     @property
     def run_name(self) -> str:
@@ -247,6 +245,13 @@ def flag_name(f: Field) -> str:
 def is_switch(f: Field) -> bool:
     """A bool field: a switch (False ``--x``, True ``--x/--no-x``)."""
     return isinstance(f.default, bool)
+
+
+def check_splits(splits: tuple[float, ...]) -> None:
+    """--splits: three fractions summing to 1 (each one >= 0: check_fields), or errors.UsageError."""
+    if len(splits) != 3 or abs(sum(splits) - 1) > 1e-6:
+        raise errors.UsageError(f"argument --splits: {' '.join(f'{f:g}' for f in splits)}: must be three "
+                                f"non-negative fractions summing to 1")
 
 
 def check_fields(config: Any) -> None:
