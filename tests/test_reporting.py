@@ -83,3 +83,19 @@ def test_lever_table_reads_the_kept_evaluation(tmp_path: Path) -> None:
     assert row == ["lr1e-3", "0.001", "cosine", "4", "256", "no", "600", "600", "0.2", "-0.250 ± 0.093 (25/32)",
                    "-0.127 ± 0.115 (19/32)", "+0.050 ± 0.200 (12/32)", "-0.188 ± 0.134 (21/32, median -0.200)",
                    "2.50e+15", "50.0"]   # (a record made before medians were kept shows none)
+
+
+def test_a_comparison_of_different_test_systems_is_refused_naming_both(tmp_path: Path) -> None:
+    import h5py
+    import pytest
+
+    from experiments.lib import errors
+
+    for run, ids in (("zeroshot_test", [3, 5]), ("final_test", [3, 7])):
+        (tmp_path / run).mkdir()
+        with h5py.File(tmp_path / run / "forecasts.h5", "w") as f:
+            f["system_ids"], f["truth"] = np.array(ids), np.zeros((2, 4, 2))
+            f["prompt"], f["time"] = np.ones((2, 6, 2)), np.arange(10.0)
+            f.create_group("trained" if run == "final_test" else "untrained")["forecast"] = np.zeros((2, 4, 2))
+    with pytest.raises(errors.RunFolderError, match=r"systems \[3, 5\] but final_test \[3, 7\]; remove .*final_test"):
+        reporting.test_comparison(tmp_path)

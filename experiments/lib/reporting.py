@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 import flops
-from experiments.lib import files, plots
+from experiments.lib import errors, files, plots
 from experiments.lib.run.metrics_log import read_rows
 from experiments.lib.science import metrics
 
@@ -147,7 +147,10 @@ def test_comparison(out: Path) -> dict[str, Any]:
     zs, zs_samples, zs_bands, arrays = read_forecasts(out / "zeroshot_test" / "forecasts.h5")
     tr, tr_samples, tr_bands, arrays_tr = read_forecasts(out / "final_test" / "forecasts.h5")
     if not np.array_equal(arrays["system_ids"], arrays_tr["system_ids"]):
-        raise ValueError(f"{out}: zeroshot_test and final_test forecast different systems")
+        raise errors.RunFolderError(
+            f"{out}: zeroshot_test forecast systems {arrays['system_ids'].tolist()} but final_test "
+            f"{arrays_tr['system_ids'].tolist()}; remove {out / 'final_test'} and run the study again to forecast "
+            f"the same systems")
     forecasts = {**zs, **{k: v for k, v in tr.items() if k.startswith("trained")}}
     samples = {**zs_samples, **{k: v for k, v in tr_samples.items() if k.startswith("trained")}}
     scores = metrics.compare(forecasts, arrays["truth"], arrays["prompt"][:, -1], samples=samples)
