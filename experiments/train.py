@@ -271,6 +271,7 @@ class RunHooks(Hooks):
         self.accounts, self.log, self.bar, self.windows, self.forecasts = accounts, log, bar, windows, forecasts
         self.best = best            # the best adapter so far; empty: none yet
         self.untrained = untrained  # the step-0 forecasts; None: not yet
+        self.trainable = [p for p in model.parameters() if p.requires_grad]   # (data parallel sums their grads)
 
     def before_step(self, state: RunState, scored: int) -> None:
         self.accounts.before_step(scored)   # refused before it runs if the reservation cannot pay for it
@@ -278,7 +279,7 @@ class RunHooks(Hooks):
     def after_backward(self, loss_sum: torch.Tensor) -> torch.Tensor:
         if self.dp.world == 1:
             return loss_sum
-        return parallel.sum_over_ranks([p for p in self.model.parameters() if p.requires_grad], loss_sum)
+        return parallel.sum_over_ranks(self.trainable, loss_sum)
 
     def step_ending(self, state: RunState, scored: int) -> contextlib.AbstractContextManager:
         return self.accounts.step_done(scored)   # charged; a signal waits for the step and its metrics row too

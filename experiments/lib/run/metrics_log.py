@@ -70,7 +70,6 @@ class MetricsLog:
                                step=state.step)
 
 
-
 def csv_text(rows: list[dict], *, header: bool) -> str:
     """metrics.csv's lines for ``rows`` (its header first, if ``header``): the paired difference to the
     untrained model flattened into four columns (mean, SE, systems better, median)."""
